@@ -1,0 +1,135 @@
+//! Door backends: the only code that touches the kernel firewall.
+//!
+//! A *guard* drops new connections to every guarded service; a *door* is a
+//! kernel set element `(address, proto, port)` with a timeout that lets one
+//! source through the guard. Because the timeout lives in the kernel, a door
+//! closes on time even if the daemon is killed: the design fails closed.
+//!
+//! Backends know nothing of tokens or users; they receive a [`Door`] and make
+//! the kernel admit it. Every backend owns exactly one table/chain of its own
+//! and never touches anything else.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+mod iptables;
+mod nftables;
+mod none;
+
+pub use iptables::IptablesBackend;
+pub use nftables::NftablesBackend;
+pub use none::NoneBackend;
+
+/// Transport protocol of a guarded service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A service the guard protects: new connections to `proto/port` are dropped
+/// unless a door admits their source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Guarded {
+    pub proto: Proto,
+    pub port: u16,
+}
+
+/// One door: admit new connections from `addr` (an IPv4 host, or an IPv6
+/// /`prefix_len` prefix) to `proto/port` for `open_for`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Door {
+    pub addr: IpAddr,
+    /// 32 for an IPv4 host; 64 for an IPv6 /64 (128 for an IPv6 host).
+    pub prefix_len: u8,
+    pub proto: Proto,
+    pub port: u16,
+    pub open_for: Duration,
+}
+
+/// A door as the kernel currently holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenDoor {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+    pub proto: Proto,
+    pub port: u16,
+    /// Time left before the kernel removes the door.
+    pub expires_in: Duration,
+}
+
+/// Errors from a door backend. The message names the command that failed and
+/// what it printed, because the usual cause is a missing tool or privilege.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FirewallError {
+    #[error("cannot run `{cmd}`: {source} (is it installed and are we root?)")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("unexpected output from `{cmd}`: {detail}")]
+    Parse { cmd: String, detail: String },
+    #[error("door not supported by this backend: {0}")]
+    Unsupported(String),
+}
+
+/// A firewall backend. Implementations must be idempotent: installing the
+/// guard twice, or opening a door that is already open, is not an error
+/// (re-opening refreshes the timeout).
+pub trait DoorBackend: Send + Sync {
+    /// Short name for logs ("nftables", "iptables", "none").
+    fn name(&self) -> &'static str;
+    /// Create (or re-create) our own table/chain and the guard for `services`.
+    /// Called once at start-up; `serve` refuses to start if this fails.
+    fn install_guard(&self, services: &[Guarded]) -> Result<(), FirewallError>;
+    /// Admit `door` until its timeout expires in the kernel.
+    fn open(&self, door: &Door) -> Result<(), FirewallError>;
+    /// Remove a door before its timeout (close knock, revocation).
+    fn close(&self, door: &Door) -> Result<(), FirewallError>;
+    /// Doors the kernel currently holds.
+    fn list(&self) -> Result<Vec<OpenDoor>, FirewallError>;
+    /// Remove our table/chain and sets entirely (operator is uninstalling).
+    fn uninstall(&self) -> Result<(), FirewallError>;
+}
+
+/// Which backend the config selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Nftables,
+    Iptables,
+    None,
+}
+
+/// Build the configured backend.
+pub fn backend(kind: BackendKind) -> Box<dyn DoorBackend> {
+    match kind {
+        BackendKind::Nftables => Box::new(NftablesBackend::new()),
+        BackendKind::Iptables => Box::new(IptablesBackend::new()),
+        BackendKind::None => Box::new(NoneBackend),
+    }
+}

@@ -1,0 +1,17 @@
+//! nxknock: a port-knocking daemon that lives inside an authoritative DNS server.
+//!
+//! The pipeline is `listener -> knock -> verify -> door`, and data flows one way:
+//!
+//! * [`dns`] answers the zone and turns every knock-shaped query into a [`knock::Knock`]
+//!   after the (constant) NXDOMAIN answer has been sent. It never touches the
+//!   database or the firewall.
+//! * [`token`] is the knock protocol: one-time hash chains and the plain/bound wire forms.
+//! * [`verify`] holds the in-memory verifier index, checks a knock against it and
+//!   commits the chain advance to the [`store`] *before* asking for a door.
+//! * [`firewall`] backends turn a door request into a kernel set element with a timeout.
+//!
+//! [`client`] is the user side (`otp`, `knock`), [`config`] the operator's TOML, and
+//! [`lab`] the network-namespace harness shared by `nxknock demo` and the tests.
+
+pub mod firewall;
+pub mod lab;
