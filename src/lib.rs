@@ -14,4 +14,5 @@
 //! [`lab`] the network-namespace harness shared by `nxknock demo` and the tests.
 
 pub mod firewall;
-pub mod lab;
+
+pub mod token;

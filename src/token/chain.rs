@@ -1,0 +1,128 @@
+//! One-time hash chains (RFC 2289 / COK style) over SHA-256.
+//!
+//! Every hash carries a version tag and a purpose, so elements of one chain can
+//! never be confused with MACs, service ids or another version's chain. Each
+//! step also hashes the zone, so a chain enrolled for one zone is useless
+//! against another.
+
+use sha2::{Digest, Sha256};
+
+/// Bytes per chain element: 96 bits (DESIGN §3 asks ≥ 80, recommends 96).
+pub const ELEMENT_LEN: usize = 12;
+
+const TAG_SEED: &[u8] = b"nxknock/v1/seed\0";
+const TAG_STEP: &[u8] = b"nxknock/v1/step\0";
+
+/// One chain element. Compared in constant time only where it matters (the
+/// verifier index is a hash map keyed by the *hash* of untrusted input, so
+/// timing of the map probe reveals nothing about stored verifiers).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Element(pub [u8; ELEMENT_LEN]);
+
+impl std::fmt::Debug for Element {
+    // Never print an element: an unspent one is a live credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Element(..)")
+    }
+}
+
+impl Element {
+    pub fn from_slice(b: &[u8]) -> Option<Element> {
+        Some(Element(b.try_into().ok()?))
+    }
+    pub fn as_bytes(&self) -> &[u8; ELEMENT_LEN] {
+        &self.0
+    }
+}
+
+/// The zone a chain belongs to, canonicalised once (lowercase, no trailing dot),
+/// because every chain step and every MAC hashes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneId(String);
+
+impl ZoneId {
+    pub fn new(zone: &str) -> ZoneId {
+        ZoneId(zone.trim_end_matches('.').to_ascii_lowercase())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The client's 256-bit chain seed. Only the client ever holds it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Seed(pub [u8; 32]);
+
+impl std::fmt::Debug for Seed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seed(..)")
+    }
+}
+
+impl Seed {
+    pub fn random() -> Seed {
+        let mut b = [0u8; 32];
+        rand::fill(&mut b);
+        Seed(b)
+    }
+
+    /// `x0`.
+    pub fn first(&self) -> Element {
+        truncate(Sha256::new().chain_update(TAG_SEED).chain_update(self.0).finalize().as_slice())
+    }
+
+    /// `x(j)`: `j` steps from `x0`. Costs `j` hashes; a client computes this once per knock.
+    pub fn element(&self, zone: &ZoneId, j: u64) -> Element {
+        let mut x = self.first();
+        for _ in 0..j {
+            x = step(zone, &x);
+        }
+        x
+    }
+}
+
+/// `x(j+1) = H(tag ‖ zone ‖ x(j))`, truncated to [`ELEMENT_LEN`].
+pub fn step(zone: &ZoneId, x: &Element) -> Element {
+    let mut h = Sha256::new();
+    h.update(TAG_STEP);
+    h.update((zone.0.len() as u8).to_be_bytes());
+    h.update(zone.0.as_bytes());
+    h.update(x.0);
+    truncate(h.finalize().as_slice())
+}
+
+fn truncate(digest: &[u8]) -> Element {
+    let mut e = [0u8; ELEMENT_LEN];
+    e.copy_from_slice(&digest[..ELEMENT_LEN]);
+    Element(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stepping_an_element_reaches_the_next_one() {
+        let zone = ZoneId::new("Knock.Example.COM.");
+        assert_eq!(zone.as_str(), "knock.example.com");
+        let seed = Seed([7; 32]);
+        let x5 = seed.element(&zone, 5);
+        assert_eq!(step(&zone, &seed.element(&zone, 4)), x5);
+        assert_ne!(seed.element(&zone, 4), x5);
+    }
+
+    #[test]
+    fn chains_differ_by_zone_and_seed() {
+        let a = ZoneId::new("a.example");
+        let b = ZoneId::new("b.example");
+        let seed = Seed([1; 32]);
+        assert_ne!(seed.element(&a, 3), seed.element(&b, 3));
+        assert_ne!(seed.element(&a, 3), Seed([2; 32]).element(&a, 3));
+    }
+
+    #[test]
+    fn debug_never_prints_secrets() {
+        let s = format!("{:?} {:?}", Seed([0xab; 32]), Element([0xcd; ELEMENT_LEN]));
+        assert!(!s.contains("171") && !s.contains("ab") && !s.contains("205"), "{s}");
+    }
+}

@@ -1,0 +1,373 @@
+//! Wire forms of a knock: one DNS label, lowercase base32 without padding.
+//!
+//! | form        | bytes                                                        | chars |
+//! |-------------|--------------------------------------------------------------|-------|
+//! | plain       | `element(12)`                                                | 20    |
+//! | bound IPv4  | `kind(1) element(12) addr(4) service(2) time(4) tag(10)`     | 53    |
+//! | bound IPv6  | `kind(1) element(12) prefix64(8) service(2) time(4) tag(10)` | 60    |
+//!
+//! `kind` is `0x10 | family` (family 1 = IPv4, 2 = IPv6), plus [`KIND_CLOSE`]
+//! for a close knock. `tag = HMAC-SHA256(K_user, "nxknock/v1/bound" ‖ zone ‖ bytes
+//! before the tag)` truncated to 80 bits. The form is told apart by length
+//! alone, so a label is rejected on length and alphabet before anything else.
+//! Decoding is case-insensitive because resolvers randomise the 0x20 bit.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::LazyLock;
+
+use data_encoding::{Encoding, Specification};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+use super::chain::{ELEMENT_LEN, Element, ZoneId};
+
+pub const PLAIN_LEN: usize = 20;
+pub const BOUND4_LEN: usize = 53;
+pub const BOUND6_LEN: usize = 60;
+const TAG_LEN: usize = 10;
+const KIND_VERSION: u8 = 0x10;
+const KIND_V4: u8 = 0x01;
+const KIND_V6: u8 = 0x02;
+/// Set in `kind` when the knock asks to close the user's doors.
+pub const KIND_CLOSE: u8 = 0x04;
+const MAC_TAG: &[u8] = b"nxknock/v1/bound\0";
+const SERVICE_TAG: &[u8] = b"nxknock/v1/service\0";
+
+/// Lowercase RFC 4648 base32, no padding; uppercase accepted on decode.
+static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.translate.from.push_str("ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+    spec.translate.to.push_str("abcdefghijklmnopqrstuvwxyz");
+    spec.encoding().expect("static base32 specification is valid")
+});
+
+/// Why a label is not a knock. None of these is ever shown to the sender: every
+/// knock-shaped name gets the same NXDOMAIN.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    #[error("label length {0} matches no knock form")]
+    Length(usize),
+    #[error("label has a character outside base32")]
+    Alphabet,
+    #[error("label is not canonical base32")]
+    Encoding,
+    #[error("unknown version/kind byte {0:#04x}")]
+    Kind(u8),
+    #[error("MAC does not verify")]
+    Mac,
+    #[error("token time is {0} s away from now, beyond the allowed age")]
+    TooOld(i64),
+}
+
+/// The address a bound knock asks the door to admit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoundAddr {
+    V4(Ipv4Addr),
+    /// The upper 64 bits of an IPv6 address: the door admits the whole /64.
+    V6Prefix([u8; 8]),
+}
+
+impl BoundAddr {
+    /// From a client address; an IPv6 address is cut to its /64.
+    pub fn from_ip(ip: IpAddr) -> BoundAddr {
+        match ip {
+            IpAddr::V4(a) => BoundAddr::V4(a),
+            IpAddr::V6(a) => {
+                let mut p = [0u8; 8];
+                p.copy_from_slice(&a.octets()[..8]);
+                BoundAddr::V6Prefix(p)
+            }
+        }
+    }
+
+    /// Network address and prefix length for the door.
+    pub fn to_prefix(self) -> (IpAddr, u8) {
+        match self {
+            BoundAddr::V4(a) => (IpAddr::V4(a), 32),
+            BoundAddr::V6Prefix(p) => {
+                let mut o = [0u8; 16];
+                o[..8].copy_from_slice(&p);
+                (IpAddr::V6(Ipv6Addr::from(o)), 64)
+            }
+        }
+    }
+}
+
+/// A bound knock: opens for the embedded address, signed with the user's MAC key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bound {
+    pub element: Element,
+    pub addr: BoundAddr,
+    /// [`service_id`] of the requested service; 0 asks for every permitted service.
+    pub service: u16,
+    /// Unix seconds when the client made the knock.
+    pub time: u32,
+    pub close: bool,
+    tag: [u8; TAG_LEN],
+}
+
+/// A decoded knock label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Token {
+    Plain(Element),
+    Bound(Bound),
+}
+
+impl Token {
+    /// Cheap check, then decode. Rejects on length and alphabet before decoding.
+    pub fn parse(label: &[u8]) -> Result<Token, TokenError> {
+        match label.len() {
+            PLAIN_LEN | BOUND4_LEN | BOUND6_LEN => {}
+            n => return Err(TokenError::Length(n)),
+        }
+        if !label
+            .iter()
+            .all(|c| c.is_ascii_alphabetic() || (b'2'..=b'7').contains(c))
+        {
+            return Err(TokenError::Alphabet);
+        }
+        let bytes = BASE32.decode(label).map_err(|_| TokenError::Encoding)?;
+        if label.len() == PLAIN_LEN {
+            return Ok(Token::Plain(Element::from_slice(&bytes).ok_or(TokenError::Encoding)?));
+        }
+        Bound::decode(&bytes).map(Token::Bound)
+    }
+
+    pub fn element(&self) -> &Element {
+        match self {
+            Token::Plain(e) => e,
+            Token::Bound(b) => &b.element,
+        }
+    }
+
+    /// The DNS label for this token.
+    pub fn to_label(&self) -> String {
+        match self {
+            Token::Plain(e) => BASE32.encode(e.as_bytes()),
+            Token::Bound(b) => BASE32.encode(&b.encode()),
+        }
+    }
+}
+
+impl Bound {
+    /// Build and sign a bound knock.
+    pub fn sign(
+        key: &[u8],
+        zone: &ZoneId,
+        element: Element,
+        addr: BoundAddr,
+        service: u16,
+        time: u32,
+        close: bool,
+    ) -> Bound {
+        let mut b = Bound { element, addr, service, time, close, tag: [0; TAG_LEN] };
+        let bytes = b.encode();
+        let body = &bytes[..bytes.len() - TAG_LEN];
+        let full = mac(key, zone, body).finalize().into_bytes();
+        b.tag.copy_from_slice(&full[..TAG_LEN]);
+        b
+    }
+
+    /// Check the tag in constant time.
+    pub fn verify_mac(&self, key: &[u8], zone: &ZoneId) -> Result<(), TokenError> {
+        let bytes = self.encode();
+        let (body, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+        mac(key, zone, body).verify_truncated_left(tag).map_err(|_| TokenError::Mac)
+    }
+
+    /// Accept only tokens made within `max_age_secs` of `now` (either side, for clock skew).
+    pub fn check_age(&self, now: u64, max_age_secs: u64) -> Result<(), TokenError> {
+        let delta = now as i64 - self.time as i64;
+        if delta.unsigned_abs() > max_age_secs {
+            return Err(TokenError::TooOld(delta));
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> u8 {
+        let fam = match self.addr {
+            BoundAddr::V4(_) => KIND_V4,
+            BoundAddr::V6Prefix(_) => KIND_V6,
+        };
+        KIND_VERSION | fam | if self.close { KIND_CLOSE } else { 0 }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(37);
+        v.push(self.kind());
+        v.extend_from_slice(self.element.as_bytes());
+        match self.addr {
+            BoundAddr::V4(a) => v.extend_from_slice(&a.octets()),
+            BoundAddr::V6Prefix(p) => v.extend_from_slice(&p),
+        }
+        v.extend_from_slice(&self.service.to_be_bytes());
+        v.extend_from_slice(&self.time.to_be_bytes());
+        v.extend_from_slice(&self.tag);
+        v
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Bound, TokenError> {
+        let kind = *bytes.first().ok_or(TokenError::Encoding)?;
+        if kind & 0xf0 != KIND_VERSION || kind & !(0xf0 | KIND_CLOSE | 0x03) != 0 {
+            return Err(TokenError::Kind(kind));
+        }
+        let addr_len = match (kind & 0x03, bytes.len()) {
+            (KIND_V4, 33) => 4,
+            (KIND_V6, 37) => 8,
+            _ => return Err(TokenError::Kind(kind)),
+        };
+        let (element, rest) = bytes[1..].split_at(ELEMENT_LEN);
+        let (addr, rest) = rest.split_at(addr_len);
+        let (service, rest) = rest.split_at(2);
+        let (time, tag) = rest.split_at(4);
+        let addr = if addr_len == 4 {
+            BoundAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+        } else {
+            BoundAddr::V6Prefix(addr.try_into().map_err(|_| TokenError::Encoding)?)
+        };
+        Ok(Bound {
+            element: Element::from_slice(element).ok_or(TokenError::Encoding)?,
+            addr,
+            service: u16::from_be_bytes([service[0], service[1]]),
+            time: u32::from_be_bytes([time[0], time[1], time[2], time[3]]),
+            close: kind & KIND_CLOSE != 0,
+            tag: tag.try_into().map_err(|_| TokenError::Encoding)?,
+        })
+    }
+}
+
+fn mac(key: &[u8], zone: &ZoneId, body: &[u8]) -> Hmac<Sha256> {
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(MAC_TAG);
+    m.update(&[zone.as_str().len() as u8]);
+    m.update(zone.as_str().as_bytes());
+    m.update(body);
+    m
+}
+
+/// 16-bit id of a service name as carried in a bound knock; never 0 (0 means "all").
+pub fn service_id(name: &str) -> u16 {
+    let d = Sha256::new().chain_update(SERVICE_TAG).chain_update(name.as_bytes()).finalize();
+    match u16::from_be_bytes([d[0], d[1]]) {
+        0 => 1,
+        id => id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Seed;
+
+    fn zone() -> ZoneId {
+        ZoneId::new("knock.example.com")
+    }
+
+    fn bound(addr: IpAddr, time: u32) -> Bound {
+        let e = Seed([3; 32]).element(&zone(), 9);
+        Bound::sign(b"k-user", &zone(), e, BoundAddr::from_ip(addr), service_id("ssh"), time, false)
+    }
+
+    #[test]
+    fn plain_round_trip_is_20_lowercase_chars() {
+        let t = Token::Plain(Seed([1; 32]).element(&zone(), 2));
+        let label = t.to_label();
+        assert_eq!(label.len(), PLAIN_LEN);
+        assert!(label.bytes().all(|c| !c.is_ascii_uppercase()));
+        assert_eq!(Token::parse(label.as_bytes()).unwrap(), t);
+    }
+
+    #[test]
+    fn decoding_is_case_insensitive() {
+        let t = Token::Bound(bound("198.18.0.2".parse().unwrap(), 1_000));
+        let label = t.to_label();
+        let mixed: String = label
+            .chars()
+            .enumerate()
+            .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
+            .collect();
+        assert_eq!(Token::parse(mixed.as_bytes()).unwrap(), t);
+    }
+
+    #[test]
+    fn bound_v4_and_v6_round_trip_within_one_label() {
+        for (ip, len) in [("198.18.0.2", BOUND4_LEN), ("2001:db8:18::2", BOUND6_LEN)] {
+            let b = bound(ip.parse().unwrap(), 1_700_000_000);
+            let label = Token::Bound(b.clone()).to_label();
+            assert_eq!(label.len(), len);
+            assert!(label.len() <= 63);
+            let Token::Bound(back) = Token::parse(label.as_bytes()).unwrap() else { panic!() };
+            assert_eq!(back, b);
+            back.verify_mac(b"k-user", &zone()).unwrap();
+        }
+        let Token::Bound(v6) = Token::parse(
+            Token::Bound(bound("2001:db8:18::2".parse().unwrap(), 5)).to_label().as_bytes(),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(v6.addr.to_prefix(), ("2001:db8:18::".parse().unwrap(), 64));
+    }
+
+    #[test]
+    fn wrong_length_and_bad_base32_are_rejected_before_decoding() {
+        assert_eq!(Token::parse(b"abc"), Err(TokenError::Length(3)));
+        assert_eq!(Token::parse(&[b'a'; 63]), Err(TokenError::Length(63)));
+        assert_eq!(Token::parse(b"aaaaaaaaaaaaaaaaaaa1"), Err(TokenError::Alphabet));
+        assert_eq!(Token::parse(b"aaaaaaaaaaaaaaaaaaa-"), Err(TokenError::Alphabet));
+        // 20 chars carry 100 bits; the last 4 must be zero in canonical base32.
+        assert_eq!(Token::parse(b"aaaaaaaaaaaaaaaaaaa7"), Err(TokenError::Encoding));
+    }
+
+    #[test]
+    fn tampered_or_foreign_mac_is_rejected() {
+        let b = bound("198.18.0.2".parse().unwrap(), 1_000);
+        assert_eq!(b.verify_mac(b"other-key", &zone()), Err(TokenError::Mac));
+        assert_eq!(b.verify_mac(b"k-user", &ZoneId::new("other.zone")), Err(TokenError::Mac));
+        // Rebinding to another address keeps the old tag: must fail.
+        let mut rebound = b.clone();
+        rebound.addr = BoundAddr::V4("198.18.0.3".parse().unwrap());
+        assert_eq!(rebound.verify_mac(b"k-user", &zone()), Err(TokenError::Mac));
+        // Flip one bit anywhere in the label: it either fails to decode or fails the MAC.
+        let label = Token::Bound(b).to_label();
+        for i in 0..label.len() {
+            let mut l = label.clone().into_bytes();
+            l[i] = if l[i] == b'a' { b'b' } else { b'a' };
+            match Token::parse(&l) {
+                Ok(Token::Bound(x)) => assert!(x.verify_mac(b"k-user", &zone()).is_err(), "pos {i}"),
+                Ok(Token::Plain(_)) => panic!("length changed"),
+                Err(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn too_old_and_future_tokens_are_rejected() {
+        let b = bound("198.18.0.2".parse().unwrap(), 10_000);
+        b.check_age(10_000, 120).unwrap();
+        b.check_age(10_120, 120).unwrap();
+        b.check_age(9_880, 120).unwrap();
+        assert_eq!(b.check_age(10_121, 120), Err(TokenError::TooOld(121)));
+        assert_eq!(b.check_age(9_000, 120), Err(TokenError::TooOld(-1000)));
+    }
+
+    #[test]
+    fn unknown_kind_is_rejected() {
+        let b = bound("198.18.0.2".parse().unwrap(), 1);
+        let mut bytes = b.encode();
+        bytes[0] = 0x21;
+        let label = BASE32.encode(&bytes);
+        assert_eq!(Token::parse(label.as_bytes()), Err(TokenError::Kind(0x21)));
+        bytes[0] = 0x12; // v6 kind on a v4-sized body
+        assert_eq!(Token::parse(BASE32.encode(&bytes).as_bytes()), Err(TokenError::Kind(0x12)));
+    }
+
+    #[test]
+    fn service_ids_are_stable_and_never_zero() {
+        assert_eq!(service_id("ssh"), service_id("ssh"));
+        assert_ne!(service_id("ssh"), service_id("https"));
+        assert_ne!(service_id("ssh"), 0);
+    }
+}
