@@ -16,3 +16,4 @@
 pub mod firewall;
 
 pub mod token;
+pub mod store;
