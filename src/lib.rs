@@ -17,3 +17,4 @@ pub mod firewall;
 
 pub mod token;
 pub mod store;
+pub mod config;

@@ -1,0 +1,241 @@
+//! The operator's TOML configuration.
+//!
+//! Unknown keys are errors (a typo in a security daemon's config must not be
+//! silently ignored), and every error names the file, the key and what was
+//! expected. Relative paths are resolved against the config file's directory so
+//! the daemon behaves the same from any working directory.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::firewall::{BackendKind, Proto};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub dns: DnsConfig,
+    pub store: StoreConfig,
+    pub firewall: FirewallConfig,
+    #[serde(default)]
+    pub token: TokenConfig,
+    #[serde(rename = "service", default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Zone file (SOA, NS, glue, static records) served with AA.
+    pub zone_file: PathBuf,
+    /// Zone apex; if absent, the zone file's `$ORIGIN` is used.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// UDP and TCP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Seconds an idle TCP connection may stay open.
+    #[serde(default = "default_tcp_timeout")]
+    pub tcp_timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallConfig {
+    pub backend: BackendKind,
+    /// How long a door admits new connections.
+    #[serde(default = "default_open_seconds")]
+    pub open_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// How many chain elements a knock may skip ahead (lost knocks, unused OTP names).
+    #[serde(default = "default_window")]
+    pub window: u32,
+    /// Bound knocks older (or newer) than this are refused.
+    #[serde(default = "default_max_age")]
+    pub max_age_seconds: u64,
+    /// A repeat of an accepted token within this time is a silent no-op (resolver retries).
+    #[serde(default = "default_grace")]
+    pub grace_seconds: u64,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig { window: default_window(), max_age_seconds: default_max_age(), grace_seconds: default_grace() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub proto: Proto,
+    pub port: u16,
+}
+
+fn default_tcp_timeout() -> u64 {
+    5
+}
+fn default_open_seconds() -> u64 {
+    30
+}
+fn default_window() -> u32 {
+    32
+}
+fn default_max_age() -> u64 {
+    120
+}
+fn default_grace() -> u64 {
+    60
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key}: {expected}")]
+    Invalid { path: PathBuf, key: String, expected: String },
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse `text` as if read from `path` (used for relative paths and messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.dns.zone_file = base.join(&cfg.dns.zone_file);
+        cfg.store.path = base.join(&cfg.store.path);
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &str, expected: String| {
+            Err(ConfigError::Invalid { path: path.to_owned(), key: key.to_owned(), expected })
+        };
+        if self.dns.listen.is_empty() {
+            return bad("dns.listen", "at least one address such as \"0.0.0.0:53\"".into());
+        }
+        if !(1..=86_400).contains(&self.firewall.open_seconds) {
+            return bad("firewall.open_seconds", format!("between 1 and 86400, got {}", self.firewall.open_seconds));
+        }
+        if !(1..=1024).contains(&self.token.window) {
+            return bad("token.window", format!("between 1 and 1024, got {}", self.token.window));
+        }
+        if !(1..=3600).contains(&self.token.max_age_seconds) {
+            return bad("token.max_age_seconds", format!("between 1 and 3600, got {}", self.token.max_age_seconds));
+        }
+        if self.services.is_empty() {
+            return bad("service", "at least one [[service]] with name, proto and port".into());
+        }
+        let mut names = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            if s.name.is_empty() || !s.name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+                return bad(&format!("service[{i}].name"), format!("letters, digits, '-' or '_', got {:?}", s.name));
+            }
+            if s.port == 0 {
+                return bad(&format!("service[{i}].port"), "a port between 1 and 65535, got 0".into());
+            }
+            if !names.insert(s.name.as_str()) {
+                return bad(&format!("service[{i}].name"), format!("a unique name, {:?} appears twice", s.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The service with this name.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[dns]
+zone_file = "zones/z.zone"
+listen = ["127.0.0.1:5353"]
+[store]
+path = "state/nxknock.db"
+[firewall]
+backend = "nftables"
+open_seconds = 10
+[[service]]
+name = "ssh"
+proto = "tcp"
+port = 22
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("/etc/nxknock/nxknock.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_resolves_paths_against_its_directory() {
+        let c = Config::parse(GOOD, Path::new("/etc/nxknock/nxknock.toml")).unwrap();
+        assert_eq!(c.dns.zone_file, Path::new("/etc/nxknock/zones/z.zone"));
+        assert_eq!(c.store.path, Path::new("/etc/nxknock/state/nxknock.db"));
+        assert_eq!(c.firewall.backend, BackendKind::Nftables);
+        assert_eq!(c.token.window, 32);
+        assert_eq!(c.service("ssh").unwrap().port, 22);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&GOOD.replace("open_seconds = 10", "open_seconds = 10\nopen_secs = 5"));
+        assert!(e.contains("/etc/nxknock/nxknock.toml") && e.contains("open_secs"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_expectation() {
+        let e = err(&GOOD.replace("open_seconds = 10", "open_seconds = \"ten\""));
+        assert!(e.contains("open_seconds") && e.contains("expected u64"), "{e}");
+        let e = err(&GOOD.replace("backend = \"nftables\"", "backend = \"pf\""));
+        assert!(e.contains("pf") && e.contains("nftables") && e.contains("iptables"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let e = err(&GOOD.replace("open_seconds = 10", "open_seconds = 0"));
+        assert!(e.contains("firewall.open_seconds") && e.contains("between 1 and 86400"), "{e}");
+        let e = err(&GOOD.replace("port = 22", "port = 0"));
+        assert!(e.contains("service[0].port"), "{e}");
+        let e = err(&GOOD.replace("port = 22", "port = 70000"));
+        assert!(e.contains("port"), "{e}");
+        let e = err(&format!("{GOOD}\n[[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 2222\n"));
+        assert!(e.contains("service[1].name") && e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let e = err(&GOOD.replace("[store]\npath = \"state/nxknock.db\"\n", ""));
+        assert!(e.contains("store"), "{e}");
+        let e = err("[dns\n");
+        assert!(e.contains("/etc/nxknock/nxknock.toml"), "{e}");
+    }
+}
