@@ -18,3 +18,5 @@ pub mod firewall;
 pub mod token;
 pub mod store;
 pub mod config;
+pub mod knock;
+pub mod verify;
