@@ -1,1 +1,22 @@
-fn main() {}
+//! `nxknock`: parse the command line, set up logging, run. Errors end here.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = nxknock::cli::Cli::parse();
+    // hickory logs every query name at info, and a query name is a knock token:
+    // keep its crates at warn unless the operator names them explicitly.
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    if !filter.contains("hickory") {
+        filter.push_str(",hickory_server=warn,hickory_net=warn,hickory_proto=warn");
+    }
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match nxknock::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nxknock: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

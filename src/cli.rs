@@ -1,0 +1,319 @@
+//! Command-line surface (DESIGN §7). Parsing with clap; each command is a small
+//! function over the library. Nothing secret is ever written to stdout: user
+//! enrolment writes its secrets only into the 0600 credential file.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{self, KnockRequest, Target};
+use crate::config::Config;
+use crate::credential::Credential;
+use crate::dns::Zone;
+use crate::store::{Enrolment, SqliteStore, Store};
+use crate::token::{Seed, ZoneId};
+use crate::verify::parse_cidr;
+
+#[derive(Parser, Debug)]
+#[command(name = "nxknock", version, about = "Port knocking through an authoritative DNS server")]
+pub struct Cli {
+    /// Log filter (also RUST_LOG), e.g. "info" or "nxknock=debug".
+    #[arg(long, global = true, default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short, default_value = "config/nxknock.toml", env = "NXKNOCK_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the DNS server and open doors for valid knocks.
+    Serve(ConfigArg),
+    /// Check the configuration and zone file, then exit.
+    CheckConfig(ConfigArg),
+    /// Manage enrolled users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Print the next one-time knock names (for dig, host, nslookup or a printed list).
+    Otp {
+        #[arg(long)]
+        credential: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
+    /// Send a knock.
+    Knock(KnockArgs),
+    /// List open doors.
+    Doors(ConfigArg),
+    /// Run the whole story in throwaway network namespaces (root).
+    Demo,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Enrol a user and write their credential file (0600).
+    Add {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Service the user may open (repeat; default: all).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Source network the user may open for (repeat; default: any).
+        #[arg(long = "from")]
+        from: Vec<String>,
+        /// Knocks in the chain before a rekey is needed.
+        #[arg(long, default_value_t = 10_000)]
+        chain_len: u64,
+        /// Nameserver address to record in the credential for `knock`.
+        #[arg(long)]
+        server: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    List(ConfigArg),
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Give a user a fresh chain and MAC key (and un-revoke).
+    Rekey {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        chain_len: u64,
+        #[arg(long)]
+        server: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct KnockArgs {
+    #[arg(long)]
+    pub credential: PathBuf,
+    /// Knock transport (only dns for now).
+    #[arg(long, default_value = "dns")]
+    pub via: String,
+    /// Query this nameserver directly (ADDR or ADDR:PORT).
+    #[arg(long, conflicts_with = "resolver")]
+    pub server: Option<String>,
+    /// Query through this recursive resolver (ADDR or ADDR:PORT).
+    #[arg(long)]
+    pub resolver: Option<String>,
+    /// Address the door should admit.
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// Service to open (default: every service you may open).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Close your open doors for this address instead of opening.
+    #[arg(long)]
+    pub close: bool,
+    /// Attempts before giving up.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: u32,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(c) => crate::server::serve(Config::load(&c.config)?),
+        Command::CheckConfig(c) => {
+            let cfg = Config::load(&c.config)?;
+            let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
+            println!("{}: ok (zone {}, {} services)", c.config.display(), zone.apex, cfg.services.len());
+            Ok(())
+        }
+        Command::User(u) => user(u),
+        Command::Otp { credential, count } => {
+            if count == 0 || count > 1000 {
+                bail!("--count must be between 1 and 1000");
+            }
+            for name in client::otp(&credential, count)? {
+                println!("{name}");
+            }
+            Ok(())
+        }
+        Command::Knock(k) => knock(k),
+        Command::Doors(c) => doors(&Config::load(&c.config)?),
+        Command::Demo => crate::demo::run(),
+    }
+}
+
+fn zone_id(cfg: &Config) -> anyhow::Result<ZoneId> {
+    let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
+    Ok(ZoneId::new(&zone.apex.to_ascii()))
+}
+
+fn check_user_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c)) {
+        bail!("user name {name:?}: use 1-64 letters, digits, '-', '_', '.', '@'");
+    }
+    Ok(())
+}
+
+/// Fresh chain + MAC key; returns the enrolment (server side) and the credential (client side).
+fn new_chain(name: &str, zone: &ZoneId, chain_len: u64, server: Option<String>) -> anyhow::Result<(Enrolment, Credential)> {
+    if !(1..=10_000_000).contains(&chain_len) {
+        bail!("--chain-len must be between 1 and 10000000");
+    }
+    let seed = Seed::random();
+    let mut mac_key = vec![0u8; 32];
+    rand::fill(&mut mac_key[..]);
+    let enrol = Enrolment {
+        name: name.to_owned(),
+        verifier: seed.element(zone, chain_len),
+        chain_len,
+        mac_key: mac_key.clone(),
+        services: vec![],
+        from: vec![],
+    };
+    let cred = Credential::new(name, zone, server, chain_len, &seed, &mac_key);
+    Ok((enrol, cred))
+}
+
+fn user(cmd: UserCmd) -> anyhow::Result<()> {
+    match cmd {
+        UserCmd::Add { name, out, services, from, chain_len, server, config } => {
+            check_user_name(&name)?;
+            let cfg = Config::load(&config.config)?;
+            for s in &services {
+                if cfg.service(s).is_none() {
+                    bail!("--service {s:?} is not a [[service]] in {}", config.config.display());
+                }
+            }
+            for f in &from {
+                if parse_cidr(f).is_none() {
+                    bail!("--from {f:?} is not a CIDR such as 198.51.100.0/24 or 2001:db8::/48");
+                }
+            }
+            if out.exists() {
+                bail!("{} already exists; refusing to overwrite a credential", out.display());
+            }
+            let zone = zone_id(&cfg)?;
+            let (mut enrol, cred) = new_chain(&name, &zone, chain_len, server)?;
+            enrol.services = services;
+            enrol.from = from;
+            let mut store = SqliteStore::open(&cfg.store.path)?;
+            store.add_user(&enrol)?;
+            if let Err(e) = cred.create(&out) {
+                // Do not leave a user nobody can knock as.
+                let _ = store.revoke(&name);
+                return Err(e).context("user was enrolled but the credential could not be written; the user is revoked");
+            }
+            println!(
+                "added user {name}: {chain_len} knocks, services {}, from {}; credential written to {} (mode 0600)",
+                list_or(&enrol.services, "all"),
+                list_or(&enrol.from, "anywhere"),
+                out.display()
+            );
+            Ok(())
+        }
+        UserCmd::List(c) => {
+            let cfg = Config::load(&c.config)?;
+            let mut store = SqliteStore::open(&cfg.store.path)?;
+            println!("{:<20} {:>9} {:>9}  {:<8} {:<16} FROM", "USER", "USED", "CHAIN", "STATE", "SERVICES");
+            for u in store.list_users()? {
+                println!(
+                    "{:<20} {:>9} {:>9}  {:<8} {:<16} {}",
+                    u.name,
+                    u.counter,
+                    u.chain_len,
+                    if u.revoked { "revoked" } else { "active" },
+                    list_or(&u.services, "all"),
+                    list_or(&u.from, "anywhere")
+                );
+            }
+            Ok(())
+        }
+        UserCmd::Revoke { name, config } => {
+            let cfg = Config::load(&config.config)?;
+            let mut store = SqliteStore::open(&cfg.store.path)?;
+            if store.revoke(&name)? {
+                println!("revoked {name}");
+            } else {
+                println!("{name} was already revoked");
+            }
+            Ok(())
+        }
+        UserCmd::Rekey { name, out, chain_len, server, config } => {
+            let cfg = Config::load(&config.config)?;
+            if out.exists() {
+                bail!("{} already exists; refusing to overwrite a credential", out.display());
+            }
+            let zone = zone_id(&cfg)?;
+            let (enrol, cred) = new_chain(&name, &zone, chain_len, server)?;
+            // Write the credential first: a rekey whose credential is lost would lock the user out.
+            cred.create(&out)?;
+            let mut store = SqliteStore::open(&cfg.store.path)?;
+            if let Err(e) = store.rekey(&enrol) {
+                let _ = std::fs::remove_file(&out);
+                return Err(e.into());
+            }
+            println!("rekeyed {name}: {chain_len} knocks; credential written to {} (mode 0600)", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn list_or(v: &[String], empty: &str) -> String {
+    if v.is_empty() { empty.to_owned() } else { v.join(",") }
+}
+
+fn knock(k: KnockArgs) -> anyhow::Result<()> {
+    if k.via != "dns" {
+        bail!("--via {}: only \"dns\" is available in this version", k.via);
+    }
+    let cred = Credential::load(&k.credential)?;
+    let target = match (&k.server, &k.resolver, &cred.server) {
+        (Some(s), None, _) => Target::Server(client::parse_endpoint(s)?),
+        (None, Some(r), _) => Target::Resolver(client::parse_endpoint(r)?),
+        (None, None, Some(s)) => Target::Server(client::parse_endpoint(s)?),
+        _ => bail!("say where to knock: --server ADDR (the zone's nameserver) or --resolver ADDR"),
+    };
+    let ip: IpAddr = match k.ip.as_deref() {
+        Some(s) => s.parse().with_context(|| format!("--ip {s:?} is not an IP address"))?,
+        None => bail!("--ip ADDR is required: the public address the door should admit (the one your connection will come from)"),
+    };
+    let report = client::knock(
+        &k.credential,
+        &KnockRequest {
+            target,
+            ip,
+            service: k.service.clone(),
+            close: k.close,
+            attempts: k.attempts,
+            timeout: Duration::from_millis(1000),
+        },
+    )?;
+    eprintln!(
+        "knocked for {ip}: {} answer in {:.1} ms after {} attempt(s)",
+        report.rcode,
+        report.elapsed.as_secs_f64() * 1000.0,
+        report.attempts
+    );
+    Ok(())
+}
+
+fn doors(cfg: &Config) -> anyhow::Result<()> {
+    let backend = crate::firewall::backend(cfg.firewall.backend);
+    let open = backend.list()?;
+    println!("{:<28} {:<6} {:>6} {:>9}", "ADDRESS", "PROTO", "PORT", "LEFT(s)");
+    for d in open {
+        println!("{:<28} {:<6} {:>6} {:>9}", format!("{}/{}", d.addr, d.prefix_len), d.proto, d.port, d.expires_in.as_secs());
+    }
+    Ok(())
+}
+

@@ -1,0 +1,228 @@
+//! The DNS listener: an authoritative server for the knock zone (hickory-server).
+//!
+//! Static names from the zone file are answered by hickory's `Catalog` with AA.
+//! Every other name exactly one label below the apex is a *knock*: whatever the
+//! label and QTYPE, it gets the same NXDOMAIN + SOA, AA set, the question echoed
+//! byte for byte (exact case, from the request's own wire bytes). The answer is
+//! built and sent before the label is even decoded, so a valid and an invalid
+//! knock cannot differ in content or timing. Only then is the label parsed
+//! (cheap checks first) and handed to the verifier over a bounded queue; the
+//! listener never touches the database or the firewall.
+//!
+//! Names deeper than one label below the apex are left to the catalog: knocks
+//! are one label deep, so no knock name ever has names below it (RFC 8020).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::Instant;
+
+use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use hickory_proto::serialize::txt::Parser;
+use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, ZoneType};
+
+use crate::knock::{Knock, Via};
+use crate::token::Token;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ZoneError {
+    #[error("cannot read zone file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("zone file {path}: {detail}")]
+    Invalid { path: String, detail: String },
+}
+
+/// The loaded zone: what the catalog serves plus what the knock path needs.
+pub struct Zone {
+    pub apex: Name,
+    catalog: Catalog,
+    /// Every owner name in the zone and every empty non-terminal above one.
+    existing: HashSet<LowerName>,
+    /// SOA for the authority section of NXDOMAIN, TTL capped at the SOA minimum (RFC 2308).
+    soa: Record,
+}
+
+impl Zone {
+    /// Parse a zone file. `origin` overrides `$ORIGIN`. The zone must have an SOA.
+    pub fn load(path: &Path, origin: Option<&str>) -> Result<Zone, ZoneError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ZoneError::Read { path: p.clone(), source })?;
+        let invalid = |detail: String| ZoneError::Invalid { path: p.clone(), detail };
+        let origin = origin
+            .map(|o| Name::from_ascii(o).map_err(|e| invalid(format!("zone name {o:?}: {e}"))))
+            .transpose()?;
+        let (apex, records) =
+            Parser::new(text, Some(path.to_owned()), origin).parse().map_err(|e| invalid(e.to_string()))?;
+        let apex_lower = LowerName::new(&apex);
+        let mut existing = HashSet::new();
+        let mut soa = None;
+        for rrset in records.values() {
+            let mut name = LowerName::new(rrset.name());
+            if !apex_lower.zone_of(&name) {
+                return Err(invalid(format!("{} is outside the zone {apex}", rrset.name())));
+            }
+            if rrset.record_type() == RecordType::SOA {
+                soa = rrset.records_without_rrsigs().next().cloned();
+            }
+            while name != apex_lower && existing.insert(name.clone()) {
+                name = name.base_name();
+            }
+        }
+        let mut soa = soa.ok_or_else(|| invalid(format!("no SOA record at {apex}")))?;
+        if let RData::SOA(s) = &soa.data {
+            let ttl = soa.ttl.min(s.minimum);
+            soa.ttl = ttl;
+        }
+        let handler = InMemoryZoneHandler::<TokioRuntimeProvider>::new(apex.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)
+            .map_err(invalid)?;
+        let mut catalog = Catalog::new();
+        catalog.upsert(apex_lower, vec![Arc::new(handler)]);
+        Ok(Zone { apex, catalog, existing, soa })
+    }
+
+    /// Is `name` a knock: exactly one label below the apex and not a name of the zone?
+    fn is_knock(&self, name: &LowerName) -> bool {
+        name.num_labels() == self.apex.num_labels() + 1
+            && name.base_name() == LowerName::new(&self.apex)
+            && !self.existing.contains(name)
+    }
+}
+
+/// Counters the operator (and the benchmarks) can read.
+#[derive(Default, Debug)]
+pub struct DnsStats {
+    pub knock_answers: AtomicU64,
+    pub knocks_queued: AtomicU64,
+    /// Knocks dropped because the verifier queue was full (overload).
+    pub knocks_dropped: AtomicU64,
+    pub not_tokens: AtomicU64,
+}
+
+/// hickory request handler: knock names here, everything else to the catalog.
+pub struct KnockHandler {
+    zone: Zone,
+    apex_lower: LowerName,
+    knocks: SyncSender<Knock>,
+    pub stats: Arc<DnsStats>,
+}
+
+impl KnockHandler {
+    pub fn new(zone: Zone, knocks: SyncSender<Knock>, stats: Arc<DnsStats>) -> KnockHandler {
+        let apex_lower = LowerName::new(&zone.apex);
+        KnockHandler { zone, apex_lower, knocks, stats }
+    }
+
+    /// Decode the label and queue it for verification. Runs after the answer is sent.
+    fn enqueue(&self, request: &Request, label: &[u8], received: Instant) {
+        let token = match Token::parse(label) {
+            Ok(t) => t,
+            Err(_) => {
+                self.stats.not_tokens.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let via = if request.protocol() == Protocol::Tcp { Via::DnsTcp } else { Via::DnsUdp };
+        let knock = Knock { token, seen_from: request.src().ip(), via, received };
+        match self.knocks.try_send(knock) {
+            Ok(()) => {
+                self.stats.knocks_queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.stats.knocks_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for KnockHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let received = Instant::now();
+        let knock_query = match request.queries.queries() {
+            [q] if request.metadata.message_type == MessageType::Query
+                && request.metadata.op_code == OpCode::Query
+                && request.edns.as_ref().is_none_or(|e| e.version() == 0)
+                && q.query_type() != RecordType::AXFR
+                && q.query_type() != RecordType::IXFR
+                && self.apex_lower.zone_of(q.name())
+                && self.zone.is_knock(q.name()) =>
+            {
+                q
+            }
+            _ => return self.zone.catalog.handle_request::<R, T>(request, response_handle).await,
+        };
+
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        metadata.response_code = ResponseCode::NXDomain;
+        let resp_edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().max(512));
+            e.set_version(0);
+            e
+        });
+        let response = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref()).build(
+            metadata,
+            std::iter::empty(),
+            std::iter::empty(),
+            std::iter::once(&self.zone.soa),
+            std::iter::empty(),
+        );
+        self.stats.knock_answers.fetch_add(1, Ordering::Relaxed);
+        let info = match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                tracing::debug!(%error, "failed to send knock answer");
+                let mut m = Metadata::response_from_request(&request.metadata);
+                m.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(hickory_proto::op::Header { metadata: m, counts: Default::default() })
+            }
+        };
+        // Answer first, verify afterwards: nothing below changes what was sent.
+        let name = knock_query.original().name();
+        if let Some(label) = name.iter().next() {
+            self.enqueue(request, label, received);
+        }
+        info
+    }
+}
+
+/// Bind UDP and TCP on every listen address and register them with a hickory server.
+pub async fn bind(
+    server: &mut hickory_server::Server<KnockHandler>,
+    listen: &[SocketAddr],
+    tcp_timeout: std::time::Duration,
+) -> std::io::Result<Vec<SocketAddr>> {
+    let mut bound = Vec::new();
+    for addr in listen {
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {addr}: {e}")))?;
+        let local = udp.local_addr()?;
+        // Bind TCP to the same port (matters when the config asked for port 0).
+        let tcp = tokio::net::TcpListener::bind(local)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("bind tcp {local}: {e}")))?;
+        server.register_socket(udp);
+        server.register_listener(tcp, tcp_timeout, 65_535);
+        bound.push(local);
+    }
+    Ok(bound)
+}
