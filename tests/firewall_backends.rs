@@ -377,6 +377,35 @@ fn list_reports_doors_with_time_left(rig: &Rig) {
     );
 }
 
+fn reopen_refreshes_the_timeout(rig: &Rig) {
+    rig.install(&ssh());
+    let host = door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG);
+    let prefix = door(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG);
+    rig.open(&host);
+    rig.open(&prefix);
+    std::thread::sleep(Duration::from_secs(2));
+    // The same door again, same timeout: the common case (a user knocks
+    // twice). On kernel 6.18 a plain nft `add element` with an unchanged
+    // timeout keeps the old expiry; a refresh must restart the clock.
+    rig.open(&host);
+    rig.open(&prefix);
+    let doors = rig.list();
+    assert_eq!(doors.len(), 2, "{doors:?}");
+    for d in &doors {
+        assert!(
+            d.expires_in >= Duration::from_secs(28),
+            "not refreshed: {d:?}"
+        );
+    }
+    // Re-opening with a shorter window shortens the door, for real.
+    rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, SHORT));
+    rig.assert_admitted(&rig.lab.client, None, v4(SERVER_V4), SSH);
+    assert!(
+        rig.wait_until_dropped(v4(SERVER_V4), SHORT * 3),
+        "door not shortened"
+    );
+}
+
 fn install_guard_is_idempotent_and_keeps_doors(rig: &Rig) {
     let (cli, atk) = (&rig.lab.client, &rig.lab.attacker);
     rig.install(&ssh());
@@ -593,6 +622,7 @@ macro_rules! battery {
                 established_connection_outlives_its_door "es",
                 close_removes_the_door_at_once "cl",
                 list_reports_doors_with_time_left "ls",
+                reopen_refreshes_the_timeout "rf",
                 install_guard_is_idempotent_and_keeps_doors "id",
                 uninstall_removes_ours_and_nothing_else "un",
                 ipv6_prefix_door_admits_the_whole_64 "p6",
