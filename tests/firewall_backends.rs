@@ -427,6 +427,22 @@ fn install_guard_is_idempotent_and_keeps_doors(rig: &Rig) {
     rig.assert_dropped(atk, None, v4(SERVER_V4), WEB);
 }
 
+fn operator_rules_still_decide(rig: &Rig) {
+    rig.install(&ssh());
+    rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
+    rig.assert_admitted(&rig.lab.client, None, v4(SERVER_V4), SSH);
+    // The operator bans the client after nxknock installed its guard. A door
+    // only lets a packet past *our* drop; it must not override this (an
+    // iptables ACCEPT in our chain would, RETURN does not; an nft accept in
+    // our table cannot).
+    let client = CLIENT_V4.to_string();
+    let ban = [
+        "iptables", "-w", "-A", "INPUT", "-s", &client, "-p", "tcp", "--dport", "22", "-j", "DROP",
+    ];
+    rig.lab.server.run(&ban).unwrap();
+    rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
+}
+
 /// An operator's own rules in both worlds, which uninstall must not touch.
 fn add_bystanders(ns: &Netns) {
     ns.run(&["nft", "add", "table", "inet", "bystander"])
@@ -625,6 +641,7 @@ macro_rules! battery {
                 reopen_refreshes_the_timeout "rf",
                 install_guard_is_idempotent_and_keeps_doors "id",
                 uninstall_removes_ours_and_nothing_else "un",
+                operator_rules_still_decide "op",
                 ipv6_prefix_door_admits_the_whole_64 "p6",
                 udp_guard_and_door "ud",
             );
