@@ -52,18 +52,37 @@ const ONLINK_V6: &str = "2001:db8::/32";
 /// would be a silent hole in the coverage, so it panics instead.
 pub fn require_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
+    let root = unsafe { libc::geteuid() } == 0;
     let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
-    if ci {
-        panic!("{test} needs root and network namespaces, and CI is set: refusing to skip");
+    match root_policy(root, ci) {
+        RootPolicy::Run => true,
+        RootPolicy::Fail => {
+            panic!("{test} needs root and network namespaces, and CI is set: refusing to skip")
+        }
+        RootPolicy::Skip => {
+            eprintln!(
+                "\n**************** SKIPPED (not root): {test} needs root and network namespaces; \
+                 set CI=true to make this a failure ****************\n"
+            );
+            false
+        }
     }
-    eprintln!(
-        "\n**************** SKIPPED (not root): {test} needs root and network namespaces; \
-         set CI=true to make this a failure ****************\n"
-    );
-    false
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RootPolicy {
+    Run,
+    Skip,
+    Fail,
+}
+
+/// The decision of [`require_root`], apart so it can be tested as root.
+fn root_policy(root: bool, ci: bool) -> RootPolicy {
+    match (root, ci) {
+        (true, _) => RootPolicy::Run,
+        (false, false) => RootPolicy::Skip,
+        (false, true) => RootPolicy::Fail,
+    }
 }
 
 /// A named network namespace (`ip netns`), deleted on drop.
@@ -326,4 +345,17 @@ fn attach(
     ns.ip(&["route", "add", ONLINK_V4, "dev", IFACE])?;
     ns.ip(&["-6", "route", "add", ONLINK_V6, "dev", IFACE])?;
     Ok(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_policy_skips_only_outside_ci() {
+        assert_eq!(root_policy(true, false), RootPolicy::Run);
+        assert_eq!(root_policy(true, true), RootPolicy::Run);
+        assert_eq!(root_policy(false, false), RootPolicy::Skip);
+        assert_eq!(root_policy(false, true), RootPolicy::Fail);
+    }
 }
