@@ -663,3 +663,37 @@ macro_rules! battery {
 
 battery!(nftables, "nf", NftablesBackend::new(), nft_footprint);
 battery!(iptables, "ip", IptablesBackend::new(), iptables_footprint);
+
+/// An `inet nxknock` table with another layout (an older nxknock, or a hand
+/// edit) cannot be kept; install_guard replaces it whole instead of failing.
+#[test]
+fn nftables_install_replaces_a_foreign_layout() {
+    if !require_root("nftables_install_replaces_a_foreign_layout") {
+        return;
+    }
+    let rig = Rig::new("nxnf-fl", Box::new(NftablesBackend::new()), nft_footprint);
+    let old = "table inet nxknock {\n\
+               \tset doors4 { type ipv4_addr . inet_service; flags timeout; }\n\
+               \tchain input { type filter hook input priority 0; policy accept; }\n\
+               }\n";
+    let mut nft = rig.lab.server.cmd("nft");
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(old.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    rig.install(&ssh());
+    let fp = rig.footprint().join("\n");
+    assert!(
+        fp.contains("type ipv4_addr . inet_proto . inet_service"),
+        "{fp}"
+    );
+    assert!(fp.contains("priority filter - 10"), "{fp}");
+    rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
+    rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
+    rig.assert_admitted(&rig.lab.client, None, v4(SERVER_V4), SSH);
+}
