@@ -60,7 +60,11 @@ pub fn require_root(test: &str) -> bool {
             panic!("{test} needs root and network namespaces, and CI is set: refusing to skip")
         }
         RootPolicy::Skip => {
-            eprintln!(
+            // Through the handle, not eprintln!: the test harness captures
+            // the print macros of passing tests, which would hide the skip.
+            use std::io::Write;
+            let _ = writeln!(
+                io::stderr(),
                 "\n**************** SKIPPED (not root): {test} needs root and network namespaces; \
                  set CI=true to make this a failure ****************\n"
             );
