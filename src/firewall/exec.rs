@@ -59,13 +59,20 @@ fn output(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, F
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn_err)?;
+    let mut written = Ok(());
     if let Some(text) = stdin {
         // Dropping the handle at the end of this block closes the pipe, which
         // is how `nft -f -` and `iptables-restore` learn the script has ended.
         let mut pipe = child.stdin.take().expect("stdin was piped");
-        pipe.write_all(text.as_bytes()).map_err(spawn_err)?;
+        written = pipe.write_all(text.as_bytes());
     }
-    child.wait_with_output().map_err(spawn_err)
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    match written {
+        // A tool that rejects its input may exit before reading all of it;
+        // its stderr then explains more than our "broken pipe" would.
+        Err(e) if out.status.success() => Err(spawn_err(e)),
+        _ => Ok(out),
+    }
 }
 
 fn display(program: &str, args: &[&str]) -> String {

@@ -163,10 +163,12 @@ impl DoorBackend for NftablesBackend {
         Ok(())
     }
 
-    /// Adds the element with a fresh timeout. Adding an element that exists
-    /// does not refresh its timeout (measured, kernel 6.18), so a re-open is
-    /// `add` (so the delete cannot fail) + `delete` + `add`, in one
-    /// transaction: the door never blinks closed.
+    /// Adds the element with a fresh timeout. A plain `add element` of an
+    /// existing element is not a refresh (measured, nft 1.0.6 on kernel
+    /// 6.18): with the same timeout the old expiry stands; only a *different*
+    /// timeout restarts the clock (and older kernels ignore it entirely). So
+    /// a re-open is `add` (so the delete cannot fail) + `delete` + `add`, in
+    /// one transaction: the door never blinks closed.
     fn open(&self, door: &Door) -> Result<(), FirewallError> {
         let (set, key) = Self::element(door)?;
         let t = self.table_ref();
