@@ -14,7 +14,7 @@
 //! [`lab`] the network-namespace harness shared by `nxknock demo` and the tests.
 
 pub mod firewall;
-
+pub mod lab;
 pub mod token;
 pub mod store;
 pub mod config;

@@ -12,6 +12,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+mod exec;
 mod iptables;
 mod nftables;
 mod none;
@@ -63,6 +64,54 @@ pub struct Door {
     pub open_for: Duration,
 }
 
+impl Door {
+    /// The network this door admits, as `(address with host bits cleared,
+    /// prefix length)`, or why no backend should install it.
+    ///
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack DNS
+    /// socket reports for an IPv4 client) becomes the IPv4 address, because
+    /// the client's packets will arrive as IPv4. Host bits are cleared so a
+    /// /64 door for `2001:db8::5` and one for `2001:db8::7` are the same door.
+    pub fn network(&self) -> Result<(IpAddr, u8), FirewallError> {
+        let (addr, len) = match self.addr {
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) if self.prefix_len >= 96 => (IpAddr::V4(v4), self.prefix_len - 96),
+                _ => (self.addr, self.prefix_len),
+            },
+            IpAddr::V4(_) => (self.addr, self.prefix_len),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        // A zero-length prefix would open the service to the whole Internet.
+        if len == 0 || len > max {
+            return Err(FirewallError::InvalidDoor(format!(
+                "prefix /{len} for {addr} (must be 1..={max})"
+            )));
+        }
+        if self.port == 0 {
+            return Err(FirewallError::InvalidDoor("port 0".into()));
+        }
+        let masked = match addr {
+            IpAddr::V4(a) => {
+                IpAddr::V4((u32::from(a) & (u32::MAX << (32 - u32::from(len)))).into())
+            }
+            IpAddr::V6(a) => {
+                IpAddr::V6((u128::from(a) & (u128::MAX << (128 - u32::from(len)))).into())
+            }
+        };
+        Ok((masked, len))
+    }
+
+    /// [`Door::network`] plus a check of `open_for`. A zero timeout is
+    /// refused because both nft and ipset read "timeout 0" as *no* timeout:
+    /// the door would never close.
+    pub(crate) fn checked(&self) -> Result<(IpAddr, u8), FirewallError> {
+        if self.open_for.is_zero() {
+            return Err(FirewallError::InvalidDoor("open_for is zero".into()));
+        }
+        self.network()
+    }
+}
+
 /// A door as the kernel currently holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenDoor {
@@ -95,6 +144,10 @@ pub enum FirewallError {
     Parse { cmd: String, detail: String },
     #[error("door not supported by this backend: {0}")]
     Unsupported(String),
+    /// The door itself makes no sense (zero timeout, bad prefix length); a
+    /// bug in the caller, not in the firewall.
+    #[error("invalid door: {0}")]
+    InvalidDoor(String),
 }
 
 /// A firewall backend. Implementations must be idempotent: installing the
