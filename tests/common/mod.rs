@@ -1,0 +1,236 @@
+//! Shared end-to-end harness: a real `nxknock serve` inside a namespace of a [`Lab`],
+//! real `dig`, real TCP connections. Each test builds its own lab (own namespace
+//! names) so tests run in parallel; everything is torn down by Drop guards.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use nxknock::lab::{Lab, Netns, require_root};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_nxknock");
+pub const SERVER: &str = "198.18.0.1";
+pub const CLIENT: &str = "198.18.0.2";
+pub const ATTACKER: &str = "198.18.0.3";
+pub const ZONE: &str = "knock.example.com";
+
+/// A running daemon in the lab's server namespace; killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    ns: String,
+}
+
+/// Everything a test needs: the lab, a temp dir with config/zone/db, a daemon.
+pub struct Setup {
+    pub daemon: Daemon,
+    pub lab: Lab,
+    _tmp: tempfile::TempDir,
+}
+
+pub fn config_text(dir: &Path, backend: &str, open_seconds: u64, extra: &str) -> String {
+    format!(
+        r#"[dns]
+zone_file = "{zone}"
+listen = ["{SERVER}:53"]
+[store]
+path = "{db}"
+[firewall]
+backend = "{backend}"
+open_seconds = {open_seconds}
+[[service]]
+name = "ssh"
+proto = "tcp"
+port = 22
+{extra}
+"#,
+        zone = Path::new(env!("CARGO_MANIFEST_DIR")).join("zones/knock.example.com.zone").display(),
+        db = dir.join("nxknock.db").display(),
+    )
+}
+
+impl Setup {
+    /// Lab + config + daemon started and answering.
+    pub fn new(prefix: &str, backend: &str, open_seconds: u64) -> Setup {
+        Setup::with_extra(prefix, backend, open_seconds, "")
+    }
+
+    pub fn with_extra(prefix: &str, backend: &str, open_seconds: u64, extra: &str) -> Setup {
+        let lab = Lab::new(prefix).expect("create lab namespaces");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let config = dir.join("nxknock.toml");
+        std::fs::write(&config, config_text(&dir, backend, open_seconds, extra)).unwrap();
+        let daemon = Daemon::start(&lab.server, &dir, &config);
+        Setup { daemon, lab, _tmp: tmp }
+    }
+
+    /// `nxknock user add NAME`; returns the credential path.
+    pub fn add_user(&self, name: &str, args: &[&str]) -> PathBuf {
+        let cred = self.daemon.dir.join(format!("{name}.cred"));
+        let out = nx(&["user", "add", name, "--out", cred.to_str().unwrap(), "--config", self.daemon.config.to_str().unwrap()], args);
+        assert!(out.status.success(), "user add: {}", String::from_utf8_lossy(&out.stderr));
+        cred
+    }
+
+    pub fn otp(&self, cred: &Path, count: u64) -> Vec<String> {
+        let out = nx(&["otp", "--credential", cred.to_str().unwrap(), "--count", &count.to_string()], &[]);
+        assert!(out.status.success(), "otp: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    pub fn restart(&mut self) {
+        self.daemon.kill();
+        self.daemon = Daemon::start(&self.lab.server, &self.daemon.dir.clone(), &self.daemon.config.clone());
+    }
+}
+
+/// Run the nxknock binary on the host (for commands that only touch files).
+pub fn nx(args: &[&str], extra: &[&str]) -> Output {
+    Command::new(BIN).args(args).args(extra).env_remove("RUST_LOG").output().expect("run nxknock")
+}
+
+impl Daemon {
+    pub fn start(ns: &Netns, dir: &Path, config: &Path) -> Daemon {
+        let log = dir.join(format!("serve-{}.log", Instant::now().elapsed().as_nanos()));
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = ns
+            .cmd(BIN)
+            .args(["serve", "--log", "nxknock=debug,info", "--config", config.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn nxknock serve");
+        let mut d = Daemon { child: Some(child), dir: dir.to_owned(), config: config.to_owned(), log, ns: ns.name().to_owned() };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.log_text().contains("nxknock serving") {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nxknock serve exited with {status}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nxknock serve not ready after 20 s:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Parsed essentials of a dig answer.
+#[derive(Debug)]
+pub struct Dig {
+    pub status: String,
+    pub aa: bool,
+    pub text: String,
+}
+
+/// Run `dig` inside `ns`.
+pub fn dig(ns: &Netns, args: &[&str]) -> Dig {
+    let out = ns.cmd("dig").args(["+time=2", "+tries=2"]).args(args).output().expect("run dig");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("NO-ANSWER")
+        .to_owned();
+    let aa = text.lines().any(|l| l.starts_with(";; flags:") && l.split(';').nth(2).is_some_and(|f| f.split_whitespace().any(|w| w == "aa")));
+    Dig { status, aa, text }
+}
+
+/// A TCP service on the server's port 22 that echoes what it reads.
+pub fn echo_service(ns: &Netns, addr: &str) -> TcpListener {
+    let l = ns.tcp_listen(addr.parse().unwrap()).expect("listen on server port");
+    let l2 = l.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for s in l2.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    l
+}
+
+pub fn ssh_addr() -> SocketAddr {
+    format!("{SERVER}:22").parse().unwrap()
+}
+
+/// One connection attempt with a short timeout (a dropped SYN just times out).
+pub fn try_connect(ns: &Netns, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    ns.tcp_connect(addr, Duration::from_millis(400))
+}
+
+/// Connect, retrying briefly: the door opens a moment after the NXDOMAIN leaves.
+pub fn connect_soon(ns: &Netns, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for _ in 0..5 {
+        match ns.tcp_connect(addr, Duration::from_millis(300)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap())
+}
+
+/// Round-trip bytes over an established connection.
+pub fn echo_works(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 5];
+    s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
+}
+
+/// Wait (bounded) until new connections from `ns` are refused again.
+pub fn wait_closed(ns: &Netns, addr: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if try_connect(ns, addr).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
