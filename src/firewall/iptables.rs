@@ -140,7 +140,7 @@ impl DoorBackend for IptablesBackend {
             &["add", "-exist", set, &entry, "timeout", &secs],
             None,
         )?;
-        tracing::info!(%entry, set, open_for_s = %secs, "door opened");
+        tracing::debug!(%entry, set, open_for_s = %secs, "door opened");
         Ok(())
     }
 
@@ -148,7 +148,7 @@ impl DoorBackend for IptablesBackend {
     fn close(&self, door: &Door) -> Result<(), FirewallError> {
         let (set, entry) = Self::entry(door)?;
         exec::run(IPSET, &["del", "-exist", set, &entry], None)?;
-        tracing::info!(%entry, set, "door closed");
+        tracing::debug!(%entry, set, "door closed");
         Ok(())
     }
 

@@ -179,7 +179,7 @@ impl DoorBackend for NftablesBackend {
              add element {t} {set} {{ {key} timeout {ms}ms }}\n"
         );
         self.script(&script)?;
-        tracing::info!(%key, set, open_for_ms = ms as u64, "door opened");
+        tracing::debug!(%key, set, open_for_ms = ms as u64, "door opened");
         Ok(())
     }
 
@@ -193,7 +193,7 @@ impl DoorBackend for NftablesBackend {
              delete element {t} {set} {{ {key} }}\n"
         );
         self.script(&script)?;
-        tracing::info!(%key, set, "door closed");
+        tracing::debug!(%key, set, "door closed");
         Ok(())
     }
 
