@@ -81,6 +81,9 @@ pub struct ServiceConfig {
     pub name: String,
     pub proto: Proto,
     pub port: u16,
+    /// Doorman's narrowing: the first admitted new connection consumes the door.
+    #[serde(default)]
+    pub single_use: bool,
 }
 
 fn default_tcp_timeout() -> u64 {

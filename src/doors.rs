@@ -40,7 +40,14 @@ impl Doors {
             .iter()
             .filter(|s| services.contains(&s.name))
             .map(|s| {
-                (s.name.clone(), Door { addr, prefix_len, proto: s.proto, port: s.port, open_for: self.open_for })
+                (s.name.clone(), Door {
+                    addr,
+                    prefix_len,
+                    proto: s.proto,
+                    port: s.port,
+                    open_for: self.open_for,
+                    single_use: s.single_use,
+                })
             })
             .collect()
     }

@@ -269,6 +269,7 @@ fn parse_save(text: &str, set: &str) -> Result<Vec<OpenDoor>, String> {
             proto,
             port,
             expires_in,
+            single_use: false,
         });
     }
     Ok(doors)
@@ -335,6 +336,7 @@ mod tests {
             proto: Proto::Tcp,
             port: 22,
             open_for: Duration::from_millis(1500),
+            single_use: false,
         };
         assert_eq!(
             IptablesBackend::entry(&door).unwrap(),

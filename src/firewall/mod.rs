@@ -62,6 +62,9 @@ pub struct Door {
     pub proto: Proto,
     pub port: u16,
     pub open_for: Duration,
+    /// Doorman's narrowing: the first new connection admitted consumes the door
+    /// (in the kernel), so further new connections from the address are dropped.
+    pub single_use: bool,
 }
 
 impl Door {
@@ -121,6 +124,8 @@ pub struct OpenDoor {
     pub port: u16,
     /// Time left before the kernel removes the door.
     pub expires_in: Duration,
+    /// A single-use door (not yet consumed).
+    pub single_use: bool,
 }
 
 /// Errors from a door backend. The message names the command that failed and

@@ -291,6 +291,7 @@ fn parse_elem(e: &Value) -> Result<OpenDoor, &'static str> {
         proto,
         port,
         expires_in: Duration::try_from_secs_f64(expires).unwrap_or_default(),
+        single_use: false,
     })
 }
 
@@ -313,6 +314,7 @@ mod tests {
                     proto: Proto::Tcp,
                     port: 22,
                     expires_in: Duration::from_secs(29),
+                    single_use: false,
                 },
                 OpenDoor {
                     addr: "2001:db8:18::".parse().unwrap(),
@@ -320,6 +322,7 @@ mod tests {
                     proto: Proto::Tcp,
                     port: 22,
                     expires_in: Duration::from_secs(29),
+                    single_use: false,
                 },
                 OpenDoor {
                     addr: "2001:db8::1".parse().unwrap(),
@@ -327,6 +330,7 @@ mod tests {
                     proto: Proto::Udp,
                     port: 53,
                     expires_in: Duration::ZERO,
+                    single_use: false,
                 },
             ]
         );
@@ -348,6 +352,7 @@ mod tests {
             proto: Proto::Tcp,
             port: 22,
             open_for: Duration::from_secs(30),
+            single_use: false,
         };
         let el = |d: Door| NftablesBackend::element(&d).map_err(|e| e.to_string());
         assert_eq!(
