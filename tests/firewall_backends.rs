@@ -48,6 +48,7 @@ fn door(addr: IpAddr, prefix_len: u8, proto: Proto, port: u16, open_for: Duratio
         proto,
         port,
         open_for,
+        single_use: false,
     }
 }
 
