@@ -52,8 +52,16 @@ pub enum Command {
     },
     /// Send a knock.
     Knock(KnockArgs),
-    /// List open doors.
-    Doors(ConfigArg),
+    /// List open doors: user, address, service, time left, via.
+    Doors {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove nxknock's own firewall table/chain and sets (the daemon must be stopped).
+    UninstallFirewall(ConfigArg),
     /// Run the whole story in throwaway network namespaces (root).
     Demo,
 }
@@ -71,6 +79,9 @@ pub enum UserCmd {
         /// Source network the user may open for (repeat; default: any).
         #[arg(long = "from")]
         from: Vec<String>,
+        /// Longest time (seconds) a door of this user stays open (default: the service's).
+        #[arg(long)]
+        max_open: Option<u64>,
         /// Knocks in the chain before a rekey is needed.
         #[arg(long, default_value_t = 10_000)]
         chain_len: u64,
@@ -147,7 +158,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Knock(k) => knock(k),
-        Command::Doors(c) => doors(&Config::load(&c.config)?),
+        Command::Doors { config, json } => doors(&Config::load(&config.config)?, json),
+        Command::UninstallFirewall(c) => {
+            let cfg = Config::load(&c.config)?;
+            let doors = door_stage(&cfg);
+            if cfg.firewall.backend != crate::firewall::BackendKind::None {
+                let _lock = crate::server::claim_firewall(doors.backend_name())
+                    .context("stop `nxknock serve` first: uninstalling under a running daemon would open every guarded port")?;
+                doors.uninstall()?;
+            }
+            println!("removed nxknock's {} firewall objects; guarded services are no longer protected by nxknock", doors.backend_name());
+            Ok(())
+        }
         Command::Demo => crate::demo::run(),
     }
 }
@@ -179,6 +201,7 @@ fn new_chain(name: &str, zone: &ZoneId, chain_len: u64, server: Option<String>) 
         mac_key: mac_key.clone(),
         services: vec![],
         from: vec![],
+        max_open: None,
     };
     let cred = Credential::new(name, zone, server, chain_len, &seed, &mac_key);
     Ok((enrol, cred))
@@ -186,7 +209,10 @@ fn new_chain(name: &str, zone: &ZoneId, chain_len: u64, server: Option<String>) 
 
 fn user(cmd: UserCmd) -> anyhow::Result<()> {
     match cmd {
-        UserCmd::Add { name, out, services, from, chain_len, server, config } => {
+        UserCmd::Add { name, out, services, from, max_open, chain_len, server, config } => {
+            if max_open == Some(0) {
+                bail!("--max-open must be at least 1 second");
+            }
             check_user_name(&name)?;
             let cfg = Config::load(&config.config)?;
             for s in &services {
@@ -206,6 +232,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
             let (mut enrol, cred) = new_chain(&name, &zone, chain_len, server)?;
             enrol.services = services;
             enrol.from = from;
+            enrol.max_open = max_open;
             let mut store = SqliteStore::open(&cfg.store.path)?;
             store.add_user(&enrol)?;
             if let Err(e) = cred.create(&out) {
@@ -307,12 +334,33 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn doors(cfg: &Config) -> anyhow::Result<()> {
-    let backend = crate::firewall::backend(cfg.firewall.backend);
-    let open = backend.list()?;
-    println!("{:<28} {:<6} {:>6} {:>9}", "ADDRESS", "PROTO", "PORT", "LEFT(s)");
-    for d in open {
-        println!("{:<28} {:<6} {:>6} {:>9}", format!("{}/{}", d.addr, d.prefix_len), d.proto, d.port, d.expires_in.as_secs());
+fn door_stage(cfg: &Config) -> crate::doors::Doors {
+    crate::doors::Doors::new(
+        crate::firewall::backend(cfg.firewall.backend),
+        cfg.services.clone(),
+        Duration::from_secs(cfg.firewall.open_seconds),
+    )
+}
+
+fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let mut store = SqliteStore::open(&cfg.store.path)?;
+    let view = door_stage(cfg).view(&mut store)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    println!("{:<16} {:<26} {:<10} {:<9} {:>7}  {:<8} ONCE", "USER", "ADDRESS", "SERVICE", "PORT", "LEFT(s)", "VIA");
+    for d in view {
+        println!(
+            "{:<16} {:<26} {:<10} {:<9} {:>7}  {:<8} {}",
+            d.user.as_deref().unwrap_or("?"),
+            format!("{}/{}", d.addr, d.prefix_len),
+            d.service.as_deref().unwrap_or("?"),
+            format!("{}/{}", d.proto, d.port),
+            d.seconds_left,
+            d.via.as_deref().unwrap_or("?"),
+            if d.single_use { "yes" } else { "no" }
+        );
     }
     Ok(())
 }

@@ -84,6 +84,14 @@ pub struct ServiceConfig {
     /// Doorman's narrowing: the first admitted new connection consumes the door.
     #[serde(default)]
     pub single_use: bool,
+    /// Program (absolute path) and arguments run when a door of this service opens
+    /// or is closed by a close knock; never through a shell. Placeholders in the
+    /// arguments: {event} {user} {service} {addr} {prefix} {proto} {port} {seconds} {via}.
+    #[serde(default)]
+    pub hook: Option<Vec<String>>,
+    /// The hook is killed after this many seconds.
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout_seconds: u64,
 }
 
 fn default_tcp_timeout() -> u64 {
@@ -91,6 +99,9 @@ fn default_tcp_timeout() -> u64 {
 }
 fn default_open_seconds() -> u64 {
     30
+}
+fn default_hook_timeout() -> u64 {
+    5
 }
 fn default_window() -> u32 {
     32
@@ -162,6 +173,14 @@ impl Config {
             if s.port == 0 {
                 return bad(&format!("service[{i}].port"), "a port between 1 and 65535, got 0".into());
             }
+            if let Some(hook) = &s.hook {
+                if hook.first().is_none_or(|p| !Path::new(p).is_absolute()) {
+                    return bad(&format!("service[{i}].hook"), "[\"/absolute/path/to/program\", \"arg\", …]".into());
+                }
+            }
+            if !(1..=300).contains(&s.hook_timeout_seconds) {
+                return bad(&format!("service[{i}].hook_timeout_seconds"), format!("between 1 and 300, got {}", s.hook_timeout_seconds));
+            }
             if !names.insert(s.name.as_str()) {
                 return bad(&format!("service[{i}].name"), format!("a unique name, {:?} appears twice", s.name));
             }
@@ -230,6 +249,8 @@ port = 22
         assert!(e.contains("service[0].port"), "{e}");
         let e = err(&GOOD.replace("port = 22", "port = 70000"));
         assert!(e.contains("port"), "{e}");
+        let e = err(&GOOD.replace("port = 22", "port = 22\nhook = [\"relative/prog\"]"));
+        assert!(e.contains("service[0].hook") && e.contains("absolute"), "{e}");
         let e = err(&format!("{GOOD}\n[[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 2222\n"));
         assert!(e.contains("service[1].name") && e.contains("twice"), "{e}");
     }

@@ -1,19 +1,39 @@
 //! The door stage: turns a verifier [`Decision`] into firewall doors.
 //!
-//! It knows services (name → proto/port) and the open window; the backend below
-//! it knows only addresses and ports, the verifier above it only chains.
+//! It knows services (name → proto/port, single use, hook) and the open window;
+//! the backend below it knows only addresses and ports, the verifier above it
+//! only chains. Every door it opens is recorded in the store, so `nxknock doors`
+//! can say whose it is and a restarted daemon can tell its own doors from
+//! anything else found in its table.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::config::ServiceConfig;
-use crate::firewall::{Door, DoorBackend, FirewallError, Guarded};
+use crate::firewall::{Door, DoorBackend, FirewallError, Guarded, OpenDoor};
+use crate::hooks::{self, HookEvent};
 use crate::knock::Knock;
+use crate::store::{DoorRecord, Store};
 use crate::verify::{Decision, Reject};
 
 pub struct Doors {
     backend: Box<dyn DoorBackend>,
     services: Vec<ServiceConfig>,
     open_for: Duration,
+}
+
+/// A kernel door joined with what the store says about it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DoorView {
+    pub user: Option<String>,
+    pub service: Option<String>,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+    pub proto: String,
+    pub port: u16,
+    pub seconds_left: u64,
+    pub via: Option<String>,
+    pub single_use: bool,
 }
 
 impl Doors {
@@ -35,46 +55,133 @@ impl Doors {
         self.backend.name()
     }
 
-    fn doors_for(&self, addr: std::net::IpAddr, prefix_len: u8, services: &[String]) -> Vec<(String, Door)> {
-        self.services
-            .iter()
-            .filter(|s| services.contains(&s.name))
-            .map(|s| {
-                (s.name.clone(), Door {
-                    addr,
-                    prefix_len,
-                    proto: s.proto,
-                    port: s.port,
-                    open_for: self.open_for,
-                    single_use: s.single_use,
-                })
+    /// At start-up: keep (adopt) kernel doors the store recorded and that are still
+    /// live; remove every other door found in our own sets. Returns (adopted, removed).
+    pub fn reconcile(&self, store: &mut dyn Store) -> Result<(usize, usize), FirewallError> {
+        let records = match store.live_doors(now()) {
+            Ok(r) => r,
+            Err(error) => {
+                // Without records nothing can be recognised: fail closed.
+                tracing::warn!(%error, "cannot read door records; removing every open door");
+                Vec::new()
+            }
+        };
+        let (mut adopted, mut removed) = (0, 0);
+        for d in self.backend.list()? {
+            if records.iter().any(|r| same_door(r, &d)) {
+                adopted += 1;
+                tracing::info!(addr = %format_args!("{}/{}", d.addr, d.prefix_len), proto = %d.proto, port = d.port, left_s = d.expires_in.as_secs(), "adopted open door");
+                continue;
+            }
+            let door = Door {
+                addr: d.addr,
+                prefix_len: d.prefix_len,
+                proto: d.proto,
+                port: d.port,
+                open_for: Duration::from_secs(1),
+                single_use: d.single_use,
+            };
+            self.backend.close(&door)?;
+            removed += 1;
+            tracing::warn!(addr = %format_args!("{}/{}", d.addr, d.prefix_len), proto = %d.proto, port = d.port, "removed a door nxknock did not record");
+        }
+        Ok((adopted, removed))
+    }
+
+    /// Open doors joined with their records, for `nxknock doors`.
+    pub fn view(&self, store: &mut dyn Store) -> anyhow::Result<Vec<DoorView>> {
+        let records = store.live_doors(now())?;
+        Ok(self
+            .backend
+            .list()?
+            .into_iter()
+            .map(|d| {
+                let r = records.iter().find(|r| same_door(r, &d));
+                DoorView {
+                    user: r.map(|r| r.user.clone()),
+                    service: r.map(|r| r.service.clone()).or_else(|| {
+                        self.services.iter().find(|s| s.proto == d.proto && s.port == d.port).map(|s| s.name.clone())
+                    }),
+                    addr: d.addr,
+                    prefix_len: d.prefix_len,
+                    proto: d.proto.to_string(),
+                    port: d.port,
+                    seconds_left: d.expires_in.as_secs(),
+                    via: r.map(|r| r.via.clone()),
+                    single_use: d.single_use,
+                }
             })
-            .collect()
+            .collect())
+    }
+
+    pub fn uninstall(&self) -> Result<(), FirewallError> {
+        self.backend.uninstall()
+    }
+
+    fn doors_for<'a>(
+        &'a self,
+        addr: IpAddr,
+        prefix_len: u8,
+        services: &'a [String],
+        open_for: Duration,
+    ) -> impl Iterator<Item = (&'a ServiceConfig, Door)> + 'a {
+        self.services.iter().filter(|s| services.contains(&s.name)).map(move |s| {
+            let door = Door { addr, prefix_len, proto: s.proto, port: s.port, open_for, single_use: s.single_use };
+            (s, door)
+        })
     }
 
     /// Act on a decision and log it. Never logs a token; unknown labels log at debug
     /// only, since a flood of them is expected and must not flood the log.
-    pub fn apply(&self, knock: &Knock, decision: &Decision) {
+    pub fn apply(&self, knock: &Knock, decision: &Decision, store: &mut dyn Store) {
         let via = knock.via.as_str();
         let from = knock.seen_from;
-        let latency_us = knock.received.elapsed().as_micros() as u64;
         match decision {
-            Decision::Open { user, addr, prefix_len, services } => {
-                for (name, door) in self.doors_for(*addr, *prefix_len, services) {
+            Decision::Open { user, addr, prefix_len, services, max_open } => {
+                let open_for = max_open.map_or(self.open_for, |m| self.open_for.min(Duration::from_secs(m)));
+                let mut opened = Vec::new();
+                for (svc, door) in self.doors_for(*addr, *prefix_len, services, open_for) {
                     match self.backend.open(&door) {
-                        Ok(()) => tracing::info!(
-                            %user, addr = %format_args!("{addr}/{prefix_len}"), service = %name, %via, %from,
-                            open_seconds = self.open_for.as_secs(), latency_us, "door opened"
-                        ),
-                        Err(error) => tracing::error!(%user, service = %name, %error, "could not open door"),
+                        Ok(()) => {
+                            tracing::info!(
+                                %user, addr = %format_args!("{addr}/{prefix_len}"), service = %svc.name, %via, %from,
+                                open_seconds = open_for.as_secs(), single_use = door.single_use,
+                                latency_us = knock.received.elapsed().as_micros() as u64, "door opened"
+                            );
+                            let t = now();
+                            opened.push(DoorRecord {
+                                user: user.clone(),
+                                service: svc.name.clone(),
+                                addr: *addr,
+                                prefix_len: *prefix_len,
+                                proto: svc.proto.to_string(),
+                                port: svc.port,
+                                via: via.to_owned(),
+                                single_use: door.single_use,
+                                opened_at: t,
+                                expires_at: t + open_for.as_secs(),
+                            });
+                            self.hook(svc, "open", user, &door, via);
+                        }
+                        Err(error) => tracing::error!(%user, service = %svc.name, %error, "could not open door"),
                     }
+                }
+                if let Err(error) = store.record_doors(&opened) {
+                    // The doors are open and expire by themselves; only the bookkeeping is lost.
+                    tracing::error!(%error, "could not record opened doors");
                 }
             }
             Decision::Close { user, addr, prefix_len, services } => {
-                for (name, door) in self.doors_for(*addr, *prefix_len, services) {
+                for (svc, door) in self.doors_for(*addr, *prefix_len, services, self.open_for) {
                     match self.backend.close(&door) {
-                        Ok(()) => tracing::info!(%user, addr = %format_args!("{addr}/{prefix_len}"), service = %name, %via, "door closed by close knock"),
-                        Err(error) => tracing::error!(%user, service = %name, %error, "could not close door"),
+                        Ok(()) => {
+                            tracing::info!(%user, addr = %format_args!("{addr}/{prefix_len}"), service = %svc.name, %via, "door closed by close knock");
+                            if let Err(error) = store.close_door(*addr, *prefix_len, svc.proto.as_str(), svc.port) {
+                                tracing::error!(%error, "could not record closed door");
+                            }
+                            self.hook(svc, "close", user, &door, via);
+                        }
+                        Err(error) => tracing::error!(%user, service = %svc.name, %error, "could not close door"),
                     }
                 }
             }
@@ -83,7 +190,37 @@ impl Doors {
             Decision::Reject(Reject::Store(error)) => {
                 tracing::error!(%via, %from, %error, "store failed; knock refused (fail closed)")
             }
+            Decision::Reject(Reject::Policy { user, why }) => {
+                tracing::warn!(%user, %via, %from, %why, "valid knock outside the user's policy; nothing opened")
+            }
             Decision::Reject(r) => tracing::warn!(%via, %from, reason = ?r, "knock refused"),
         }
     }
+
+    fn hook(&self, svc: &ServiceConfig, event: &'static str, user: &str, door: &Door, via: &str) {
+        let Some(argv) = &svc.hook else { return };
+        hooks::spawn(
+            argv,
+            Duration::from_secs(svc.hook_timeout_seconds),
+            HookEvent {
+                event,
+                user: user.to_owned(),
+                service: svc.name.clone(),
+                addr: door.addr.to_string(),
+                prefix: door.prefix_len,
+                proto: door.proto.to_string(),
+                port: door.port,
+                seconds: door.open_for.as_secs(),
+                via: via.to_owned(),
+            },
+        );
+    }
+}
+
+fn same_door(r: &DoorRecord, d: &OpenDoor) -> bool {
+    r.addr == d.addr && r.prefix_len == d.prefix_len && r.proto == d.proto.as_str() && r.port == d.port
+}
+
+fn now() -> u64 {
+    crate::store::now().max(0) as u64
 }

@@ -27,3 +27,4 @@ pub mod credential;
 pub mod client;
 pub mod cli;
 pub mod demo;
+pub mod hooks;

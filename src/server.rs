@@ -33,9 +33,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.services.clone(),
         Duration::from_secs(cfg.firewall.open_seconds),
     );
+    let mut verifier = verifier;
+    let _owner = match cfg.firewall.backend {
+        crate::firewall::BackendKind::None => None,
+        _ => Some(claim_firewall(doors.backend_name())?),
+    };
     doors
         .install_guard()
         .with_context(|| format!("cannot install the {} guard; refusing to serve knocks that could open nothing", doors.backend_name()))?;
+    let (adopted, removed) = doors.reconcile(verifier.store_mut()).context("reconcile open doors")?;
+    tracing::info!(adopted, removed, "doors reconciled");
 
     let (tx, rx) = sync_channel::<Knock>(VERIFY_QUEUE);
     let users = verifier.active_users();
@@ -66,9 +73,26 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     })
 }
 
+/// One daemon per firewall per network namespace: two daemons sharing a table
+/// would remove each other's doors at start-up. An abstract Unix socket is the
+/// lock: abstract names are per network namespace (as the firewall is), and the
+/// kernel releases it when the process dies, even by SIGKILL.
+pub fn claim_firewall(backend: &str) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("nxknock/firewall/{backend}");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("another nxknock daemon already owns the {backend} firewall in this network namespace; refusing to share its table")
+        } else {
+            anyhow::anyhow!("cannot claim the {backend} firewall lock: {e}")
+        }
+    })
+}
+
 fn verify_loop(mut verifier: Verifier, doors: Doors, rx: std::sync::mpsc::Receiver<Knock>) {
     while let Ok(knock) = rx.recv() {
         let decision = verifier.verify(&knock);
-        doors.apply(&knock, &decision);
+        doors.apply(&knock, &decision, verifier.store_mut());
     }
 }

@@ -29,6 +29,8 @@ pub struct UserRecord {
     pub services: Vec<String>,
     /// Source networks (CIDR) the user may open for; empty means any.
     pub from: Vec<String>,
+    /// Longest a door of this user may stay open (seconds); `None`: the service default.
+    pub max_open: Option<u64>,
     pub revoked: bool,
 }
 
@@ -41,6 +43,23 @@ pub struct Enrolment {
     pub mac_key: Vec<u8>,
     pub services: Vec<String>,
     pub from: Vec<String>,
+    pub max_open: Option<u64>,
+}
+
+/// A door nxknock opened, as recorded for `nxknock doors` and for adoption at restart.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DoorRecord {
+    pub user: String,
+    pub service: String,
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+    pub proto: String,
+    pub port: u16,
+    pub via: String,
+    pub single_use: bool,
+    /// Unix seconds.
+    pub opened_at: u64,
+    pub expires_at: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +103,12 @@ pub trait Store: Send {
     /// True if another process changed the data since the last call (cheap; no disk I/O
     /// in WAL mode), so the verifier can reload its index after `user add`/`revoke`.
     fn changed_elsewhere(&mut self) -> Result<bool, StoreError>;
+    /// Record doors just opened (one transaction).
+    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<(), StoreError>;
+    /// Doors recorded as open whose expiry is after `now` (unix seconds), newest first.
+    fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError>;
+    /// Mark recorded doors for this key closed (close knock, or removed at restart).
+    fn close_door(&mut self, addr: std::net::IpAddr, prefix_len: u8, proto: &str, port: u16) -> Result<(), StoreError>;
 }
 
 const SCHEMA_VERSION: i64 = 1;
@@ -149,11 +174,27 @@ impl SqliteStore {
                         mac_key   BLOB NOT NULL,
                         services  TEXT NOT NULL,
                         src_nets  TEXT NOT NULL,
+                        max_open  INTEGER,
                         revoked   INTEGER NOT NULL DEFAULT 0,
                         created   INTEGER NOT NULL,
                         updated   INTEGER NOT NULL
                      );
                      CREATE UNIQUE INDEX users_verifier ON users(verifier);
+                     CREATE TABLE doors (
+                        id         INTEGER PRIMARY KEY,
+                        user_name  TEXT NOT NULL,
+                        service    TEXT NOT NULL,
+                        addr       TEXT NOT NULL,
+                        prefix_len INTEGER NOT NULL,
+                        proto      TEXT NOT NULL,
+                        port       INTEGER NOT NULL,
+                        via        TEXT NOT NULL,
+                        single_use INTEGER NOT NULL,
+                        opened_at  INTEGER NOT NULL,
+                        expires_at INTEGER NOT NULL,
+                        closed     INTEGER NOT NULL DEFAULT 0
+                     );
+                     CREATE INDEX doors_expiry ON doors(expires_at);
                      PRAGMA user_version = 1;
                      COMMIT;",
                 )
@@ -189,6 +230,7 @@ impl SqliteStore {
                         services: split_list(&r.get::<_, String>(6)?),
                         from: split_list(&r.get::<_, String>(7)?),
                         revoked: r.get::<_, i64>(8)? != 0,
+                        max_open: r.get::<_, Option<i64>>(9)?.map(|v| v.max(1) as u64),
                     },
                 ))
             })
@@ -206,13 +248,14 @@ impl SqliteStore {
     }
 }
 
-const USER_COLUMNS: &str = "SELECT id, name, verifier, counter, chain_len, mac_key, services, src_nets, revoked FROM users";
+const USER_COLUMNS: &str =
+    "SELECT id, name, verifier, counter, chain_len, mac_key, services, src_nets, revoked, max_open FROM users";
 
 fn split_list(s: &str) -> Vec<String> {
     s.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect()
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
@@ -239,9 +282,18 @@ impl Store for SqliteStore {
 
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError> {
         let res = self.conn.execute(
-            "INSERT INTO users (name, verifier, counter, chain_len, mac_key, services, src_nets, revoked, created, updated)
-             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, 0, ?7, ?7)",
-            params![e.name, &e.verifier.0[..], e.chain_len as i64, e.mac_key, e.services.join(","), e.from.join(","), now()],
+            "INSERT INTO users (name, verifier, counter, chain_len, mac_key, services, src_nets, max_open, revoked, created, updated)
+             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?8, 0, ?7, ?7)",
+            params![
+                e.name,
+                &e.verifier.0[..],
+                e.chain_len as i64,
+                e.mac_key,
+                e.services.join(","),
+                e.from.join(","),
+                now(),
+                e.max_open.map(|v| v as i64)
+            ],
         );
         match res {
             Ok(_) => Ok(self.conn.last_insert_rowid()),
@@ -291,6 +343,88 @@ impl Store for SqliteStore {
         self.data_version = v;
         Ok(changed)
     }
+
+    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(err)?;
+            for d in doors {
+                stmt.execute(params![
+                    d.user,
+                    d.service,
+                    d.addr.to_string(),
+                    d.prefix_len,
+                    d.proto,
+                    d.port,
+                    d.via,
+                    d.single_use,
+                    d.opened_at as i64,
+                    d.expires_at as i64
+                ])
+                .map_err(err)?;
+            }
+            // Keep the table small: forget doors that expired a day ago.
+            tx.execute("DELETE FROM doors WHERE expires_at < ?1", [now() - 86_400]).map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at
+                 FROM doors WHERE closed = 0 AND expires_at > ?1 ORDER BY opened_at DESC, id DESC",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([now as i64], |r| {
+                Ok((
+                    r.get::<_, String>(2)?,
+                    DoorRecord {
+                        user: r.get(0)?,
+                        service: r.get(1)?,
+                        addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                        prefix_len: r.get(3)?,
+                        proto: r.get(4)?,
+                        port: r.get(5)?,
+                        via: r.get(6)?,
+                        single_use: r.get(7)?,
+                        opened_at: r.get::<_, i64>(8)? as u64,
+                        expires_at: r.get::<_, i64>(9)? as u64,
+                    },
+                ))
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (addr, mut d) = row.map_err(err)?;
+            // A row we cannot parse is skipped, not trusted.
+            let Ok(a) = addr.parse() else { continue };
+            d.addr = a;
+            out.push(d);
+        }
+        Ok(out)
+    }
+
+    fn close_door(&mut self, addr: std::net::IpAddr, prefix_len: u8, proto: &str, port: u16) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE doors SET closed = 1 WHERE addr = ?1 AND prefix_len = ?2 AND proto = ?3 AND port = ?4 AND closed = 0",
+                params![addr.to_string(), prefix_len, proto, port],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +439,7 @@ mod tests {
             mac_key: vec![9; 32],
             services: vec!["ssh".into()],
             from: vec![],
+            max_open: None,
         }
     }
 
@@ -360,5 +495,34 @@ mod tests {
         b.add_user(&enrol("carol", 4)).unwrap();
         assert!(a.changed_elsewhere().unwrap());
         assert!(!a.changed_elsewhere().unwrap());
+    }
+}
+
+#[cfg(test)]
+mod door_tests {
+    use super::*;
+
+    #[test]
+    fn doors_are_recorded_listed_and_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let t = now() as u64;
+        let d = DoorRecord {
+            user: "alice".into(),
+            service: "ssh".into(),
+            addr: "2001:db8:18::".parse().unwrap(),
+            prefix_len: 64,
+            proto: "tcp".into(),
+            port: 22,
+            via: "dns/udp".into(),
+            single_use: true,
+            opened_at: t,
+            expires_at: t + 30,
+        };
+        let old = DoorRecord { expires_at: t - 1, ..d.clone() };
+        s.record_doors(&[d.clone(), old]).unwrap();
+        assert_eq!(s.live_doors(t).unwrap(), vec![d.clone()]);
+        s.close_door(d.addr, 64, "tcp", 22).unwrap();
+        assert!(s.live_doors(t).unwrap().is_empty());
     }
 }

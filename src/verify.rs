@@ -19,7 +19,8 @@ use crate::token::{Element, Token, ZoneId, chain, service_id};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Open `services` for `addr/prefix_len`. The chain advance is already committed.
-    Open { user: String, addr: IpAddr, prefix_len: u8, services: Vec<String> },
+    /// `max_open` is the user's limit on the door's open time, if any.
+    Open { user: String, addr: IpAddr, prefix_len: u8, services: Vec<String>, max_open: Option<u64> },
     /// Close the user's doors for `addr/prefix_len` (close knock). Committed too.
     Close { user: String, addr: IpAddr, prefix_len: u8, services: Vec<String> },
     /// The same token as one accepted moments ago: a resolver retry. Nothing to do.
@@ -77,6 +78,12 @@ impl Verifier {
         };
         v.reload()?;
         Ok(v)
+    }
+
+    /// The durable store, shared with the door stage on the same thread and
+    /// connection (so door bookkeeping does not look like another writer).
+    pub fn store_mut(&mut self) -> &mut dyn Store {
+        self.store.as_mut()
     }
 
     /// Number of users that can knock.
@@ -186,7 +193,7 @@ impl Verifier {
         if close {
             Decision::Close { user: name, addr, prefix_len, services }
         } else {
-            Decision::Open { user: name, addr, prefix_len, services }
+            Decision::Open { user: name, addr, prefix_len, services, max_open: user.max_open }
         }
     }
 
@@ -202,6 +209,8 @@ impl Verifier {
 /// The door for an address seen on the wire: the host for IPv4, the /64 for IPv6
 /// (clients rotate privacy addresses within their /64).
 fn host_prefix(ip: IpAddr) -> (IpAddr, u8) {
+    // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d.
+    let ip = ip.to_canonical();
     match ip {
         IpAddr::V4(_) => (ip, 32),
         IpAddr::V6(_) => crate::token::BoundAddr::from_ip(ip).to_prefix(),
@@ -302,6 +311,7 @@ port = 443
                 mac_key: b"key".to_vec(),
                 services,
                 from,
+                max_open: None,
             })
             .unwrap();
         let cfg = Config::parse(CFG, std::path::Path::new("/x/c.toml")).unwrap();
@@ -320,7 +330,7 @@ port = 443
         let d = f.v.verify(&knock(t.clone()));
         assert_eq!(
             d,
-            Decision::Open { user: "alice".into(), addr: "198.18.0.2".parse().unwrap(), prefix_len: 32, services: vec!["ssh".into(), "web".into()] }
+            Decision::Open { user: "alice".into(), addr: "198.18.0.2".parse().unwrap(), prefix_len: 32, services: vec!["ssh".into(), "web".into()], max_open: None }
         );
         // Within grace: a silent repeat. After grace: unknown (spent).
         assert_eq!(f.v.verify(&knock(t.clone())), Decision::Repeat);
@@ -351,7 +361,7 @@ port = 443
         let b = Bound::sign(b"key", &f.zone, e, addr, service_id("web"), unix_now() as u32, false);
         assert_eq!(
             f.v.verify(&knock(Token::Bound(b))),
-            Decision::Open { user: "alice".into(), addr: "2001:db8:18::".parse().unwrap(), prefix_len: 64, services: vec!["web".into()] }
+            Decision::Open { user: "alice".into(), addr: "2001:db8:18::".parse().unwrap(), prefix_len: 64, services: vec!["web".into()], max_open: None }
         );
     }
 

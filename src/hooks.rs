@@ -1,0 +1,134 @@
+//! Per-service action hooks (knockd / SAdoor style), run after a door opens or
+//! is closed by a close knock.
+//!
+//! A hook is a program and its arguments, executed directly — never through a
+//! shell, so nothing in a door's fields can be interpreted as shell syntax. It
+//! gets the door's fields as `{placeholder}` substitutions in its arguments and
+//! as `NXKNOCK_*` environment variables, runs on its own thread with a timeout
+//! (then it is killed), and its failure is only logged: a hook can never close,
+//! open or delay a door.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The fields a hook receives.
+#[derive(Clone, Debug)]
+pub struct HookEvent {
+    pub event: &'static str,
+    pub user: String,
+    pub service: String,
+    pub addr: String,
+    pub prefix: u8,
+    pub proto: String,
+    pub port: u16,
+    pub seconds: u64,
+    pub via: String,
+}
+
+impl HookEvent {
+    fn fields(&self) -> [(&'static str, String); 9] {
+        [
+            ("event", self.event.to_owned()),
+            ("user", self.user.clone()),
+            ("service", self.service.clone()),
+            ("addr", self.addr.clone()),
+            ("prefix", self.prefix.to_string()),
+            ("proto", self.proto.clone()),
+            ("port", self.port.to_string()),
+            ("seconds", self.seconds.to_string()),
+            ("via", self.via.clone()),
+        ]
+    }
+}
+
+/// Start `argv` for `ev` in the background; returns at once.
+pub fn spawn(argv: &[String], timeout: Duration, ev: HookEvent) {
+    let argv = argv.to_vec();
+    let _ = std::thread::Builder::new().name("hook".into()).spawn(move || run(&argv, timeout, &ev));
+}
+
+/// Run `argv` for `ev` and wait (bounded by `timeout`). Returns whether it succeeded.
+pub fn run(argv: &[String], timeout: Duration, ev: &HookEvent) -> bool {
+    let Some((program, args)) = argv.split_first() else { return false };
+    let fields = ev.fields();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| fields.iter().fold(a.clone(), |acc, (k, v)| acc.replace(&format!("{{{k}}}"), v)))
+        .collect();
+    let mut cmd = Command::new(program);
+    cmd.args(&args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    for (k, v) in &fields {
+        cmd.env(format!("NXKNOCK_{}", k.to_ascii_uppercase()), v);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::warn!(hook = %program, service = %ev.service, %error, "hook could not start; doors unaffected");
+            return false;
+        }
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                tracing::debug!(hook = %program, service = %ev.service, event = ev.event, "hook ran");
+                return true;
+            }
+            Ok(Some(status)) => {
+                tracing::warn!(hook = %program, service = %ev.service, %status, "hook failed; doors unaffected");
+                return false;
+            }
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(hook = %program, service = %ev.service, timeout_s = timeout.as_secs(), "hook timed out and was killed; doors unaffected");
+                return false;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(error) => {
+                tracing::warn!(hook = %program, %error, "waiting for hook failed");
+                return false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev() -> HookEvent {
+        HookEvent {
+            event: "open",
+            user: "alice".into(),
+            service: "ssh".into(),
+            addr: "198.18.0.2".into(),
+            prefix: 32,
+            proto: "tcp".into(),
+            port: 22,
+            seconds: 30,
+            via: "dns/udp".into(),
+        }
+    }
+
+    #[test]
+    fn placeholders_and_environment_reach_the_program_without_a_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let script = format!("echo \"$0 $1 $NXKNOCK_USER $NXKNOCK_PORT\" > {}", out.display());
+        let argv = vec!["/bin/sh".into(), "-c".into(), script, "{addr}/{prefix}".into(), "{service};rm -rf /".into()];
+        assert!(run(&argv, Duration::from_secs(5), &ev()));
+        let got = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(got.trim(), "198.18.0.2/32 ssh;rm -rf / alice 22");
+    }
+
+    #[test]
+    fn failing_missing_and_slow_hooks_report_failure() {
+        assert!(!run(&["/bin/false".into()], Duration::from_secs(5), &ev()));
+        assert!(!run(&["/nonexistent/hook".into()], Duration::from_secs(5), &ev()));
+        let t = Instant::now();
+        assert!(!run(&["/bin/sleep".into(), "30".into()], Duration::from_millis(300), &ev()));
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+}
