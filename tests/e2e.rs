@@ -12,7 +12,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 
 /// The core story, run against one firewall backend.
-fn knock_story(prefix: &str, backend: &str) {
+fn knock_story(prefix: &str, backend: &'static str) {
     let s = Setup::new(prefix, backend, 3);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);

@@ -33,39 +33,58 @@ pub struct Setup {
     _tmp: tempfile::TempDir,
 }
 
-pub fn config_text(dir: &Path, backend: &str, open_seconds: u64, extra: &str) -> String {
+pub const SSH_SERVICE: &str = "[[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 22\n";
+
+/// What a test's daemon config varies.
+#[derive(Clone)]
+pub struct Opts {
+    pub backend: &'static str,
+    pub open_seconds: u64,
+    /// `[[service]]` tables (default: ssh on tcp/22).
+    pub services: String,
+    /// DNS listen addresses (default: the server's IPv4 address, port 53).
+    pub listen: Vec<String>,
+}
+
+impl Opts {
+    pub fn new(backend: &'static str, open_seconds: u64) -> Opts {
+        Opts { backend, open_seconds, services: SSH_SERVICE.into(), listen: vec![format!("{SERVER}:53")] }
+    }
+}
+
+pub fn config_text(dir: &Path, o: &Opts) -> String {
     format!(
         r#"[dns]
 zone_file = "{zone}"
-listen = ["{SERVER}:53"]
+listen = [{listen}]
 [store]
 path = "{db}"
 [firewall]
 backend = "{backend}"
 open_seconds = {open_seconds}
-[[service]]
-name = "ssh"
-proto = "tcp"
-port = 22
-{extra}
+{services}
 "#,
         zone = Path::new(env!("CARGO_MANIFEST_DIR")).join("zones/knock.example.com.zone").display(),
         db = dir.join("nxknock.db").display(),
+        listen = o.listen.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", "),
+        backend = o.backend,
+        open_seconds = o.open_seconds,
+        services = o.services,
     )
 }
 
 impl Setup {
     /// Lab + config + daemon started and answering.
-    pub fn new(prefix: &str, backend: &str, open_seconds: u64) -> Setup {
-        Setup::with_extra(prefix, backend, open_seconds, "")
+    pub fn new(prefix: &str, backend: &'static str, open_seconds: u64) -> Setup {
+        Setup::with(prefix, Opts::new(backend, open_seconds))
     }
 
-    pub fn with_extra(prefix: &str, backend: &str, open_seconds: u64, extra: &str) -> Setup {
+    pub fn with(prefix: &str, opts: Opts) -> Setup {
         let lab = Lab::new(prefix).expect("create lab namespaces");
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
         let config = dir.join("nxknock.toml");
-        std::fs::write(&config, config_text(&dir, backend, open_seconds, extra)).unwrap();
+        std::fs::write(&config, config_text(&dir, &opts)).unwrap();
         let daemon = Daemon::start(&lab.server, &dir, &config);
         Setup { daemon, lab, _tmp: tmp }
     }
@@ -86,7 +105,36 @@ impl Setup {
 
     pub fn restart(&mut self) {
         self.daemon.kill();
+        self.start_again();
+    }
+
+    /// Start a new daemon on the same config and database (after kill/terminate).
+    pub fn start_again(&mut self) {
         self.daemon = Daemon::start(&self.lab.server, &self.daemon.dir.clone(), &self.daemon.config.clone());
+    }
+
+    /// Run nxknock inside the server namespace (doors, uninstall-firewall, …).
+    pub fn nx_server(&self, args: &[&str]) -> Output {
+        let mut a = args.to_vec();
+        a.extend(["--config", self.daemon.config.to_str().unwrap()]);
+        self.lab.server.cmd(BIN).args(&a).env_remove("RUST_LOG").output().unwrap()
+    }
+
+    /// `nxknock knock` from `ns` straight to the server.
+    pub fn knock(&self, ns: &Netns, cred: &Path, extra: &[&str]) -> Output {
+        ns.cmd(BIN)
+            .args(["knock", "--credential", cred.to_str().unwrap(), "--server", SERVER])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    }
+
+    /// Knock with `dig` for the next OTP name; asserts the NXDOMAIN.
+    pub fn dig_knock(&self, ns: &Netns, cred: &Path) {
+        let name = self.otp(cred, 1).remove(0);
+        let d = dig(ns, &[&format!("@{SERVER}"), "+norec", &name]);
+        assert_eq!(d.status, "NXDOMAIN", "{}", d.text);
     }
 }
 
@@ -97,7 +145,8 @@ pub fn nx(args: &[&str], extra: &[&str]) -> Output {
 
 impl Daemon {
     pub fn start(ns: &Netns, dir: &Path, config: &Path) -> Daemon {
-        let log = dir.join(format!("serve-{}.log", Instant::now().elapsed().as_nanos()));
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let log = dir.join(format!("serve-{n}.log"));
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = ns
             .cmd(BIN)
@@ -132,6 +181,21 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        panic!("daemon did not exit within 10 s of SIGTERM");
     }
 
     /// SIGKILL, as a crash would.
