@@ -195,6 +195,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = c.kill();
+        let _ = c.wait();
         panic!("daemon did not exit within 10 s of SIGTERM");
     }
 
