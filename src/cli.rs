@@ -49,6 +49,13 @@ pub enum Command {
         credential: PathBuf,
         #[arg(long, default_value_t = 1)]
         count: u64,
+        /// Print *bound* names that open for this address (valid for the server's
+        /// max age, 120 s by default) instead of plain ones.
+        #[arg(long)]
+        ip: Option<IpAddr>,
+        /// With --ip: the service to open.
+        #[arg(long, requires = "ip")]
+        service: Option<String>,
     },
     /// Send a knock.
     Knock(KnockArgs),
@@ -118,15 +125,21 @@ pub struct KnockArgs {
     /// Knock transport (only dns for now).
     #[arg(long, default_value = "dns")]
     pub via: String,
-    /// Query this nameserver directly (ADDR or ADDR:PORT).
-    #[arg(long, conflicts_with = "resolver")]
+    /// Query this nameserver directly (ADDR or ADDR:PORT). With --resolver too, the
+    /// knock goes through the resolver and the server is only asked for --ip auto.
+    #[arg(long)]
     pub server: Option<String>,
-    /// Query through this recursive resolver (ADDR or ADDR:PORT).
+    /// Query through this recursive resolver (ADDR or ADDR:PORT), or `system` for
+    /// the first nameserver in /etc/resolv.conf.
     #[arg(long)]
     pub resolver: Option<String>,
-    /// Address the door should admit.
+    /// Address the door should admit, or `auto` to ask the nameserver (needs its
+    /// `[dns] whoami` and a direct path to it).
     #[arg(long)]
     pub ip: Option<String>,
+    /// Send the knock over TCP.
+    #[arg(long)]
+    pub tcp: bool,
     /// Service to open (default: every service you may open).
     #[arg(long)]
     pub service: Option<String>,
@@ -148,11 +161,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(u) => user(u),
-        Command::Otp { credential, count } => {
+        Command::Otp { credential, count, ip, service } => {
             if count == 0 || count > 1000 {
                 bail!("--count must be between 1 and 1000");
             }
-            for name in client::otp(&credential, count)? {
+            let names = match ip {
+                Some(ip) => client::otp_bound(&credential, count, ip, service.as_deref())?,
+                None => client::otp(&credential, count)?,
+            };
+            for name in names {
                 println!("{name}");
             }
             Ok(())
@@ -305,13 +322,15 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
     }
     let cred = Credential::load(&k.credential)?;
     let target = match (&k.server, &k.resolver, &cred.server) {
+        (_, Some(r), _) if r == "system" => Target::Resolver(client::system_resolver(std::path::Path::new("/etc/resolv.conf"))?),
+        (_, Some(r), _) => Target::Resolver(client::parse_endpoint(r)?),
         (Some(s), None, _) => Target::Server(client::parse_endpoint(s)?),
-        (None, Some(r), _) => Target::Resolver(client::parse_endpoint(r)?),
         (None, None, Some(s)) => Target::Server(client::parse_endpoint(s)?),
         _ => bail!("say where to knock: --server ADDR (the zone's nameserver) or --resolver ADDR"),
     };
     let ip: IpAddr = match k.ip.as_deref() {
-        Some(s) => s.parse().with_context(|| format!("--ip {s:?} is not an IP address"))?,
+        Some("auto") => auto_ip(&k, &cred)?,
+        Some(s) => s.parse().with_context(|| format!("--ip {s:?} is not an IP address or \"auto\""))?,
         None => bail!("--ip ADDR is required: the public address the door should admit (the one your connection will come from)"),
     };
     let report = client::knock(
@@ -323,6 +342,7 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
             close: k.close,
             attempts: k.attempts,
             timeout: Duration::from_millis(1000),
+            tcp: k.tcp,
         },
     )?;
     eprintln!(
@@ -332,6 +352,20 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
         report.attempts
     );
     Ok(())
+}
+
+/// `--ip auto`: ask the nameserver directly which address it sees.
+fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
+    let server = k.server.as_ref().or(cred.server.as_ref()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--ip auto needs the nameserver's address (--server ADDR, or `server` in the credential) to ask it directly; \
+             through a resolver it would see the resolver. Pass --ip YOUR.PUBLIC.IP instead"
+        )
+    })?;
+    let addr = client::parse_endpoint(server)?;
+    client::whoami(addr, &cred.zone, Duration::from_millis(1500)).with_context(|| {
+        format!("--ip auto: could not learn our address from {addr}; pass --ip YOUR.PUBLIC.IP (the address your connection will come from)")
+    })
 }
 
 fn door_stage(cfg: &Config) -> crate::doors::Doors {

@@ -5,6 +5,7 @@
 //! client learns only that the query got through; retries resend the *same*
 //! name, which the server treats as a harmless repeat.
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +43,8 @@ pub struct KnockRequest {
     /// Attempts before giving up; each waits `timeout` for the answer.
     pub attempts: u32,
     pub timeout: Duration,
+    /// Send over TCP instead of UDP (networks that mangle UDP/53).
+    pub tcp: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +56,40 @@ pub struct KnockReport {
     pub name: String,
 }
 
+/// The first `nameserver` in a resolv.conf, like a stub resolver would use.
+pub fn system_resolver(resolv_conf: &Path) -> anyhow::Result<SocketAddr> {
+    let text = std::fs::read_to_string(resolv_conf).with_context(|| format!("read {}", resolv_conf.display()))?;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("nameserver") {
+            if let Some(addr) = words.next() {
+                // Drop an IPv6 zone index (fe80::1%eth0): not routable for us anyway.
+                let addr = addr.split('%').next().unwrap_or(addr);
+                if let Ok(ip) = addr.parse::<IpAddr>() {
+                    return Ok(SocketAddr::new(ip, 53));
+                }
+            }
+        }
+    }
+    bail!("no usable nameserver line in {}", resolv_conf.display())
+}
+
+/// Ask the nameserver itself which address it sees us at (`whoami.<zone>` TXT).
+/// Only meaningful directly: through a resolver it would report the resolver.
+pub fn whoami(server: SocketAddr, zone: &str, timeout: Duration) -> anyhow::Result<IpAddr> {
+    let name = format!("whoami.{zone}.");
+    let resp = exchange(server, &name, RecordType::TXT, false, false, timeout)?;
+    for r in &resp.answers {
+        if let hickory_proto::rr::RData::TXT(txt) = &r.data {
+            let s: String = txt.txt_data.iter().map(|d| String::from_utf8_lossy(d).into_owned()).collect();
+            if let Ok(ip) = s.parse() {
+                return Ok(ip);
+            }
+        }
+    }
+    bail!("{server} did not answer whoami.{zone} (rcode {}); the server has `[dns] whoami` off", resp.metadata.response_code)
+}
+
 /// Parse `ADDR` or `ADDR:PORT` (port 53 by default; IPv6 as `[::1]:53` or bare).
 pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
@@ -60,6 +97,22 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddr> {
     }
     let ip: IpAddr = s.parse().with_context(|| format!("{s:?} is not an address or address:port"))?;
     Ok(SocketAddr::new(ip, 53))
+}
+
+/// The next `count` *bound* knock names for `ip`, stamped now: usable with `dig`
+/// through any resolver, but only within the server's `max_age_seconds`.
+pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let mut cred = Credential::load(credential)?;
+    let elements = cred.take(credential, count)?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as u32;
+    let sid = service.map(service_id).unwrap_or(0);
+    Ok(elements
+        .into_iter()
+        .map(|e| {
+            let b = Bound::sign(&cred.mac_key(), &cred.zone_id(), e, BoundAddr::from_ip(ip), sid, now, false);
+            format!("{}.{}", Token::Bound(b).to_label(), cred.zone)
+        })
+        .collect())
 }
 
 /// Build a bound knock name for the next element (reserving it first).
@@ -82,7 +135,7 @@ pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockRepor
     let started = Instant::now();
     let mut last_err = None;
     for attempt in 1..=req.attempts.max(1) {
-        match query_once(addr, &name, rd, req.timeout) {
+        match exchange(addr, &name, RecordType::A, rd, req.tcp, req.timeout) {
             Ok(resp) => {
                 return Ok(KnockReport {
                     rcode: resp.metadata.response_code,
@@ -99,16 +152,40 @@ pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockRepor
         .with_context(|| format!("no answer from {addr} after {} attempts", req.attempts.max(1)))
 }
 
-fn query_once(addr: SocketAddr, name: &str, rd: bool, timeout: Duration) -> anyhow::Result<Message> {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
-    let sock = UdpSocket::bind(bind).context("bind UDP socket")?;
-    sock.connect(addr).with_context(|| format!("connect to {addr}"))?;
+/// One query, one answer (UDP or TCP), checked to be the answer to *this* query.
+fn exchange(addr: SocketAddr, name: &str, qtype: RecordType, rd: bool, tcp: bool, timeout: Duration) -> anyhow::Result<Message> {
     let id: u16 = rand::random();
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = rd;
     let qname = Name::from_ascii(name).context("knock name")?;
-    msg.add_query(Query::query(qname.clone(), RecordType::A));
-    sock.send(&msg.to_vec()?).context("send knock")?;
+    msg.add_query(Query::query(qname.clone(), qtype));
+    let bytes = msg.to_vec()?;
+    let matches = |resp: &Message| {
+        resp.metadata.id == id
+            && resp.metadata.message_type == MessageType::Response
+            && resp.queries.first().is_some_and(|q| q.name() == &qname)
+    };
+    if tcp {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr} over TCP"))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&bytes);
+        s.write_all(&framed).context("send knock over TCP")?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).context("read answer length")?;
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf).context("read answer")?;
+        let resp = Message::from_vec(&buf).context("malformed answer")?;
+        if !matches(&resp) {
+            bail!("answer over TCP does not match the query");
+        }
+        return Ok(resp);
+    }
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let sock = UdpSocket::bind(bind).context("bind UDP socket")?;
+    sock.connect(addr).with_context(|| format!("connect to {addr}"))?;
+    sock.send(&bytes).context("send knock")?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 4096];
     loop {
@@ -126,10 +203,7 @@ fn query_once(addr: SocketAddr, name: &str, rd: bool, timeout: Duration) -> anyh
         };
         // Ignore anything that is not the answer to this query (spoofing, strays).
         let Ok(resp) = Message::from_vec(&buf[..n]) else { continue };
-        if resp.metadata.id == id
-            && resp.metadata.message_type == MessageType::Response
-            && resp.queries.first().is_some_and(|q| q.name() == &qname)
-        {
+        if matches(&resp) {
             return Ok(resp);
         }
     }

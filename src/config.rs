@@ -35,6 +35,10 @@ pub struct DnsConfig {
     pub zone: Option<String>,
     /// UDP and TCP listen addresses.
     pub listen: Vec<SocketAddr>,
+    /// Answer `whoami.<zone>` TXT with the address the query came from, so
+    /// `nxknock knock --ip auto` can learn its public address. Off by default.
+    #[serde(default)]
+    pub whoami: bool,
     /// Seconds an idle TCP connection may stay open.
     #[serde(default = "default_tcp_timeout")]
     pub tcp_timeout_seconds: u64,
@@ -67,11 +71,33 @@ pub struct TokenConfig {
     /// A repeat of an accepted token within this time is a silent no-op (resolver retries).
     #[serde(default = "default_grace")]
     pub grace_seconds: u64,
+    /// What a plain knock (bare chain element, e.g. from `dig`) opens for.
+    #[serde(default)]
+    pub plain: PlainPolicy,
+}
+
+/// Where a plain knock's door goes. Bound knocks always open for their embedded address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainPolicy {
+    /// The address the query came from: the client's, or its resolver's (COK behaviour;
+    /// right where the resolver shares the users' public address).
+    #[default]
+    Source,
+    /// The EDNS Client Subnet prefix the resolver forwarded; nothing without ECS.
+    Ecs,
+    /// Plain knocks open nothing: only bound knocks count.
+    Off,
 }
 
 impl Default for TokenConfig {
     fn default() -> Self {
-        TokenConfig { window: default_window(), max_age_seconds: default_max_age(), grace_seconds: default_grace() }
+        TokenConfig {
+            window: default_window(),
+            max_age_seconds: default_max_age(),
+            grace_seconds: default_grace(),
+            plain: PlainPolicy::default(),
+        }
     }
 }
 

@@ -21,6 +21,8 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::TXT;
+use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_proto::serialize::txt::Parser;
 use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
@@ -115,6 +117,8 @@ pub struct DnsStats {
 pub struct KnockHandler {
     zone: Zone,
     apex_lower: LowerName,
+    /// `whoami.<zone>`, when the operator enabled it.
+    whoami: Option<LowerName>,
     knocks: SyncSender<Knock>,
     pub stats: Arc<DnsStats>,
 }
@@ -122,7 +126,38 @@ pub struct KnockHandler {
 impl KnockHandler {
     pub fn new(zone: Zone, knocks: SyncSender<Knock>, stats: Arc<DnsStats>) -> KnockHandler {
         let apex_lower = LowerName::new(&zone.apex);
-        KnockHandler { zone, apex_lower, knocks, stats }
+        KnockHandler { zone, apex_lower, whoami: None, knocks, stats }
+    }
+
+    /// Answer `whoami.<zone>` TXT with the querier's address (for `knock --ip auto`).
+    pub fn with_whoami(mut self) -> KnockHandler {
+        let name = Name::from_ascii("whoami").expect("static label").append_domain(&self.zone.apex);
+        self.whoami = name.ok().map(|n| LowerName::new(&n));
+        self
+    }
+
+    async fn answer_whoami<R: ResponseHandler>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+        let q = &request.queries.queries()[0];
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        let txt = Record::from_rdata(
+            q.original().name().clone(),
+            0,
+            RData::TXT(TXT::new(vec![request.src().ip().to_canonical().to_string()])),
+        );
+        let resp_edns = response_edns(request);
+        let is_txt = q.query_type() == RecordType::TXT;
+        let response = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref()).build(
+            metadata,
+            is_txt.then_some(&txt),
+            std::iter::empty(),
+            (!is_txt).then_some(&self.zone.soa),
+            std::iter::empty(),
+        );
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(_) => servfail(request),
+        }
     }
 
     /// Decode the label and queue it for verification. Runs after the answer is sent.
@@ -135,7 +170,11 @@ impl KnockHandler {
             }
         };
         let via = if request.protocol() == Protocol::Tcp { Via::DnsTcp } else { Via::DnsUdp };
-        let knock = Knock { token, seen_from: request.src().ip(), via, received };
+        let ecs = request.edns.as_ref().and_then(|e| match e.option(EdnsCode::Subnet) {
+            Some(EdnsOption::Subnet(cs)) => Some((cs.addr(), cs.source_prefix())),
+            _ => None,
+        });
+        let knock = Knock { token, seen_from: request.src().ip(), via, ecs, received };
         match self.knocks.try_send(knock) {
             Ok(()) => {
                 self.stats.knocks_queued.fetch_add(1, Ordering::Relaxed);
@@ -155,6 +194,11 @@ impl RequestHandler for KnockHandler {
         mut response_handle: R,
     ) -> ResponseInfo {
         let received = Instant::now();
+        if let (Some(who), [q]) = (&self.whoami, request.queries.queries()) {
+            if q.name() == who && request.metadata.op_code == OpCode::Query && request.metadata.message_type == MessageType::Query {
+                return self.answer_whoami(request, response_handle).await;
+            }
+        }
         let knock_query = match request.queries.queries() {
             [q] if request.metadata.message_type == MessageType::Query
                 && request.metadata.op_code == OpCode::Query
@@ -172,12 +216,7 @@ impl RequestHandler for KnockHandler {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         metadata.response_code = ResponseCode::NXDomain;
-        let resp_edns = request.edns.as_ref().map(|req| {
-            let mut e = Edns::new();
-            e.set_max_payload(req.max_payload().max(512));
-            e.set_version(0);
-            e
-        });
+        let resp_edns = response_edns(request);
         let response = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref()).build(
             metadata,
             std::iter::empty(),
@@ -190,9 +229,7 @@ impl RequestHandler for KnockHandler {
             Ok(info) => info,
             Err(error) => {
                 tracing::debug!(%error, "failed to send knock answer");
-                let mut m = Metadata::response_from_request(&request.metadata);
-                m.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(hickory_proto::op::Header { metadata: m, counts: Default::default() })
+                servfail(request)
             }
         };
         // Answer first, verify afterwards: nothing below changes what was sent.
@@ -202,6 +239,24 @@ impl RequestHandler for KnockHandler {
         }
         info
     }
+}
+
+/// EDNS for a response: present iff the request had it; version 0, the client's
+/// payload size (at least 512). No options are echoed, ECS included, so every
+/// knock answer is the same whatever the resolver sent.
+fn response_edns(request: &Request) -> Option<Edns> {
+    request.edns.as_ref().map(|req| {
+        let mut e = Edns::new();
+        e.set_max_payload(req.max_payload().max(512));
+        e.set_version(0);
+        e
+    })
+}
+
+fn servfail(request: &Request) -> ResponseInfo {
+    let mut m = Metadata::response_from_request(&request.metadata);
+    m.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(hickory_proto::op::Header { metadata: m, counts: Default::default() })
 }
 
 /// Bind UDP and TCP on every listen address and register them with a hickory server.

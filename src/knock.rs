@@ -31,5 +31,7 @@ pub struct Knock {
     /// The source address of the packet (a resolver's, when the knock came through one).
     pub seen_from: IpAddr,
     pub via: Via,
+    /// EDNS Client Subnet the resolver forwarded, if any: (address, source prefix length).
+    pub ecs: Option<(IpAddr, u8)>,
     pub received: Instant,
 }

@@ -54,7 +54,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async move {
         let stats = Arc::new(DnsStats::default());
-        let handler = KnockHandler::new(zone, tx, stats);
+        let mut handler = KnockHandler::new(zone, tx, stats);
+        if cfg.dns.whoami {
+            handler = handler.with_whoami();
+        }
         let mut server = hickory_server::Server::new(handler);
         let bound = crate::dns::bind(&mut server, &cfg.dns.listen, Duration::from_secs(cfg.dns.tcp_timeout_seconds)).await?;
         tracing::info!(

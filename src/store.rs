@@ -32,6 +32,8 @@ pub struct UserRecord {
     /// Longest a door of this user may stay open (seconds); `None`: the service default.
     pub max_open: Option<u64>,
     pub revoked: bool,
+    /// Unix seconds of the last change (an accepted knock advances it).
+    pub updated: u64,
 }
 
 /// What `user add` and `user rekey` write.
@@ -231,6 +233,7 @@ impl SqliteStore {
                         from: split_list(&r.get::<_, String>(7)?),
                         revoked: r.get::<_, i64>(8)? != 0,
                         max_open: r.get::<_, Option<i64>>(9)?.map(|v| v.max(1) as u64),
+                        updated: r.get::<_, i64>(10)?.max(0) as u64,
                     },
                 ))
             })
@@ -249,7 +252,7 @@ impl SqliteStore {
 }
 
 const USER_COLUMNS: &str =
-    "SELECT id, name, verifier, counter, chain_len, mac_key, services, src_nets, revoked, max_open FROM users";
+    "SELECT id, name, verifier, counter, chain_len, mac_key, services, src_nets, revoked, max_open, updated FROM users";
 
 fn split_list(s: &str) -> Vec<String> {
     s.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect()

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Config, ServiceConfig};
+use crate::config::{Config, PlainPolicy, ServiceConfig};
 use crate::knock::Knock;
 use crate::store::{Store, StoreError, UserRecord};
 use crate::token::{Element, Token, ZoneId, chain, service_id};
@@ -34,6 +34,8 @@ pub enum Decision {
 pub enum Reject {
     /// No user's verifier within the window: random, spent, revoked, or foreign.
     Unknown,
+    /// The user's last accepted element, again, after the grace period.
+    Replay { user: String },
     BadMac { user: String },
     TooOld { user: String, delta: i64 },
     /// Valid knock, but the user's policy does not allow this address or service.
@@ -55,6 +57,7 @@ pub struct Verifier {
     window: u32,
     max_age: u64,
     grace: Duration,
+    plain: PlainPolicy,
     services: Vec<ServiceConfig>,
     users: HashMap<i64, UserState>,
     /// Current verifier -> user id.
@@ -71,6 +74,7 @@ impl Verifier {
             window: cfg.token.window,
             max_age: cfg.token.max_age_seconds,
             grace: Duration::from_secs(cfg.token.grace_seconds),
+            plain: cfg.token.plain,
             services: cfg.services.clone(),
             users: HashMap::new(),
             index: HashMap::new(),
@@ -121,6 +125,16 @@ impl Verifier {
                 return Decision::Repeat;
             }
         }
+        // An element that *is* a current verifier was accepted already — by us before a
+        // restart, or by another nameserver sharing the database. Within the grace
+        // period that is a resolver's retry; later it is a replay.
+        if let Some(id) = self.index.get(&element) {
+            let user = &self.users[id].record;
+            if now_unix.saturating_sub(user.updated) <= self.grace.as_secs() {
+                return Decision::Repeat;
+            }
+            return Decision::Reject(Reject::Replay { user: user.name.clone() });
+        }
         // Walk forward from the revealed element: the k-th hash equals the verifier
         // if the user skipped k-1 elements (lost knocks, unused OTP names).
         let mut h = element;
@@ -143,10 +157,23 @@ impl Verifier {
         // A bound knock's MAC and age are checked before anything is spent: an
         // element seen on the wire must not let a forger burn the user's chain.
         let (addr, prefix_len, requested, close) = match &knock.token {
-            Token::Plain(_) => {
-                let (a, p) = host_prefix(knock.seen_from);
-                (a, p, 0, false)
-            }
+            Token::Plain(_) => match (self.plain, knock.ecs) {
+                (PlainPolicy::Source, _) => {
+                    let (a, p) = host_prefix(knock.seen_from);
+                    (a, p, 0, false)
+                }
+                (PlainPolicy::Ecs, Some((a, p))) if p > 0 => {
+                    let (a, p) = ecs_prefix(a, p);
+                    (a, p, 0, false)
+                }
+                // Refused before anything is spent: the element stays usable.
+                (PlainPolicy::Ecs, _) => {
+                    return Decision::Reject(Reject::Policy { user: name, why: "plain knock without EDNS Client Subnet (plain = \"ecs\")".into() });
+                }
+                (PlainPolicy::Off, _) => {
+                    return Decision::Reject(Reject::Policy { user: name, why: "plain knocks are off (plain = \"off\"); use a bound knock".into() });
+                }
+            },
             Token::Bound(b) => {
                 if b.verify_mac(&user.mac_key, &self.zone).is_err() {
                     return Decision::Reject(Reject::BadMac { user: name });
@@ -174,6 +201,7 @@ impl Verifier {
         let state = self.users.get_mut(&id).expect("user present");
         state.record.verifier = element;
         state.record.counter = counter;
+        state.record.updated = now_unix;
         self.remember(element, now);
 
         let user = &self.users[&id].record;
@@ -214,6 +242,23 @@ fn host_prefix(ip: IpAddr) -> (IpAddr, u8) {
     match ip {
         IpAddr::V4(_) => (ip, 32),
         IpAddr::V6(_) => crate::token::BoundAddr::from_ip(ip).to_prefix(),
+    }
+}
+
+/// The door for an ECS prefix: the network with host bits cleared. An IPv6
+/// prefix longer than /64 is widened to the /64, as for every IPv6 door.
+fn ecs_prefix(ip: IpAddr, len: u8) -> (IpAddr, u8) {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let len = len.min(32);
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            (IpAddr::V4((u32::from(a) & mask).into()), len)
+        }
+        IpAddr::V6(a) => {
+            let len = len.min(64);
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            (IpAddr::V6((u128::from(a) & mask).into()), len)
+        }
     }
 }
 
@@ -320,7 +365,7 @@ port = 443
     }
 
     fn knock(token: Token) -> Knock {
-        Knock { token, seen_from: "198.18.0.2".parse().unwrap(), via: Via::DnsUdp, received: Instant::now() }
+        Knock { token, seen_from: "198.18.0.2".parse().unwrap(), via: Via::DnsUdp, ecs: None, received: Instant::now() }
     }
 
     #[test]
@@ -335,10 +380,17 @@ port = 443
         // Within grace: a silent repeat. After grace: unknown (spent).
         assert_eq!(f.v.verify(&knock(t.clone())), Decision::Repeat);
         let later = Instant::now() + Duration::from_secs(3600);
-        assert_eq!(f.v.verify_at(&knock(t), unix_now(), later), Decision::Reject(Reject::Unknown));
+        assert_eq!(
+            f.v.verify_at(&knock(t.clone()), unix_now() + 3600, later),
+            Decision::Reject(Reject::Replay { user: "alice".into() })
+        );
+        // Once the chain has moved on, the old element is simply unknown.
+        let next = Token::Plain(f.seed.element(&f.zone, N - 2));
+        assert!(matches!(f.v.verify_at(&knock(next), unix_now() + 3600, later), Decision::Open { .. }));
+        assert_eq!(f.v.verify_at(&knock(t), unix_now() + 3600, later), Decision::Reject(Reject::Unknown));
         // The advance is durable.
         let mut s = SqliteStore::open(&f.path).unwrap();
-        assert_eq!(s.active_users().unwrap()[0].counter, 1);
+        assert_eq!(s.active_users().unwrap()[0].counter, 2);
     }
 
     #[test]
@@ -388,6 +440,37 @@ port = 443
         let e = f.seed.element(&f.zone, N - 1);
         let b = Bound::sign(b"key", &f.zone, e, BoundAddr::from_ip("198.18.0.2".parse().unwrap()), service_id("web"), unix_now() as u32, false);
         assert!(matches!(f.v.verify(&knock(Token::Bound(b))), Decision::Reject(Reject::Policy { .. })));
+    }
+
+    #[test]
+    fn element_accepted_by_another_nameserver_is_a_silent_repeat() {
+        let mut a = fixture(vec![], vec![]);
+        let store_b = SqliteStore::open(&a.path).unwrap();
+        let cfg = Config::parse(CFG, std::path::Path::new("/x/c.toml")).unwrap();
+        let mut b = Verifier::new(Box::new(store_b), a.zone.clone(), &cfg).unwrap();
+        let t = Token::Plain(a.seed.element(&a.zone, N - 1));
+        assert!(matches!(a.v.verify(&knock(t.clone())), Decision::Open { .. }));
+        assert_eq!(b.verify(&knock(t)), Decision::Repeat);
+    }
+
+    #[test]
+    fn plain_policy_ecs_and_off() {
+        let mut f = fixture(vec![], vec![]);
+        f.v.plain = PlainPolicy::Ecs;
+        let t = Token::Plain(f.seed.element(&f.zone, N - 1));
+        assert!(matches!(f.v.verify(&knock(t.clone())), Decision::Reject(Reject::Policy { .. })));
+        let mut k = knock(t);
+        k.ecs = Some(("198.51.100.77".parse().unwrap(), 24));
+        assert_eq!(
+            f.v.verify(&k),
+            Decision::Open { user: "alice".into(), addr: "198.51.100.0".parse().unwrap(), prefix_len: 24, services: vec!["ssh".into(), "web".into()], max_open: None }
+        );
+        f.v.plain = PlainPolicy::Off;
+        let t = Token::Plain(f.seed.element(&f.zone, N - 2));
+        assert!(matches!(f.v.verify(&knock(t.clone())), Decision::Reject(Reject::Policy { .. })));
+        // Refused plain knocks spend nothing: the same element still opens as policy allows.
+        f.v.plain = PlainPolicy::Source;
+        assert!(matches!(f.v.verify(&knock(t)), Decision::Open { .. }));
     }
 
     #[test]
