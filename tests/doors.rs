@@ -66,6 +66,7 @@ fn restart_story(prefix: &str, backend: &'static str) {
     let cred = s.add_user("alice", &[]);
     s.dig_knock(&s.lab.client, &cred);
     connect_soon(&s.lab.client, ssh_addr()).expect("door opens");
+    assert!(wait_log(&s, "nxknock::doors: door opened"), "door recorded");
 
     // An operator's own table/chain must survive everything we do.
     let srv = &s.lab.server;
@@ -187,6 +188,7 @@ fn close_knock_ends_the_users_doors_at_once() {
     let out = s.knock(&s.lab.client, &cred, &["--ip", CLIENT]);
     assert!(out.status.success(), "{}", out_text(&out));
     let mut held = connect_soon(&s.lab.client, ssh_addr()).expect("door opens");
+    assert!(wait_log(&s, "nxknock::doors: door opened"), "door recorded");
     let json = out_text(&s.nx_server(&["doors", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&json).expect("doors --json is JSON");
     let d = &v.as_array().unwrap()[0];

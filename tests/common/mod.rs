@@ -299,3 +299,104 @@ pub fn wait_closed(ns: &Netns, addr: SocketAddr, within: Duration) -> bool {
     }
     false
 }
+
+pub const RESOLVER: &str = "198.18.0.4";
+pub const RESOLVER2: &str = "198.18.0.5";
+
+/// A real unbound in its own lab host, with a stub zone for the knock zone
+/// pointing at the nxknock server. Killed on drop.
+pub struct Unbound {
+    child: Option<Child>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Knobs the resolver tests turn.
+#[derive(Clone, Default)]
+pub struct UnboundOpts {
+    pub qname_minimisation: bool,
+    pub caps_for_id: bool,
+    /// Send EDNS Client Subnet (/32) to the server.
+    pub ecs: bool,
+    /// Talk to the server over TCP only.
+    pub tcp_upstream: bool,
+    /// Extra stub addresses (a second nameserver of the zone).
+    pub extra_stub: Vec<String>,
+}
+
+impl Unbound {
+    pub fn start(ns: &Netns, listen: &str, o: &UnboundOpts) -> Unbound {
+        let dir = tempfile::tempdir().unwrap();
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        let mut stubs = format!("    stub-addr: {SERVER}\n");
+        for s in &o.extra_stub {
+            stubs.push_str(&format!("    stub-addr: {s}\n"));
+        }
+        let ecs = if o.ecs {
+            format!(
+                "    module-config: \"subnetcache iterator\"\n    send-client-subnet: {SERVER}\n{}    max-client-subnet-ipv4: 32\n    client-subnet-always-forward: yes\n",
+                o.extra_stub.iter().map(|s| format!("    send-client-subnet: {s}\n")).collect::<String>()
+            )
+        } else {
+            "    module-config: \"iterator\"\n".to_owned()
+        };
+        let conf = format!(
+            "server:\n    interface: {listen}\n    port: 53\n    access-control: 198.18.0.0/15 allow\n    do-daemonize: no\n\
+             \x20   username: \"\"\n    chroot: \"\"\n    directory: \"{dir}\"\n    pidfile: \"\"\n    use-syslog: no\n\
+             \x20   logfile: \"\"\n    verbosity: 1\n    num-threads: 1\n    do-ip6: no\n    do-not-query-localhost: no\n\
+             \x20   qname-minimisation: {qm}\n    use-caps-for-id: {caps}\n    tcp-upstream: {tcp}\n\
+             \x20   harden-referral-path: no\n    domain-insecure: \"{ZONE}\"\n{ecs}\
+             stub-zone:\n    name: \"{ZONE}\"\n{stubs}",
+            dir = dir.path().display(),
+            qm = yn(o.qname_minimisation),
+            caps = yn(o.caps_for_id),
+            tcp = yn(o.tcp_upstream),
+        );
+        let cfg = dir.path().join("unbound.conf");
+        std::fs::write(&cfg, conf).unwrap();
+        let log = dir.path().join("unbound.log");
+        let child = ns
+            .cmd("unbound")
+            .args(["-d", "-c", cfg.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start unbound (apt-get install unbound)");
+        let mut u = Unbound { child: Some(child), log, _dir: dir };
+        // Ready when it answers a static name of the zone through the stub.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let d = dig(ns, &[&format!("@{listen}"), &format!("ns1.{ZONE}"), "A", "+time=1", "+tries=1"]);
+            if d.status == "NOERROR" {
+                break;
+            }
+            if let Some(st) = u.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("unbound exited with {st}: {}", std::fs::read_to_string(&u.log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "unbound not answering: {}", std::fs::read_to_string(&u.log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        u
+    }
+}
+
+impl Drop for Unbound {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Make `ns` unable to reach the server's DNS directly: only a resolver path is left.
+pub fn block_direct_dns(ns: &Netns) {
+    for cmd in [
+        vec!["nft", "add", "table", "inet", "nodirect"],
+        vec!["nft", "add", "chain", "inet", "nodirect", "out", "{ type filter hook output priority 0; }"],
+        vec!["nft", "add", "rule", "inet", "nodirect", "out", "ip", "daddr", SERVER, "udp", "dport", "53", "drop"],
+        vec!["nft", "add", "rule", "inet", "nodirect", "out", "ip", "daddr", SERVER, "tcp", "dport", "53", "drop"],
+    ] {
+        ns.run(&cmd).expect("block direct DNS");
+    }
+}
