@@ -2,7 +2,7 @@
 //! function over the library. Nothing secret is ever written to stdout: user
 //! enrolment writes its secrets only into the 0600 credential file.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -149,6 +149,13 @@ pub struct KnockArgs {
     /// Attempts before giving up.
     #[arg(long, default_value_t = 3)]
     pub attempts: u32,
+    /// After the answer, retry a TCP connect to ADDR:PORT quickly (up to 3 s) until
+    /// the door admits it: closes the short race between the NXDOMAIN and the door.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub wait: Option<SocketAddr>,
+    /// Program to run after the knock (and --wait), e.g. `-- ssh user@host`; never a shell.
+    #[arg(last = true)]
+    pub run: Vec<String>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -351,6 +358,16 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
         report.elapsed.as_secs_f64() * 1000.0,
         report.attempts
     );
+    if let Some(addr) = k.wait {
+        let waited = client::wait_for_door(addr, Duration::from_secs(3))
+            .with_context(|| format!("{addr} did not accept a connection within 3 s of the knock"))?;
+        eprintln!("door open: {addr} accepted a connection {:.1} ms after the answer", waited.as_secs_f64() * 1000.0);
+    }
+    if let Some((program, args)) = k.run.split_first() {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new(program).args(args).exec();
+        bail!("cannot run {program}: {err}");
+    }
     Ok(())
 }
 

@@ -152,6 +152,23 @@ pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockRepor
         .with_context(|| format!("no answer from {addr} after {} attempts", req.attempts.max(1)))
 }
 
+/// Retry a TCP connect to `addr` every few milliseconds until it succeeds or
+/// `within` passes. A dropped SYN would otherwise cost a 1 s retransmit if the
+/// first attempt raced the door. Returns how long it took.
+pub fn wait_for_door(addr: SocketAddr, within: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let left = within.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            bail!("no connection within {within:?}");
+        }
+        if std::net::TcpStream::connect_timeout(&addr, left.min(Duration::from_millis(50))).is_ok() {
+            return Ok(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// One query, one answer (UDP or TCP), checked to be the answer to *this* query.
 fn exchange(addr: SocketAddr, name: &str, qtype: RecordType, rd: bool, tcp: bool, timeout: Duration) -> anyhow::Result<Message> {
     let id: u16 = rand::random();

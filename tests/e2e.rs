@@ -158,6 +158,20 @@ fn bound_knock_opens_the_embedded_address() {
     let mut conn = connect_soon(&s.lab.client, ssh_addr()).expect("door opens for the embedded address");
     assert!(echo_works(&mut conn));
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "not for the address that sent the query");
+
+    // Doorman's `run`: knock, wait for the door with fast connect retries, then run a program.
+    let out = s
+        .lab
+        .client
+        .cmd(BIN)
+        .args(["knock", "--credential", cred.to_str().unwrap(), "--server", SERVER, "--ip", CLIENT])
+        .args(["--wait", &format!("{SERVER}:22"), "--", "/bin/echo", "ran after the door opened"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("door open:"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ran after the door opened");
 }
 
 #[test]
