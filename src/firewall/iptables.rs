@@ -32,18 +32,18 @@
 //!
 //! A single-use door is an entry in an `nxknock-once*` set. The packet that
 //! matches it is sent (`-g`, goto) to a chain whose only rule, the `SET`
-//! target, deletes the entry the packet matched; when that chain ends, the
+//! target, deletes the packet's entry from the set; when that chain ends, the
 //! packet returns to INPUT just as a RETURN from `NXKNOCK` would. The goto is
 //! what makes this one decision: a second rule could not tell, after the
 //! delete, that the set *had* matched. The conntrack rules admit the rest of
 //! the connection. Measured on kernel 6.18 with ipset 7.17 and iptables 1.8.9:
 //!
-//! - `--del-set … src,dst` on a `hash:net,port` set deletes the entry of the
-//!   packet's source masked to the *most specific* prefix length the set
-//!   holds, not the entry that matched. With only /64 entries, a packet from
-//!   any address of the /64 deletes the /64; add one /128 entry and a /64
-//!   door is no longer consumed (the next connection from its /64 is
-//!   admitted). So `nxknock-once6` holds /64s only, single-use IPv6 hosts go
+//! - `--del-set … src,dst` on a `hash:net,port` set does not delete the
+//!   entry that matched but the packet's source masked to one prefix length
+//!   (evidently the most specific one the set holds). With only /64 entries,
+//!   a packet from any address of the /64 deletes the /64; add one /128 entry
+//!   (for another address) and the /64 door is no longer consumed: the next
+//!   connection from its /64 is admitted. So `nxknock-once6` holds /64s only, single-use IPv6 hosts go
 //!   to `nxknock-once6host` (`hash:ip,port family inet6`), and other prefix
 //!   lengths cannot be single-use ([`FirewallError::Unsupported`]). (A
 //!   `hash:ip,port family inet6 netmask 64` set was measured to work too,
