@@ -64,8 +64,9 @@
 //! - Only a *new* flow may consume a door, and for TCP only a SYN: with
 //!   conntrack's default loose pick-up, a stray mid-stream segment (a stale
 //!   connection whose conntrack entry is gone) is `ct state new` too and would
-//!   otherwise spend the door (measured). Non-SYN TCP packets that no ordinary
-//!   door admitted are therefore dropped before the single-use rules.
+//!   otherwise spend the door (measured). Non-SYN TCP packets to a guarded
+//!   port that no ordinary door admitted are therefore dropped before the
+//!   single-use rules (the final guard would drop them anyway).
 //! - `ct state new` also covers later packets of an admitted flow that has
 //!   not been answered yet: a retransmitted SYN, or a UDP client's second
 //!   datagram before the server's first reply (measured: dropped once the
