@@ -12,11 +12,11 @@
 //! would mean a missing listener, a bug in the test).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use nxknock::firewall::{
-    Door, DoorBackend, Guarded, IptablesBackend, NftablesBackend, OpenDoor, Proto,
+    Door, DoorBackend, FirewallError, Guarded, IptablesBackend, NftablesBackend, OpenDoor, Proto,
 };
 use nxknock::lab::{
     ATTACKER_V4, ATTACKER_V6, CLIENT_V4, CLIENT_V6, Lab, Netns, SERVER_V4, SERVER_V6, require_root,
@@ -50,6 +50,34 @@ fn door(addr: IpAddr, prefix_len: u8, proto: Proto, port: u16, open_for: Duratio
         open_for,
         single_use: false,
     }
+}
+
+/// A single-use door: the first new connection it admits consumes it.
+fn once(addr: IpAddr, prefix_len: u8, proto: Proto, port: u16, open_for: Duration) -> Door {
+    Door {
+        single_use: true,
+        ..door(addr, prefix_len, proto, port, open_for)
+    }
+}
+
+/// The /64 of an IPv6 address, as the backends report a /64 door.
+fn net64(a: Ipv6Addr) -> IpAddr {
+    v6(a & Ipv6Addr::new(!0, !0, !0, !0, 0, 0, 0, 0))
+}
+
+/// One round trip over an established connection: `client` sends five
+/// bytes, `server` reads them and answers with five of its own.
+fn exchange(client: &mut TcpStream, server: &mut TcpStream, round: u8) {
+    for s in [&*client, &*server] {
+        s.set_read_timeout(Some(ADMIT_WAIT)).unwrap();
+    }
+    let mut buf = [0u8; 5];
+    client.write_all(&[b'c', b'l', b'i', b'-', round]).unwrap();
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [b'c', b'l', b'i', b'-', round]);
+    server.write_all(&[b's', b'r', b'v', b'-', round]).unwrap();
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, [b's', b'r', b'v', b'-', round]);
 }
 
 fn v4(a: std::net::Ipv4Addr) -> IpAddr {
@@ -230,6 +258,67 @@ impl Rig {
     }
 }
 
+/// A UDP socket on the server, to see which datagrams the firewall lets in.
+struct UdpProbe {
+    server: UdpSocket,
+    to: SocketAddr,
+}
+
+impl UdpProbe {
+    fn new(rig: &Rig, port: u16) -> UdpProbe {
+        let to = SocketAddr::new(v4(SERVER_V4), port);
+        let server = rig.lab.server.udp_bind(to).unwrap();
+        UdpProbe { server, to }
+    }
+
+    /// A new client socket, hence a new flow for conntrack.
+    fn client(rig: &Rig) -> UdpSocket {
+        rig.lab
+            .client
+            .udp_bind(SocketAddr::new(v4(CLIENT_V4), 0))
+            .unwrap()
+    }
+
+    /// Sends `tag` from `sock`; whether it reaches the server within `wait`.
+    fn delivered(&self, sock: &UdpSocket, tag: &[u8], wait: Duration) -> bool {
+        sock.send_to(tag, self.to).unwrap();
+        let deadline = std::time::Instant::now() + wait;
+        let mut buf = [0u8; 16];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.server.set_read_timeout(Some(left)).unwrap();
+            match self.server.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    assert_eq!(&buf[..n], tag, "a datagram arrived late or out of turn");
+                    return true;
+                }
+                // Seen when the whole battery runs in parallel. signal(7):
+                // a socket with a receive timeout fails with EINTR rather
+                // than resuming, even without a handler, after the process
+                // is stopped and continued. Wait out the rest.
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return false;
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+    }
+
+    /// `tag` from `sock` reaches the server (waiting generously).
+    fn arrives(&self, sock: &UdpSocket, tag: &[u8]) -> bool {
+        self.delivered(sock, tag, ADMIT_WAIT)
+    }
+
+    /// `tag` from `sock` does not reach the server within [`DROP_WAIT`].
+    fn lost(&self, sock: &UdpSocket, tag: &[u8]) -> bool {
+        !self.delivered(sock, tag, DROP_WAIT)
+    }
+}
+
 // ---------------------------------------------------------------- the battery
 
 fn guard_drops_everyone_before_any_door(rig: &Rig) {
@@ -294,19 +383,6 @@ fn established_connection_outlives_its_door(rig: &Rig) {
         .tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT)
         .unwrap();
     let (mut server, _) = listener.accept().unwrap();
-    for s in [&client, &server] {
-        s.set_read_timeout(Some(ADMIT_WAIT)).unwrap();
-    }
-    let exchange =
-        |client: &mut std::net::TcpStream, server: &mut std::net::TcpStream, round: u8| {
-            let mut buf = [0u8; 5];
-            client.write_all(&[b'c', b'l', b'i', b'-', round]).unwrap();
-            server.read_exact(&mut buf).unwrap();
-            assert_eq!(buf, [b'c', b'l', b'i', b'-', round]);
-            server.write_all(&[b's', b'r', b'v', b'-', round]).unwrap();
-            client.read_exact(&mut buf).unwrap();
-            assert_eq!(buf, [b's', b'r', b'v', b'-', round]);
-        };
     exchange(&mut client, &mut server, 1);
     // Both doors were opened together; once a new connection to 22 is
     // dropped, the door to PORT is gone too. Confirm on PORT itself.
@@ -361,12 +437,7 @@ fn list_reports_doors_with_time_left(rig: &Rig) {
         vec![
             (v4(CLIENT_V4), 32, Proto::Tcp, SSH),
             (v4(CLIENT_V4), 32, Proto::Udp, 53),
-            (
-                v6(CLIENT_V6 & Ipv6Addr::new(!0, !0, !0, !0, 0, 0, 0, 0)),
-                64,
-                Proto::Tcp,
-                SSH
-            ),
+            (net64(CLIENT_V6), 64, Proto::Tcp, SSH),
         ]
     );
     let left: Vec<_> = doors.iter().map(|d| d.expires_in).collect();
@@ -410,15 +481,20 @@ fn reopen_refreshes_the_timeout(rig: &Rig) {
 fn install_guard_is_idempotent_and_keeps_doors(rig: &Rig) {
     let (cli, atk) = (&rig.lab.client, &rig.lab.attacker);
     rig.install(&ssh());
-    let once = rig.footprint();
-    assert!(!once.is_empty());
+    let first = rig.footprint();
+    assert!(!first.is_empty());
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
+    rig.open(&once(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
     rig.install(&ssh());
-    assert_eq!(rig.footprint(), once, "a second install changed our rules");
-    // A restarted daemon must not close doors that are open.
-    assert_eq!(rig.list().len(), 1);
+    assert_eq!(rig.footprint(), first, "a second install changed our rules");
+    // A restarted daemon must not close doors that are open, of either kind.
+    let mut kept: Vec<_> = rig.list().iter().map(|d| d.single_use).collect();
+    kept.sort();
+    assert_eq!(kept, vec![false, true]);
     rig.assert_admitted(cli, None, v4(SERVER_V4), SSH);
     rig.assert_dropped(atk, None, v4(SERVER_V4), SSH);
+    rig.assert_admitted(cli, None, v6(SERVER_V6), SSH);
+    rig.assert_dropped(cli, None, v6(SERVER_V6), SSH);
     // Re-installing with other services moves the guard.
     rig.install(&[Guarded {
         proto: Proto::Tcp,
@@ -521,6 +597,9 @@ fn uninstall_removes_ours_and_nothing_else(rig: &Rig) {
     );
     rig.install(&ssh());
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
+    rig.open(&once(v4(CLIENT_V4), 32, Proto::Udp, 53, LONG));
+    rig.open(&once(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
+    rig.open(&once(v6(CLIENT_V6), 128, Proto::Tcp, SSH, LONG));
     rig.assert_dropped(&rig.lab.attacker, None, v4(SERVER_V4), SSH);
     rig.fw(|b| b.uninstall()).expect("uninstall");
     assert_eq!(
@@ -570,58 +649,251 @@ fn ipv6_prefix_door_admits_the_whole_64(rig: &Rig) {
 
 fn udp_guard_and_door(rig: &Rig) {
     const PORT: u16 = 5353;
-    let server = rig
-        .lab
-        .server
-        .udp_bind(SocketAddr::new(v4(SERVER_V4), PORT))
-        .unwrap();
-    server.set_read_timeout(Some(DROP_WAIT)).unwrap();
-    let client = rig
-        .lab
-        .client
-        .udp_bind(SocketAddr::new(v4(CLIENT_V4), 0))
-        .unwrap();
+    let probe = UdpProbe::new(rig, PORT);
+    // Every check from the client uses a new socket, hence a new flow: a
+    // flow that got through once is let through for good, like an
+    // established connection, even if never answered.
+    let client = || UdpProbe::client(rig);
     let attacker = rig
         .lab
         .attacker
         .udp_bind(SocketAddr::new(v4(ATTACKER_V4), 0))
         .unwrap();
-    let to = SocketAddr::new(v4(SERVER_V4), PORT);
-    // Whether one datagram from `sock` reaches the server.
-    let arrives = |sock: &UdpSocket, tag: &[u8]| {
-        sock.send_to(tag, to).unwrap();
-        let mut buf = [0u8; 16];
-        match server.recv_from(&mut buf) {
-            Ok((n, _)) => {
-                assert_eq!(&buf[..n], tag);
-                true
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-            Err(e) => panic!("recv: {e}"),
-        }
-    };
     assert!(
-        arrives(&client, b"before"),
+        probe.arrives(&client(), b"before"),
         "lab broken: UDP not delivered without guard"
     );
     rig.install(&[Guarded {
         proto: Proto::Udp,
         port: PORT,
     }]);
-    assert!(!arrives(&client, b"guarded"));
+    assert!(probe.lost(&client(), b"guarded"));
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Udp, PORT, LONG));
-    assert!(arrives(&client, b"door"));
-    assert!(!arrives(&attacker, b"attacker"));
+    assert!(probe.arrives(&client(), b"door"));
+    assert!(probe.lost(&attacker, b"attacker"));
     // A TCP door for the same port does not open UDP.
     rig.fw(|b| b.close(&door(v4(CLIENT_V4), 32, Proto::Udp, PORT, LONG)))
         .unwrap();
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG));
-    let fresh = rig
+    assert!(probe.lost(&client(), b"tcp door"));
+}
+
+// ------------------------------------------------- single-use doors (Doorman)
+
+fn single_use_door_admits_one_connection(rig: &Rig) {
+    // A listener of its own, so we accept exactly the admitted connection.
+    const PORT: u16 = 2222;
+    let (cli, atk) = (&rig.lab.client, &rig.lab.attacker);
+    rig.install(&[Guarded {
+        proto: Proto::Tcp,
+        port: PORT,
+    }]);
+    let listener = rig
+        .lab
+        .server
+        .tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT))
+        .unwrap();
+    rig.open(&once(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG));
+    // The attacker's attempt neither gets in nor spends the client's door.
+    rig.assert_dropped(atk, None, v4(SERVER_V4), PORT);
+    let mut client = cli
+        .tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT)
+        .expect("the first connection must be admitted");
+    let (mut server, _) = listener.accept().unwrap();
+    exchange(&mut client, &mut server, 1);
+    // The door is spent: a second connection from the client is dropped,
+    // and so is the attacker, while the first connection carries on.
+    rig.assert_dropped(cli, None, v4(SERVER_V4), PORT);
+    rig.assert_dropped(atk, None, v4(SERVER_V4), PORT);
+    exchange(&mut client, &mut server, 2);
+    assert_eq!(rig.list(), vec![], "a spent door is still listed");
+    rig.assert_dropped(cli, None, v4(SERVER_V4), PORT);
+    exchange(&mut client, &mut server, 3);
+}
+
+fn unused_single_use_door_expires(rig: &Rig) {
+    rig.install(&ssh());
+    rig.open(&once(v4(CLIENT_V4), 32, Proto::Tcp, SSH, SHORT));
+    // Only the kernel's listing can show an unused door: a connection
+    // would spend it. The attacker's dropped attempt must not.
+    rig.assert_dropped(&rig.lab.attacker, None, v4(SERVER_V4), SSH);
+    let doors = rig.list();
+    assert!(
+        doors.len() == 1 && doors[0].single_use && doors[0].expires_in <= SHORT,
+        "{doors:?}"
+    );
+    let start = std::time::Instant::now();
+    while !rig.list().is_empty() {
+        assert!(
+            start.elapsed() < SHORT * 3,
+            "single-use door still held long after {SHORT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
+}
+
+fn single_use_ipv6_doors(rig: &Rig) {
+    let (cli, atk) = (&rig.lab.client, &rig.lab.attacker);
+    let cli1 = Some(v6(CLIENT_V6));
+    let cli2 = v6(Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x99));
+    let outside = v6(Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 3));
+    cli.add_addr(cli2, 64).unwrap();
+    atk.add_addr(outside, 64).unwrap();
+    rig.install(&ssh());
+
+    // A /64 door is spent by whichever address of the /64 comes first.
+    rig.open(&once(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
+    rig.assert_dropped(atk, Some(outside), v6(SERVER_V6), SSH);
+    assert_eq!(
+        rig.list().len(),
+        1,
+        "spent by a packet from outside the /64"
+    );
+    rig.assert_admitted(cli, Some(cli2), v6(SERVER_V6), SSH);
+    rig.assert_dropped(cli, cli1, v6(SERVER_V6), SSH);
+    rig.assert_dropped(cli, Some(cli2), v6(SERVER_V6), SSH);
+    assert_eq!(rig.list(), vec![]);
+
+    // A host door inside the /64 and a /64 door side by side: each is
+    // spent by its own connection and by no other. (ipset measured: one
+    // hash:net,port set holding both would never spend the /64.)
+    rig.open(&once(cli2, 128, Proto::Tcp, SSH, LONG));
+    rig.open(&once(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
+    assert_eq!(rig.list().len(), 2);
+    rig.assert_admitted(cli, cli1, v6(SERVER_V6), SSH); // spends the /64
+    rig.assert_dropped(cli, cli1, v6(SERVER_V6), SSH);
+    let left = rig.list();
+    assert!(
+        left.len() == 1 && left[0].addr == cli2 && left[0].prefix_len == 128,
+        "{left:?}"
+    );
+    rig.assert_admitted(cli, Some(cli2), v6(SERVER_V6), SSH); // spends the host door
+    rig.assert_dropped(cli, Some(cli2), v6(SERVER_V6), SSH);
+    rig.assert_dropped(atk, Some(outside), v6(SERVER_V6), SSH);
+    assert_eq!(rig.list(), vec![]);
+}
+
+fn list_and_close_single_use_doors(rig: &Rig) {
+    rig.install(&ssh());
+    let cli2 = v6(Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x99));
+    rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
+    rig.open(&once(v4(CLIENT_V4), 32, Proto::Udp, 53, LONG));
+    rig.open(&once(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
+    rig.open(&once(cli2, 128, Proto::Tcp, SSH, LONG));
+    rig.open(&door(v6(CLIENT_V6), 64, Proto::Udp, 53, LONG));
+    let listed = || {
+        let mut doors: Vec<_> = rig
+            .list()
+            .iter()
+            .map(|d| (d.addr, d.prefix_len, d.proto, d.port, d.single_use))
+            .collect();
+        doors.sort_by_key(|d| (d.0, d.1, d.2 as u8, d.3));
+        doors
+    };
+    assert_eq!(
+        listed(),
+        vec![
+            (v4(CLIENT_V4), 32, Proto::Tcp, SSH, false),
+            (v4(CLIENT_V4), 32, Proto::Udp, 53, true),
+            (net64(CLIENT_V6), 64, Proto::Tcp, SSH, true),
+            (net64(CLIENT_V6), 64, Proto::Udp, 53, false),
+            (cli2, 128, Proto::Tcp, SSH, true),
+        ]
+    );
+    // Opening a door in the other mode replaces it rather than adding a
+    // second one (a service switched to single-use, then back).
+    rig.open(&once(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
+    rig.open(&door(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
+    assert_eq!(
+        listed(),
+        vec![
+            (v4(CLIENT_V4), 32, Proto::Tcp, SSH, true),
+            (v4(CLIENT_V4), 32, Proto::Udp, 53, true),
+            (net64(CLIENT_V6), 64, Proto::Tcp, SSH, false),
+            (net64(CLIENT_V6), 64, Proto::Udp, 53, false),
+            (cli2, 128, Proto::Tcp, SSH, true),
+        ]
+    );
+    // Close removes whichever kind of door is there, whatever the caller
+    // believes it to be.
+    for d in [
+        door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG),
+        door(v4(CLIENT_V4), 32, Proto::Udp, 53, LONG),
+        once(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG),
+        once(v6(CLIENT_V6), 64, Proto::Udp, 53, LONG),
+        door(cli2, 128, Proto::Tcp, SSH, LONG),
+    ] {
+        rig.fw(|b| b.close(&d)).expect("close");
+    }
+    assert_eq!(listed(), vec![]);
+    rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
+    // Shapes that cannot be single-use are refused, not silently widened.
+    let err = rig.fw(|b| b.open(&once(v6(CLIENT_V6), 56, Proto::Tcp, SSH, LONG)));
+    assert!(matches!(err, Err(FirewallError::Unsupported(_))), "{err:?}");
+}
+
+fn single_use_udp_flow_continues_before_any_reply(rig: &Rig) {
+    // A UDP flow is admitted as a whole: the client's later datagrams, sent
+    // before the server has answered, are still "new" to conntrack but
+    // belong to the flow that spent the door.
+    const PORT: u16 = 5353;
+    let probe = UdpProbe::new(rig, PORT);
+    rig.install(&[Guarded {
+        proto: Proto::Udp,
+        port: PORT,
+    }]);
+    rig.open(&once(v4(CLIENT_V4), 32, Proto::Udp, PORT, LONG));
+    let flow = UdpProbe::client(rig);
+    assert!(probe.arrives(&flow, b"first"));
+    assert!(
+        probe.arrives(&flow, b"second"),
+        "the admitted flow was cut off"
+    );
+    assert!(probe.arrives(&flow, b"third"));
+    // Another flow (another source port) is another connection: dropped.
+    assert!(probe.lost(&UdpProbe::client(rig), b"other flow"));
+    assert!(probe.arrives(&flow, b"fourth"));
+}
+
+fn stray_segment_does_not_spend_a_single_use_door(rig: &Rig) {
+    const PORT: u16 = 2222;
+    rig.install(&[Guarded {
+        proto: Proto::Tcp,
+        port: PORT,
+    }]);
+    let listener = rig
+        .lab
+        .server
+        .tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT))
+        .unwrap();
+    let plain = door(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG);
+    rig.open(&plain);
+    let mut client = rig
         .lab
         .client
-        .udp_bind(SocketAddr::new(v4(CLIENT_V4), 0))
+        .tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT)
         .unwrap();
-    assert!(!arrives(&fresh, b"tcp door"));
+    let (mut server, _) = listener.accept().unwrap();
+    exchange(&mut client, &mut server, 1);
+    // The server's conntrack forgets the connection (an operator's
+    // `conntrack -F`, an entry that timed out), so the client's next segment
+    // is "new" to conntrack (loose pick-up), though it is no SYN.
+    rig.fw(|b| b.close(&plain)).unwrap();
+    rig.lab.server.run(&["conntrack", "-F"]).unwrap();
+    rig.open(&once(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG));
+    client.write_all(b"stray").unwrap();
+    std::thread::sleep(DROP_WAIT);
+    assert_eq!(
+        rig.list().len(),
+        1,
+        "a mid-stream segment spent the single-use door"
+    );
+    let _fresh = rig
+        .lab
+        .client
+        .tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT)
+        .expect("the door must still admit a new connection");
 }
 
 // ------------------------------------------------------------ instantiation
@@ -645,6 +917,12 @@ macro_rules! battery {
                 operator_rules_still_decide "op",
                 ipv6_prefix_door_admits_the_whole_64 "p6",
                 udp_guard_and_door "ud",
+                single_use_door_admits_one_connection "o1",
+                unused_single_use_door_expires "oe",
+                single_use_ipv6_doors "o6",
+                list_and_close_single_use_doors "ol",
+                single_use_udp_flow_continues_before_any_reply "ou",
+                stray_segment_does_not_spend_a_single_use_door "os",
             );
         }
     };

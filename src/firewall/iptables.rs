@@ -4,37 +4,94 @@
 //! ```text
 //! INPUT:   -j NXKNOCK                          (one rule, inserted at the top)
 //! NXKNOCK: -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN
+//!          -m conntrack --ctstatus CONFIRMED -j RETURN
 //!          -m set --match-set nxknock-doors4 src,dst -j RETURN   (doors6 for ip6tables)
+//!          -p tcp -m tcp --syn -m conntrack --ctstate NEW
+//!                 -m set --match-set nxknock-once4 src,dst -g NXKNOCK-ONCE4
+//!          -p udp -m conntrack --ctstate NEW
+//!                 -m set --match-set nxknock-once4 src,dst -g NXKNOCK-ONCE4
 //!          -p tcp --dport 22 -j DROP                            (one per guarded service)
+//! NXKNOCK-ONCE4: -j SET --del-set nxknock-once4 src,dst
 //! ```
+//!
+//! For ip6tables the two single-use rules come twice, first for
+//! `nxknock-once6host` (`-g NXKNOCK-ONCE6HOST`), then for `nxknock-once6`
+//! (`-g NXKNOCK-ONCE6`).
 //!
 //! The chain RETURNs rather than ACCEPTs: an admitted packet goes back to the
 //! operator's INPUT rules, which still decide. nxknock only ever adds a drop.
 //!
 //! `nxknock-doors4` is `hash:ip,port` (one address per door); `nxknock-doors6`
 //! is `hash:net,port`, so a door can be a whole /64 next to /128 host doors
-//! (hash:net looks up every prefix length it holds). Both are created with
+//! (hash:net looks up every prefix length it holds). All sets are created with
 //! `timeout 0`, which enables per-entry timeouts without a default: every
 //! entry we add carries its own. ipset timeouts are whole seconds; a door's
 //! `open_for` is rounded *up*, never to 0, which ipset reads as "forever".
+//!
+//! # Single-use doors (Doorman's narrowing)
+//!
+//! A single-use door is an entry in an `nxknock-once*` set. The packet that
+//! matches it is sent (`-g`, goto) to a chain whose only rule, the `SET`
+//! target, deletes the packet's entry from the set; when that chain ends, the
+//! packet returns to INPUT just as a RETURN from `NXKNOCK` would. The goto is
+//! what makes this one decision: a second rule could not tell, after the
+//! delete, that the set *had* matched. The conntrack rules admit the rest of
+//! the connection. Measured on kernel 6.18 with ipset 7.17 and iptables 1.8.9:
+//!
+//! - `--del-set … src,dst` on a `hash:net,port` set does not delete the
+//!   entry that matched but the packet's source masked to one prefix length
+//!   (evidently the most specific one the set holds). With only /64 entries,
+//!   a packet from any address of the /64 deletes the /64; add one /128 entry
+//!   (for another address) and the /64 door is no longer consumed: the next
+//!   connection from its /64 is admitted. So `nxknock-once6` holds /64s only, single-use IPv6 hosts go
+//!   to `nxknock-once6host` (`hash:ip,port family inet6`), and other prefix
+//!   lengths cannot be single-use ([`FirewallError::Unsupported`]). (A
+//!   `hash:ip,port family inet6 netmask 64` set was measured to work too,
+//!   but that is a newer ipset feature — revision 7 of the type here — and
+//!   it lists its entries without their prefix length.)
+//! - Only a new flow may consume a door, and for TCP only a SYN (`--syn`):
+//!   with conntrack's default loose pick-up, a stray mid-stream segment whose
+//!   conntrack entry is gone is `NEW` too and would otherwise spend the door.
+//! - `NEW` also covers later packets of an admitted flow that has not been
+//!   answered yet (a retransmitted SYN, a UDP client's second datagram before
+//!   the first reply). Their conntrack entry is already CONFIRMED — a first
+//!   packet's never is, and a dropped packet's is discarded — hence the
+//!   `--ctstatus CONFIRMED` rule. For ordinary doors this means an unanswered
+//!   flow outlives its door, like an established one.
+//!
+//! A door is in exactly one of its two sets: opening it in one mode removes
+//! it from the other, and closing it removes it from both.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use super::exec;
-use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto};
+use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto, by_kind};
 
 const CHAIN: &str = "NXKNOCK";
 const IPSET: &str = "ipset";
 const SET4: &str = "nxknock-doors4";
 const SET6: &str = "nxknock-doors6";
+const ONCE4: &str = "nxknock-once4";
+/// Single-use IPv6 /64s, and nothing else: see the module docs.
+const ONCE6: &str = "nxknock-once6";
+const ONCE6HOST: &str = "nxknock-once6host";
 
-/// One address family: which tools and which set.
+/// A set of single-use doors and the chain that consumes its entries.
+struct OnceSet {
+    set: &'static str,
+    chain: &'static str,
+    create: &'static [&'static str],
+}
+
+/// One address family: which tools and which sets.
 struct Family {
     iptables: &'static str,
     restore: &'static str,
     set: &'static str,
     create: &'static [&'static str],
+    /// In the order their rules are tried.
+    once: &'static [OnceSet],
 }
 
 const FAMILIES: [Family; 2] = [
@@ -43,14 +100,38 @@ const FAMILIES: [Family; 2] = [
         restore: "iptables-restore",
         set: SET4,
         create: &["hash:ip,port", "family", "inet", "timeout", "0"],
+        once: &[OnceSet {
+            set: ONCE4,
+            chain: "NXKNOCK-ONCE4",
+            create: &["hash:ip,port", "family", "inet", "timeout", "0"],
+        }],
     },
     Family {
         iptables: "ip6tables",
         restore: "ip6tables-restore",
         set: SET6,
         create: &["hash:net,port", "family", "inet6", "timeout", "0"],
+        once: &[
+            OnceSet {
+                set: ONCE6HOST,
+                chain: "NXKNOCK-ONCE6HOST",
+                create: &["hash:ip,port", "family", "inet6", "timeout", "0"],
+            },
+            OnceSet {
+                set: ONCE6,
+                chain: "NXKNOCK-ONCE6",
+                create: &["hash:net,port", "family", "inet6", "timeout", "0"],
+            },
+        ],
     },
 ];
+
+/// Where a door lives: an ipset and the entry (`addr[/len],proto:port`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot {
+    set: &'static str,
+    entry: String,
+}
 
 /// The `NXKNOCK` chains and `nxknock-doors*` ipsets.
 #[derive(Clone, Debug, Default)]
@@ -63,18 +144,30 @@ impl IptablesBackend {
         IptablesBackend { _private: () }
     }
 
-    /// The ipset and entry (`addr[/len],proto:port`) for `door`.
-    fn entry(door: &Door) -> Result<(&'static str, String), FirewallError> {
+    /// The ipsets that may hold `door`, with its entry in each: the one for
+    /// an ordinary door, and the one for a single-use door if it can be one.
+    fn slots(door: &Door) -> Result<(Slot, Option<Slot>), FirewallError> {
         let (addr, len) = door.checked()?;
         let tail = format!("{}:{}", door.proto, door.port);
+        let slot = |set, entry| Slot { set, entry };
         Ok(match addr {
-            IpAddr::V4(a) if len == 32 => (SET4, format!("{a},{tail}")),
+            IpAddr::V4(a) if len == 32 => (
+                slot(SET4, format!("{a},{tail}")),
+                Some(slot(ONCE4, format!("{a},{tail}"))),
+            ),
             IpAddr::V4(a) => {
                 return Err(FirewallError::Unsupported(format!(
                     "IPv4 prefix {a}/{len}: IPv4 doors are for single addresses"
                 )));
             }
-            IpAddr::V6(a) => (SET6, format!("{a}/{len},{tail}")),
+            IpAddr::V6(a) => (
+                slot(SET6, format!("{a}/{len},{tail}")),
+                match len {
+                    128 => Some(slot(ONCE6HOST, format!("{a},{tail}"))),
+                    64 => Some(slot(ONCE6, format!("{a}/{len},{tail}"))),
+                    _ => None,
+                },
+            ),
         })
     }
 
@@ -84,18 +177,38 @@ impl IptablesBackend {
     /// the guard is never briefly absent.
     fn restore_script(fam: &Family, services: &[Guarded], add_jump: bool) -> String {
         let mut s = format!("*filter\n:{CHAIN} - [0:0]\n");
+        for once in fam.once {
+            s.push_str(&format!(":{} - [0:0]\n", once.chain));
+        }
         s.push_str(&format!(
             "-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n"
+        ));
+        s.push_str(&format!(
+            "-A {CHAIN} -m conntrack --ctstatus CONFIRMED -j RETURN\n"
         ));
         s.push_str(&format!(
             "-A {CHAIN} -m set --match-set {} src,dst -j RETURN\n",
             fam.set
         ));
+        for once in fam.once {
+            for first in ["-p tcp -m tcp --syn", "-p udp"] {
+                s.push_str(&format!(
+                    "-A {CHAIN} {first} -m conntrack --ctstate NEW -m set --match-set {} src,dst -g {}\n",
+                    once.set, once.chain
+                ));
+            }
+        }
         for g in services {
             s.push_str(&format!(
                 "-A {CHAIN} -p {p} -m {p} --dport {} -j DROP\n",
                 g.port,
                 p = g.proto
+            ));
+        }
+        for once in fam.once {
+            s.push_str(&format!(
+                "-A {} -j SET --del-set {} src,dst\n",
+                once.chain, once.set
             ));
         }
         if add_jump {
@@ -118,10 +231,14 @@ impl DoorBackend for IptablesBackend {
     /// stays where it is.
     fn install_guard(&self, services: &[Guarded]) -> Result<(), FirewallError> {
         for fam in &FAMILIES {
-            let mut create = vec!["create", fam.set];
-            create.extend_from_slice(fam.create);
-            create.push("-exist");
-            exec::run(IPSET, &create, None)?;
+            let sets = std::iter::once((fam.set, fam.create))
+                .chain(fam.once.iter().map(|o| (o.set, o.create)));
+            for (set, kind) in sets {
+                let mut create = vec!["create", set];
+                create.extend_from_slice(kind);
+                create.push("-exist");
+                exec::run(IPSET, &create, None)?;
+            }
             let has_jump = exec::succeeds(fam.iptables, &["-w", "-C", "INPUT", "-j", CHAIN])?;
             let script = Self::restore_script(fam, services, !has_jump);
             exec::run(fam.restore, &["-w", "--noflush"], Some(&script))?;
@@ -131,57 +248,84 @@ impl DoorBackend for IptablesBackend {
     }
 
     /// `ipset add -exist` replaces the entry's timeout (measured: both longer
-    /// and shorter), which is exactly a refresh.
+    /// and shorter), which is exactly a refresh. Then the door leaves its
+    /// other set (single-use or not), so it is only of the kind last asked
+    /// for; between the two calls it is briefly in both, never in neither.
     fn open(&self, door: &Door) -> Result<(), FirewallError> {
-        let (set, entry) = Self::entry(door)?;
+        let (plain, once) = Self::slots(door)?;
+        let (Slot { set, entry }, other) = by_kind(door, plain, once)?;
         let secs = ipset_timeout(door.open_for).to_string();
         exec::run(
             IPSET,
             &["add", "-exist", set, &entry, "timeout", &secs],
             None,
         )?;
+        if let Some(other) = other {
+            exec::run(IPSET, &["del", "-exist", other.set, &other.entry], None)?;
+        }
         tracing::debug!(%entry, set, open_for_s = %secs, "door opened");
         Ok(())
     }
 
-    /// `-exist` makes deleting an expired door a no-op rather than an error.
+    /// Removes the door from both its sets. `-exist` makes deleting an
+    /// expired (or consumed) door a no-op rather than an error.
     fn close(&self, door: &Door) -> Result<(), FirewallError> {
-        let (set, entry) = Self::entry(door)?;
-        exec::run(IPSET, &["del", "-exist", set, &entry], None)?;
-        tracing::debug!(%entry, set, "door closed");
+        let (plain, once) = Self::slots(door)?;
+        for Slot { set, entry } in std::iter::once(&plain).chain(&once) {
+            exec::run(IPSET, &["del", "-exist", set, entry], None)?;
+        }
+        tracing::debug!(entry = %plain.entry, "door closed");
         Ok(())
     }
 
     fn list(&self) -> Result<Vec<OpenDoor>, FirewallError> {
         let mut doors = Vec::new();
-        for set in [SET4, SET6] {
+        let sets = [
+            (SET4, false),
+            (ONCE4, true),
+            (SET6, false),
+            (ONCE6HOST, true),
+            (ONCE6, true),
+        ];
+        for (set, single_use) in sets {
             let args = ["list", set, "-output", "save"];
             let out = exec::run(IPSET, &args, None)?;
-            doors.extend(
-                parse_save(&out, set).map_err(|detail| FirewallError::Parse {
-                    cmd: format!("{IPSET} {}", args.join(" ")),
-                    detail,
-                })?,
-            );
+            let parsed = parse_save(&out, set).map_err(|detail| FirewallError::Parse {
+                cmd: format!("{IPSET} {}", args.join(" ")),
+                detail,
+            })?;
+            doors.extend(parsed.into_iter().map(|d| OpenDoor { single_use, ..d }));
         }
         Ok(doors)
     }
 
-    /// Removes every jump to our chain, then the chain, then the sets (a set
-    /// cannot be destroyed while a rule references it). Whatever is already
-    /// gone is skipped, so uninstalling twice is fine.
+    /// Removes every jump to our chain, then our chains (all flushed before
+    /// any is deleted, since `NXKNOCK` refers to the single-use chains), then
+    /// the sets (a set cannot be destroyed while a rule references it).
+    /// Whatever is already gone is skipped, so uninstalling twice is fine.
     fn uninstall(&self) -> Result<(), FirewallError> {
         for fam in &FAMILIES {
             let ipt = fam.iptables;
             while exec::succeeds(ipt, &["-w", "-C", "INPUT", "-j", CHAIN])? {
                 exec::run(ipt, &["-w", "-D", "INPUT", "-j", CHAIN], None)?;
             }
-            if exec::succeeds(ipt, &["-w", "-S", CHAIN])? {
-                exec::run(ipt, &["-w", "-F", CHAIN], None)?;
-                exec::run(ipt, &["-w", "-X", CHAIN], None)?;
+            let mut chains = Vec::new();
+            for c in std::iter::once(CHAIN).chain(fam.once.iter().map(|o| o.chain)) {
+                if exec::succeeds(ipt, &["-w", "-S", c])? {
+                    chains.push(c);
+                }
             }
-            if exec::succeeds(IPSET, &["list", "-n", fam.set])? {
-                destroy_set(fam.set)?;
+            for c in &chains {
+                exec::run(ipt, &["-w", "-F", c], None)?;
+            }
+            for c in &chains {
+                exec::run(ipt, &["-w", "-X", c], None)?;
+            }
+            let sets = std::iter::once(fam.set).chain(fam.once.iter().map(|o| o.set));
+            for set in sets {
+                if exec::succeeds(IPSET, &["list", "-n", set])? {
+                    destroy_set(set)?;
+                }
             }
         }
         tracing::info!(chain = CHAIN, "iptables chain and ipsets removed");
@@ -338,12 +482,85 @@ mod tests {
             open_for: Duration::from_millis(1500),
             single_use: false,
         };
-        assert_eq!(
-            IptablesBackend::entry(&door).unwrap(),
-            (SET6, "2001:db8:18::/64,tcp:22".to_owned())
-        );
+        let (to, _) = IptablesBackend::slots(&door).unwrap();
+        assert_eq!(to.set, SET6);
+        assert_eq!(to.entry, "2001:db8:18::/64,tcp:22");
         assert_eq!(ipset_timeout(Duration::from_millis(1500)), 2);
         assert_eq!(ipset_timeout(Duration::from_millis(1)), 1);
         assert_eq!(ipset_timeout(Duration::from_secs(30)), 30);
+    }
+
+    #[test]
+    fn doors_pick_the_right_set() {
+        let door = |addr: &str, prefix_len, single_use| Door {
+            addr: addr.parse().unwrap(),
+            prefix_len,
+            proto: Proto::Udp,
+            port: 53,
+            open_for: Duration::from_secs(30),
+            single_use,
+        };
+        // (set it goes into, entry, set it leaves)
+        let el = |d: Door| {
+            IptablesBackend::slots(&d)
+                .and_then(|(plain, once)| by_kind(&d, plain, once))
+                .map(|(to, other)| (to.set, to.entry, other.map(|o| o.set)))
+                .map_err(|e| e.to_string())
+        };
+        let ok = |to, entry: &str, other| Ok((to, entry.to_owned(), other));
+        assert_eq!(
+            el(door("198.18.0.2", 32, false)),
+            ok(SET4, "198.18.0.2,udp:53", Some(ONCE4))
+        );
+        assert_eq!(
+            el(door("198.18.0.2", 32, true)),
+            ok(ONCE4, "198.18.0.2,udp:53", Some(SET4))
+        );
+        // Single-use /64s and hosts are in different sets (module docs).
+        assert_eq!(
+            el(door("2001:db8:18::7", 64, true)),
+            ok(ONCE6, "2001:db8:18::/64,udp:53", Some(SET6))
+        );
+        assert_eq!(
+            el(door("2001:db8:18::7", 128, true)),
+            ok(ONCE6HOST, "2001:db8:18::7,udp:53", Some(SET6))
+        );
+        assert_eq!(
+            el(door("2001:db8:18::7", 128, false)),
+            ok(SET6, "2001:db8:18::7/128,udp:53", Some(ONCE6HOST))
+        );
+        assert_eq!(
+            el(door("2001:db8:18::7", 56, false)),
+            ok(SET6, "2001:db8:18::/56,udp:53", None)
+        );
+        assert!(el(door("2001:db8:18::7", 56, true)).is_err());
+        assert!(el(door("198.18.0.0", 24, true)).is_err());
+    }
+
+    #[test]
+    fn restore_script_consumes_single_use_doors() {
+        let v6 = IptablesBackend::restore_script(&FAMILIES[1], &[], false);
+        let lines: Vec<_> = v6.lines().collect();
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in\n{v6}"))
+        };
+        // Host doors are tried before /64s; only SYNs and UDP consume.
+        assert!(
+            at("--match-set nxknock-doors6")
+                < at(
+                    "-p tcp -m tcp --syn -m conntrack --ctstate NEW -m set --match-set nxknock-once6host src,dst -g NXKNOCK-ONCE6HOST"
+                )
+        );
+        assert!(
+            at(
+                "-p udp -m conntrack --ctstate NEW -m set --match-set nxknock-once6host src,dst -g NXKNOCK-ONCE6HOST"
+            ) < at("--match-set nxknock-once6 src,dst -g NXKNOCK-ONCE6")
+        );
+        assert!(at(":NXKNOCK-ONCE6 - [0:0]") < at("-A NXKNOCK"));
+        at("-A NXKNOCK-ONCE6 -j SET --del-set nxknock-once6 src,dst");
+        at("-A NXKNOCK-ONCE6HOST -j SET --del-set nxknock-once6host src,dst");
     }
 }

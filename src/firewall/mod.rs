@@ -64,6 +64,8 @@ pub struct Door {
     pub open_for: Duration,
     /// Doorman's narrowing: the first new connection admitted consumes the door
     /// (in the kernel), so further new connections from the address are dropped.
+    /// Possible for IPv4 hosts, IPv6 hosts and IPv6 /64s; backends refuse other
+    /// shapes with [`FirewallError::Unsupported`].
     pub single_use: bool,
 }
 
@@ -112,6 +114,27 @@ impl Door {
             return Err(FirewallError::InvalidDoor("open_for is zero".into()));
         }
         self.network()
+    }
+}
+
+/// Where a door goes, given the place an ordinary door of its shape lives
+/// (`plain`) and the place a single-use one does (`once`; `None` if this
+/// shape cannot be single-use): the destination, and the other place, which
+/// the door must leave so that it is only ever of the kind last asked for.
+pub(crate) fn by_kind<T>(
+    door: &Door,
+    plain: T,
+    once: Option<T>,
+) -> Result<(T, Option<T>), FirewallError> {
+    if !door.single_use {
+        return Ok((plain, once));
+    }
+    match once {
+        Some(once) => Ok((once, Some(plain))),
+        None => Err(FirewallError::Unsupported(format!(
+            "single-use door for {}/{}: single-use doors are IPv4 hosts, IPv6 hosts or IPv6 /64s",
+            door.addr, door.prefix_len
+        ))),
     }
 }
 
@@ -166,7 +189,8 @@ pub trait DoorBackend: Send + Sync {
     fn install_guard(&self, services: &[Guarded]) -> Result<(), FirewallError>;
     /// Admit `door` until its timeout expires in the kernel.
     fn open(&self, door: &Door) -> Result<(), FirewallError>;
-    /// Remove a door before its timeout (close knock, revocation).
+    /// Remove a door before its timeout (close knock, revocation), whether
+    /// it is open as a single-use door or not.
     fn close(&self, door: &Door) -> Result<(), FirewallError>;
     /// Doors the kernel currently holds.
     fn list(&self) -> Result<Vec<OpenDoor>, FirewallError>;

@@ -7,13 +7,24 @@
 //!     set doors4     { type ipv4_addr . inet_proto . inet_service; flags timeout; }
 //!     set doors6     { type ipv6_addr . inet_proto . inet_service; flags interval,timeout; }
 //!     set doors6host { type ipv6_addr . inet_proto . inet_service; flags timeout; }
+//!     set once4      { type ipv4_addr . inet_proto . inet_service; flags dynamic,timeout; }
+//!     set once6host  { type ipv6_addr . inet_proto . inet_service; flags dynamic,timeout; }
+//!     set once6net   { type ipv6_addr . inet_proto . inet_service; flags dynamic,timeout; }
 //!     set guarded    { type inet_proto . inet_service; }
 //!     chain input {
 //!         type filter hook input priority filter - 10; policy accept;
 //!         ct state established,related accept
+//!         ct status confirmed accept
 //!         ip saddr . meta l4proto . th dport @doors4 accept
 //!         ip6 saddr . meta l4proto . th dport @doors6 accept
 //!         ip6 saddr . meta l4proto . th dport @doors6host accept
+//!         tcp flags & (fin | syn | rst | ack) != syn meta l4proto . th dport @guarded counter drop
+//!         ct state new ip saddr . meta l4proto . th dport @once4
+//!             delete @once4 { ip saddr . meta l4proto . th dport } accept
+//!         ct state new ip6 saddr . meta l4proto . th dport @once6host
+//!             delete @once6host { ip6 saddr . meta l4proto . th dport } accept
+//!         ct state new ip6 saddr & ffff:ffff:ffff:ffff:: . meta l4proto . th dport @once6net
+//!             delete @once6net { ip6 saddr & ffff:ffff:ffff:ffff:: . meta l4proto . th dport } accept
 //!         meta l4proto . th dport @guarded counter drop
 //!     }
 //! }
@@ -30,6 +41,48 @@
 //! doors therefore live in their own hash set `doors6host`. Nested prefixes of
 //! different lengths for the same service (a /56 and a /64) still conflict;
 //! nothing in nxknock opens those.
+//!
+//! # Single-use doors (Doorman's narrowing)
+//!
+//! A single-use door lives in an `once*` set instead, and the rule that
+//! admits a packet through it also deletes it, in the kernel, so exactly one
+//! new connection gets through; its later packets are admitted by the
+//! conntrack rules above. Measured with nft 1.0.6 on kernel 6.18:
+//!
+//! - A rule that deletes from a set makes nft give the set `flags dynamic`
+//!   (and `size 65535`). Re-declaring it later *without* `dynamic` fails with
+//!   "File exists", so the skeleton declares `dynamic` itself; otherwise every
+//!   re-install would fall back to replacing the table and drop open doors.
+//! - Interval sets cannot be updated from the packet path ("Operation not
+//!   supported"), so a single-use /64 cannot use `doors6`'s trick. Instead
+//!   `once6net` is a plain hash keyed on the /64's *network* address, and the
+//!   rule masks the source address both in the lookup and in the delete
+//!   statement (nft 1.0.6 accepts both; a connection from any address of the
+//!   /64 consumes the element, one from outside neither matches nor consumes
+//!   it). One mask means one prefix length: single-use IPv6 doors are /64 or
+//!   /128 (`once6host`), others are [`FirewallError::Unsupported`].
+//! - Only a *new* flow may consume a door, and for TCP only a SYN: with
+//!   conntrack's default loose pick-up, a stray mid-stream segment (a stale
+//!   connection whose conntrack entry is gone) is `ct state new` too and would
+//!   otherwise spend the door (measured). Non-SYN TCP packets to a guarded
+//!   port that no ordinary door admitted are therefore dropped before the
+//!   single-use rules (the final guard would drop them anyway).
+//! - `ct state new` also covers later packets of an admitted flow that has
+//!   not been answered yet: a retransmitted SYN, or a UDP client's second
+//!   datagram before the server's first reply (measured: dropped once the
+//!   door is spent). Such a flow's conntrack entry is already *confirmed* — a
+//!   first packet's never is, and a dropped packet's entry is discarded, so
+//!   only a flow some packet of which passed the whole input path has one —
+//!   hence `ct status confirmed accept`. For ordinary doors this means an
+//!   unanswered flow outlives its door, like an established one.
+//!
+//! A door is in exactly one of its two sets: opening it in one mode removes
+//! it from the other (so a service switched to or from single-use takes
+//! effect on the next knock), and closing it removes it from both.
+//!
+//! Not measured, but read in the kernel source: the lookup and the delete are
+//! separate steps and the delete's result is ignored, so two new connections
+//! racing on two CPUs could in principle both pass before the element goes.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -37,11 +90,20 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::exec;
-use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto};
+use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto, by_kind};
 
 const NFT: &str = "nft";
 const FAMILY: &str = "inet";
 const DEFAULT_TABLE: &str = "nxknock";
+/// The part of an IPv6 address that names its /64; see the module docs.
+const MASK64: &str = "ffff:ffff:ffff:ffff::";
+
+/// Where a door lives: a set and the element key nft understands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot {
+    set: &'static str,
+    key: String,
+}
 
 /// Door sets and the guard chain in table `inet nxknock`.
 #[derive(Clone, Debug)]
@@ -77,6 +139,9 @@ impl NftablesBackend {
              \tset doors4 {{ type ipv4_addr . inet_proto . inet_service; flags timeout; }}\n\
              \tset doors6 {{ type ipv6_addr . inet_proto . inet_service; flags interval, timeout; }}\n\
              \tset doors6host {{ type ipv6_addr . inet_proto . inet_service; flags timeout; }}\n\
+             \tset once4 {{ type ipv4_addr . inet_proto . inet_service; flags dynamic, timeout; }}\n\
+             \tset once6host {{ type ipv6_addr . inet_proto . inet_service; flags dynamic, timeout; }}\n\
+             \tset once6net {{ type ipv6_addr . inet_proto . inet_service; flags dynamic, timeout; }}\n\
              \tset guarded {{ type inet_proto . inet_service; }}\n\
              \tchain input {{ type filter hook input priority filter - 10; policy accept; }}\n\
              }}\n",
@@ -88,12 +153,23 @@ impl NftablesBackend {
     fn rules(&self, services: &[Guarded]) -> String {
         let t = self.table_ref();
         let mut s = String::new();
+        let once = |family: &str, src: &str, set: &str| {
+            let key = format!("{family} saddr{src} . meta l4proto . th dport");
+            format!("ct state new {key} @{set} delete @{set} {{ {key} }} accept")
+        };
+        let m64 = format!(" & {MASK64}");
         for rule in [
-            "ct state established,related accept",
-            "ip saddr . meta l4proto . th dport @doors4 accept",
-            "ip6 saddr . meta l4proto . th dport @doors6 accept",
-            "ip6 saddr . meta l4proto . th dport @doors6host accept",
-            "meta l4proto . th dport @guarded counter drop",
+            "ct state established,related accept".to_owned(),
+            "ct status confirmed accept".to_owned(),
+            "ip saddr . meta l4proto . th dport @doors4 accept".to_owned(),
+            "ip6 saddr . meta l4proto . th dport @doors6 accept".to_owned(),
+            "ip6 saddr . meta l4proto . th dport @doors6host accept".to_owned(),
+            "tcp flags & (fin | syn | rst | ack) != syn meta l4proto . th dport @guarded counter drop"
+                .to_owned(),
+            once("ip", "", "once4"),
+            once("ip6", "", "once6host"),
+            once("ip6", &m64, "once6net"),
+            "meta l4proto . th dport @guarded counter drop".to_owned(),
         ] {
             s.push_str(&format!("add rule {t} input {rule}\n"));
         }
@@ -110,20 +186,44 @@ impl NftablesBackend {
         s
     }
 
-    /// Which set holds `door`, and the element key nft understands.
-    fn element(door: &Door) -> Result<(&'static str, String), FirewallError> {
+    /// The sets that may hold `door`, with its element key in each: the one
+    /// for an ordinary door, and the one for a single-use door if it can be
+    /// one. The /64 single-use set is keyed on the network address alone
+    /// (the rule masks the packet's source to match).
+    fn slots(door: &Door) -> Result<(Slot, Option<Slot>), FirewallError> {
         let (addr, len) = door.checked()?;
         let tail = format!("{} . {}", door.proto, door.port);
+        let slot = |set, key| Slot { set, key };
         Ok(match addr {
-            IpAddr::V4(a) if len == 32 => ("doors4", format!("{a} . {tail}")),
+            IpAddr::V4(a) if len == 32 => (
+                slot("doors4", format!("{a} . {tail}")),
+                Some(slot("once4", format!("{a} . {tail}"))),
+            ),
             IpAddr::V4(a) => {
                 return Err(FirewallError::Unsupported(format!(
                     "IPv4 prefix {a}/{len}: IPv4 doors are for single addresses"
                 )));
             }
-            IpAddr::V6(a) if len == 128 => ("doors6host", format!("{a} . {tail}")),
-            IpAddr::V6(a) => ("doors6", format!("{a}/{len} . {tail}")),
+            IpAddr::V6(a) if len == 128 => (
+                slot("doors6host", format!("{a} . {tail}")),
+                Some(slot("once6host", format!("{a} . {tail}"))),
+            ),
+            IpAddr::V6(a) => (
+                slot("doors6", format!("{a}/{len} . {tail}")),
+                (len == 64).then(|| slot("once6net", format!("{a} . {tail}"))),
+            ),
         })
+    }
+
+    /// Script lines that delete `slot`'s element. Deleting an element that
+    /// is not there (expired, consumed, never opened) is an error in nft, so
+    /// a short-lived add comes first, in the same transaction.
+    fn removal(&self, Slot { set, key }: &Slot) -> String {
+        let t = self.table_ref();
+        format!(
+            "add element {t} {set} {{ {key} timeout 1s }}\n\
+             delete element {t} {set} {{ {key} }}\n"
+        )
     }
 
     fn script(&self, script: &str) -> Result<(), FirewallError> {
@@ -168,32 +268,36 @@ impl DoorBackend for NftablesBackend {
     /// 6.18): with the same timeout the old expiry stands; only a *different*
     /// timeout restarts the clock (and older kernels ignore it entirely). So
     /// a re-open is `add` (so the delete cannot fail) + `delete` + `add`, in
-    /// one transaction: the door never blinks closed.
+    /// one transaction: the door never blinks closed. The same transaction
+    /// removes the door from its other set (single-use or not), so a door is
+    /// only ever of the kind last asked for.
     fn open(&self, door: &Door) -> Result<(), FirewallError> {
-        let (set, key) = Self::element(door)?;
+        let (plain, once) = Self::slots(door)?;
+        let (Slot { set, key }, other) = by_kind(door, plain, once)?;
         let t = self.table_ref();
         let ms = door.open_for.as_millis().max(1);
-        let script = format!(
+        let mut script = format!(
             "add element {t} {set} {{ {key} timeout {ms}ms }}\n\
              delete element {t} {set} {{ {key} }}\n\
              add element {t} {set} {{ {key} timeout {ms}ms }}\n"
         );
+        if let Some(other) = other {
+            script.push_str(&self.removal(&other));
+        }
         self.script(&script)?;
         tracing::debug!(%key, set, open_for_ms = ms as u64, "door opened");
         Ok(())
     }
 
-    /// Deletes the element. A door that already expired is not an error, so
-    /// the delete is preceded by a short-lived add in the same transaction.
+    /// Deletes the door from both its sets, whichever holds it.
     fn close(&self, door: &Door) -> Result<(), FirewallError> {
-        let (set, key) = Self::element(door)?;
-        let t = self.table_ref();
-        let script = format!(
-            "add element {t} {set} {{ {key} timeout 1s }}\n\
-             delete element {t} {set} {{ {key} }}\n"
-        );
+        let (plain, once) = Self::slots(door)?;
+        let script: String = std::iter::once(&plain)
+            .chain(&once)
+            .map(|s| self.removal(s))
+            .collect();
         self.script(&script)?;
-        tracing::debug!(%key, set, "door closed");
+        tracing::debug!(key = %plain.key, "door closed");
         Ok(())
     }
 
@@ -225,14 +329,23 @@ fn parse_list(json: &str) -> Result<Vec<OpenDoor>, String> {
     let mut doors = Vec::new();
     for set in items.iter().filter_map(|i| i.get("set")) {
         let name = set.get("name").and_then(Value::as_str).unwrap_or("");
-        if !matches!(name, "doors4" | "doors6" | "doors6host") {
-            continue;
-        }
+        // (single use, prefix length when the element is a bare network address)
+        let (single_use, net_len) = match name {
+            "doors4" | "doors6" | "doors6host" => (false, None),
+            "once4" | "once6host" => (true, None),
+            "once6net" => (true, Some(64)),
+            _ => continue,
+        };
         let Some(elems) = set.get("elem").and_then(Value::as_array) else {
             continue; // an empty set has no "elem" key
         };
         for e in elems {
-            doors.push(parse_elem(e).map_err(|d| format!("set {name}: {d}: {e}"))?);
+            let mut door = parse_elem(e).map_err(|d| format!("set {name}: {d}: {e}"))?;
+            door.single_use = single_use;
+            if let Some(len) = net_len {
+                door.prefix_len = len;
+            }
+            doors.push(door);
         }
     }
     Ok(doors)
@@ -300,10 +413,10 @@ mod tests {
     use super::*;
 
     /// Captured from nft 1.0.6 (`nft -j list table inet nxknock`), trimmed.
-    const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "nxknock", "handle": 2}}, {"set": {"family": "inet", "name": "doors4", "table": "nxknock", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 2, "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["198.18.0.2", "tcp", 22]}, "timeout": 30, "expires": 29}}]}}, {"set": {"family": "inet", "name": "doors6", "table": "nxknock", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 3, "flags": ["interval", "timeout"], "elem": [{"elem": {"val": {"concat": [{"prefix": {"addr": "2001:db8:18::", "len": 64}}, "tcp", 22]}, "timeout": 30, "expires": 29}}]}}, {"set": {"family": "inet", "name": "doors6host", "table": "nxknock", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 4, "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["2001:db8::1", 17, 53]}, "timeout": 1, "expires": 0}}]}}, {"set": {"family": "inet", "name": "guarded", "table": "nxknock", "type": ["inet_proto", "inet_service"], "handle": 5, "elem": [{"concat": ["tcp", 22]}]}}]}"#;
+    const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "nxknock", "handle": 2}}, {"set": {"family": "inet", "name": "doors4", "table": "nxknock", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 2, "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["198.18.0.2", "tcp", 22]}, "timeout": 30, "expires": 29}}]}}, {"set": {"family": "inet", "name": "doors6", "table": "nxknock", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 3, "flags": ["interval", "timeout"], "elem": [{"elem": {"val": {"concat": [{"prefix": {"addr": "2001:db8:18::", "len": 64}}, "tcp", 22]}, "timeout": 30, "expires": 29}}]}}, {"set": {"family": "inet", "name": "doors6host", "table": "nxknock", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 4, "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["2001:db8::1", 17, 53]}, "timeout": 1, "expires": 0}}]}}, {"set": {"family": "inet", "name": "once4", "table": "nxknock", "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 5, "size": 65535, "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["198.18.0.4", "udp", 53]}, "timeout": 20, "expires": 19}}]}}, {"set": {"family": "inet", "name": "once6host", "table": "nxknock", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 6, "size": 65535, "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["2001:db8:18::5", "tcp", 22]}, "timeout": 10, "expires": 9}}]}}, {"set": {"family": "inet", "name": "once6net", "table": "nxknock", "type": ["ipv6_addr", "inet_proto", "inet_service"], "handle": 7, "size": 65535, "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["2001:db8:19::", "tcp", 22]}, "timeout": 10, "expires": 9}}]}}, {"set": {"family": "inet", "name": "guarded", "table": "nxknock", "type": ["inet_proto", "inet_service"], "handle": 8, "elem": [{"concat": ["tcp", 22]}]}}]}"#;
 
     #[test]
-    fn parses_hosts_prefixes_and_numeric_protocols() {
+    fn parses_hosts_prefixes_numeric_protocols_and_single_use() {
         let doors = parse_list(LISTING).unwrap();
         assert_eq!(
             doors,
@@ -332,6 +445,31 @@ mod tests {
                     expires_in: Duration::ZERO,
                     single_use: false,
                 },
+                OpenDoor {
+                    addr: "198.18.0.4".parse().unwrap(),
+                    prefix_len: 32,
+                    proto: Proto::Udp,
+                    port: 53,
+                    expires_in: Duration::from_secs(19),
+                    single_use: true,
+                },
+                OpenDoor {
+                    addr: "2001:db8:18::5".parse().unwrap(),
+                    prefix_len: 128,
+                    proto: Proto::Tcp,
+                    port: 22,
+                    expires_in: Duration::from_secs(9),
+                    single_use: true,
+                },
+                // A bare network address in `once6net` is a /64.
+                OpenDoor {
+                    addr: "2001:db8:19::".parse().unwrap(),
+                    prefix_len: 64,
+                    proto: Proto::Tcp,
+                    port: 22,
+                    expires_in: Duration::from_secs(9),
+                    single_use: true,
+                },
             ]
         );
     }
@@ -345,36 +483,62 @@ mod tests {
     }
 
     #[test]
-    fn elements_pick_the_right_set() {
-        let door = |addr: &str, prefix_len| Door {
+    fn doors_pick_the_right_set() {
+        let door = |addr: &str, prefix_len, single_use| Door {
             addr: addr.parse().unwrap(),
             prefix_len,
             proto: Proto::Tcp,
             port: 22,
             open_for: Duration::from_secs(30),
-            single_use: false,
+            single_use,
         };
-        let el = |d: Door| NftablesBackend::element(&d).map_err(|e| e.to_string());
+        // (set it goes into, key, set it leaves)
+        let el = |d: Door| {
+            NftablesBackend::slots(&d)
+                .and_then(|(plain, once)| by_kind(&d, plain, once))
+                .map(|(to, other)| (to.set, to.key, other.map(|o| o.set)))
+                .map_err(|e| e.to_string())
+        };
+        let ok = |to, key: &str, other| Ok((to, key.to_owned(), other));
         assert_eq!(
-            el(door("198.18.0.2", 32)),
-            Ok(("doors4", "198.18.0.2 . tcp . 22".into()))
+            el(door("198.18.0.2", 32, false)),
+            ok("doors4", "198.18.0.2 . tcp . 22", Some("once4"))
         );
         assert_eq!(
-            el(door("2001:db8:18::5", 64)),
-            Ok(("doors6", "2001:db8:18::/64 . tcp . 22".into()))
+            el(door("198.18.0.2", 32, true)),
+            ok("once4", "198.18.0.2 . tcp . 22", Some("doors4"))
         );
         assert_eq!(
-            el(door("2001:db8:18::5", 128)),
-            Ok(("doors6host", "2001:db8:18::5 . tcp . 22".into()))
+            el(door("2001:db8:18::5", 64, false)),
+            ok("doors6", "2001:db8:18::/64 . tcp . 22", Some("once6net"))
         );
+        // The /64 single-use set is keyed on the bare network address.
+        assert_eq!(
+            el(door("2001:db8:18::5", 64, true)),
+            ok("once6net", "2001:db8:18:: . tcp . 22", Some("doors6"))
+        );
+        assert_eq!(
+            el(door("2001:db8:18::5", 128, false)),
+            ok("doors6host", "2001:db8:18::5 . tcp . 22", Some("once6host"))
+        );
+        assert_eq!(
+            el(door("2001:db8:18::5", 128, true)),
+            ok("once6host", "2001:db8:18::5 . tcp . 22", Some("doors6host"))
+        );
+        // Other prefix lengths: ordinary doors only.
+        assert_eq!(
+            el(door("2001:db8:18::5", 56, false)),
+            ok("doors6", "2001:db8:18::/56 . tcp . 22", None)
+        );
+        assert!(el(door("2001:db8:18::5", 56, true)).is_err());
         // What a dual-stack socket reports for an IPv4 client.
         assert_eq!(
-            el(door("::ffff:198.18.0.2", 128)),
-            Ok(("doors4", "198.18.0.2 . tcp . 22".into()))
+            el(door("::ffff:198.18.0.2", 128, true)),
+            ok("once4", "198.18.0.2 . tcp . 22", Some("doors4"))
         );
-        assert!(el(door("198.18.0.0", 24)).is_err());
-        assert!(el(door("2001:db8::", 0)).is_err());
-        let mut zero = door("198.18.0.2", 32);
+        assert!(el(door("198.18.0.0", 24, false)).is_err());
+        assert!(el(door("2001:db8::", 0, false)).is_err());
+        let mut zero = door("198.18.0.2", 32, false);
         zero.open_for = Duration::ZERO;
         assert!(el(zero).is_err());
     }
