@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, PlainPolicy, ServiceConfig};
 use crate::knock::Knock;
+use crate::netaddr;
 use crate::store::{Store, StoreError, UserRecord};
 use crate::token::{Element, Token, ZoneId, chain, service_id};
 
@@ -248,18 +249,9 @@ fn host_prefix(ip: IpAddr) -> (IpAddr, u8) {
 /// The door for an ECS prefix: the network with host bits cleared. An IPv6
 /// prefix longer than /64 is widened to the /64, as for every IPv6 door.
 fn ecs_prefix(ip: IpAddr, len: u8) -> (IpAddr, u8) {
-    match ip.to_canonical() {
-        IpAddr::V4(a) => {
-            let len = len.min(32);
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            (IpAddr::V4((u32::from(a) & mask).into()), len)
-        }
-        IpAddr::V6(a) => {
-            let len = len.min(64);
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-            (IpAddr::V6((u128::from(a) & mask).into()), len)
-        }
-    }
+    let ip = ip.to_canonical();
+    let len = if ip.is_ipv4() { len.min(32) } else { len.min(64) };
+    (netaddr::mask(ip, len), len)
 }
 
 /// `Some(reason)` if the user's source-network policy excludes `addr/prefix_len`.
@@ -273,21 +265,7 @@ fn policy_refusal(user: &UserRecord, addr: IpAddr, prefix_len: u8) -> Option<Str
 
 /// Does `cidr` contain the whole of `addr/prefix_len`? Malformed CIDRs contain nothing.
 pub fn cidr_contains(cidr: &str, addr: IpAddr, prefix_len: u8) -> bool {
-    let Some((net, len)) = parse_cidr(cidr) else { return false };
-    if len > prefix_len {
-        return false;
-    }
-    match (net, addr) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
+    parse_cidr(cidr).is_some_and(|(net, len)| netaddr::contains(net, len, addr, prefix_len))
 }
 
 /// Parse `a.b.c.d/n` or `x::/n` (a bare address is a host route).

@@ -95,14 +95,7 @@ impl Door {
         if self.port == 0 {
             return Err(FirewallError::InvalidDoor("port 0".into()));
         }
-        let masked = match addr {
-            IpAddr::V4(a) => {
-                IpAddr::V4((u32::from(a) & (u32::MAX << (32 - u32::from(len)))).into())
-            }
-            IpAddr::V6(a) => {
-                IpAddr::V6((u128::from(a) & (u128::MAX << (128 - u32::from(len)))).into())
-            }
-        };
+        let masked = crate::netaddr::mask(addr, len);
         Ok((masked, len))
     }
 

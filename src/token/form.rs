@@ -365,6 +365,25 @@ mod tests {
     }
 
     #[test]
+    fn random_labels_never_panic_and_rarely_decode() {
+        // Cheap fuzzing: every length up to 63, random bytes and random base32.
+        let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        let mut bound_ok = 0;
+        for i in 0..20_000usize {
+            let len = i % 64;
+            let label: Vec<u8> = (0..len)
+                .map(|_| if i % 3 == 0 { rand::random::<u8>() } else { alphabet[rand::random::<u8>() as usize % alphabet.len()] })
+                .collect();
+            if let Ok(Token::Bound(b)) = Token::parse(&label) {
+                bound_ok += 1;
+                assert!(b.verify_mac(b"k-user", &zone()).is_err(), "a random label must not carry a valid MAC");
+            }
+        }
+        // A random 53/60-char label decodes only if its kind byte happens to be valid.
+        assert!(bound_ok < 2_000, "{bound_ok}");
+    }
+
+    #[test]
     fn service_ids_are_stable_and_never_zero() {
         assert_eq!(service_id("ssh"), service_id("ssh"));
         assert_ne!(service_id("ssh"), service_id("https"));
