@@ -129,7 +129,9 @@ impl SqliteStore {
         let io = |source| StoreError::Io { path: path.to_owned(), source };
         if !path.exists() {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(io)?;
+                use std::os::unix::fs::DirBuilderExt;
+                // A directory we create for the database is private too.
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
             }
             std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
         }
