@@ -19,6 +19,7 @@ pub mod token;
 pub mod store;
 pub mod config;
 pub mod knock;
+pub mod limit;
 pub mod netaddr;
 pub mod verify;
 pub mod dns;
