@@ -205,24 +205,96 @@ impl RequestHandler for KnockHandler {
 }
 
 /// Bind UDP and TCP on every listen address and register them with a hickory server.
+///
+/// Each address gets [`udp_sockets`] UDP sockets sharing the port through
+/// `SO_REUSEPORT` (the kernel spreads clients over them, so several cores
+/// receive at once) with a large receive buffer, so a burst is queued rather
+/// than dropped. TCP gets one listener.
 pub async fn bind(
     server: &mut hickory_server::Server<KnockHandler>,
     listen: &[SocketAddr],
     tcp_timeout: std::time::Duration,
 ) -> std::io::Result<Vec<SocketAddr>> {
     let mut bound = Vec::new();
+    let n = udp_sockets();
     for addr in listen {
-        let udp = tokio::net::UdpSocket::bind(addr)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {addr}: {e}")))?;
-        let local = udp.local_addr()?;
-        // Bind TCP to the same port (matters when the config asked for port 0).
+        let first = udp_socket(*addr).map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {addr}: {e}")))?;
+        let local = first.local_addr()?;
+        let mut udp = vec![first];
+        // The same port for the others (matters when the config asked for port 0).
+        for _ in 1..n {
+            udp.push(udp_socket(local).map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {local}: {e}")))?);
+        }
         let tcp = tokio::net::TcpListener::bind(local)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("bind tcp {local}: {e}")))?;
-        server.register_socket(udp);
+        for s in udp {
+            server.register_socket(tokio::net::UdpSocket::from_std(s)?);
+        }
         server.register_listener(tcp, tcp_timeout, 65_535);
         bound.push(local);
     }
     Ok(bound)
+}
+
+/// Receive buffer asked for each UDP socket (the kernel caps it at `net.core.rmem_max`
+/// unless we may force it, as root can).
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// UDP sockets per listen address: one per core. `NXKNOCK_UDP_SOCKETS` overrides it
+/// (the benchmarks use it to show what the sockets give).
+pub fn udp_sockets() -> usize {
+    env_usize("NXKNOCK_UDP_SOCKETS")
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .clamp(1, 64)
+}
+
+fn env_usize(key: &str) -> Option<usize> {
+    std::env::var(key).ok().and_then(|v| v.parse().ok())
+}
+
+/// One nonblocking UDP socket bound to `addr` with `SO_REUSEPORT` and a big receive buffer.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let rcvbuf = env_usize("NXKNOCK_UDP_RCVBUF").unwrap_or(UDP_RECV_BUFFER);
+    if rcvbuf > 0 {
+        set_recv_buffer(&sock, rcvbuf);
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// `SO_RCVBUFFORCE` (root, beyond `rmem_max`), else `SO_RCVBUF` (capped); best effort.
+fn set_recv_buffer(sock: &socket2::Socket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: as above.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
 }
