@@ -255,12 +255,25 @@ fn run_in(ns: &Netns, args: &[&str], timeout: Duration) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Wait for a child with a deadline (killed past it), collecting its output.
+/// Wait for a child with a deadline (killed past it), collecting its output as it
+/// comes (a chatty child must not block on a full pipe).
 fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::Output> {
+    use std::io::Read;
+    let drain = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
     let t0 = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
         }
         if t0.elapsed() > timeout || STOP.load(Ordering::SeqCst) {
             let _ = child.kill();
@@ -268,17 +281,8 @@ fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::Ou
             bail!("killed after {:?}", t0.elapsed());
         }
         std::thread::sleep(Duration::from_micros(200));
-    }
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    use std::io::Read;
-    if let Some(mut s) = child.stdout.take() {
-        s.read_to_end(&mut stdout)?;
-    }
-    if let Some(mut s) = child.stderr.take() {
-        s.read_to_end(&mut stderr)?;
-    }
-    Ok(std::process::Output { status: child.wait()?, stdout, stderr })
+    };
+    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
 }
 
 fn host_cmd(args: &[&str]) -> String {
@@ -373,6 +377,8 @@ fn run(opts: &Opts) -> Result<()> {
         }
         check_stop()?;
         eprintln!("knockbench: == {name}");
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        b.notes.push(format!("load average before `{name}`: {} (other work on the machine shows up here)", load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")));
         if let Err(e) = f(&mut b) {
             if STOP.load(Ordering::SeqCst) {
                 return Err(e);
