@@ -339,8 +339,8 @@ struct Bench {
     dir: PathBuf,
     zone: ZoneId,
     report: String,
-    /// Latency samples (ms) per method, for the CDF plot.
-    cdf: BTreeMap<String, Vec<f64>>,
+    /// Per method: latencies (ms) of the knocks that opened, and the number of trials.
+    cdf: BTreeMap<String, (Vec<f64>, usize)>,
     notes: Vec<String>,
 }
 
@@ -895,7 +895,7 @@ impl Bench {
                 fmt_ms(s.max),
                 fmt_ms(c.p50)
             );
-            self.cdf.insert(label.clone(), ok);
+            self.cdf.insert(label.clone(), (ok, v.len()));
         }
         t.push_str(
             "\nThe UDP single-packet knock of nxknock (pcap listener, DESIGN §6) does not exist yet, so it has no row.\n\
@@ -1244,7 +1244,7 @@ impl Bench {
                 fmt_ms(s.max),
             );
             if file.is_some() {
-                self.cdf.insert(format!("nxknock knock under flood ({label})"), ok);
+                self.cdf.insert(format!("nxknock knock under flood ({label})"), (ok.clone(), v.len()));
                 self.notes.push(format!("nxknock resident memory under the {label} flood: {:.1} MiB now, {:.1} MiB peak.", peak as f64 / 1024.0, hwm as f64 / 1024.0));
             }
             let _ = run_in(self.srv(), &[BIN, "uninstall-firewall", "--config", cfg.to_str().unwrap()], Duration::from_secs(10));
@@ -1288,26 +1288,27 @@ impl Bench {
 
     /// Latency CDF with gnuplot (pngcairo); None if there is nothing to plot or no gnuplot.
     fn plot(&self) -> Result<Option<PathBuf>> {
-        if self.cdf.values().all(|v| v.is_empty()) {
+        if self.cdf.values().all(|(v, _)| v.is_empty()) {
             return Ok(None);
         }
         let mut script = String::from(
             "set terminal pngcairo size 1100,650 font ',11'\nset output 'latency_cdf.png'\n\
-             set title 'Knock-to-open latency (knock packet leaves the client → TCP connect succeeds)'\n\
+             set title 'Knock-to-open latency (knock packet leaves the client → TCP connect succeeds); curves end at the fraction that opened'\n\
              set xlabel 'milliseconds (log scale)'\nset ylabel 'fraction of knocks'\nset logscale x\n\
              set key bottom right\nset grid\nset yrange [0:1]\n",
         );
         let mut plots = Vec::new();
-        for (i, (label, v)) in self.cdf.iter().enumerate() {
+        for (i, (label, (v, trials))) in self.cdf.iter().enumerate() {
             if v.is_empty() {
                 continue;
             }
             let mut s = v.clone();
             s.sort_by(|a, b| a.partial_cmp(b).unwrap());
             let f = format!("cdf-{i}.dat");
-            let mut data = String::new();
+            // Fractions of all trials: knocks that never opened keep the curve below 1.
+            let mut data = format!("{} 0\n", s[0]);
             for (j, x) in s.iter().enumerate() {
-                let _ = writeln!(data, "{x} {}", (j + 1) as f64 / s.len() as f64);
+                let _ = writeln!(data, "{x} {}", (j + 1) as f64 / (*trials).max(1) as f64);
             }
             std::fs::write(self.opts.out.join(&f), data)?;
             plots.push(format!("'{f}' using 1:2 with steps lw 2 title '{}'", label.replace('\'', "")));

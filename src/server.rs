@@ -60,11 +60,13 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let tcp_timeout = Duration::from_secs(cfg.dns.tcp_timeout_seconds);
     let stats = Arc::new(DnsStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every serving thread gets its own handler (and its own copy of the zone).
+    let make_handler = |zone: Zone| KnockHandler::new(zone, tx.clone(), stats.clone());
     let mut udp = sockets.udp.into_iter();
     let main_udp = udp.next().unwrap_or_default();
     let mut workers = Vec::new();
     for (i, socks) in udp.enumerate() {
-        let handler = KnockHandler::new(Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?, tx.clone(), stats.clone());
+        let handler = make_handler(Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?);
         let mut stop = stop_rx.clone();
         let worker = std::thread::Builder::new()
             .name(format!("dns-{}", i + 1))
@@ -82,13 +84,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
                     anyhow::Ok(())
                 })
+                .inspect_err(|error| tracing::error!(error = %format!("{error:#}"), "dns thread stopped"))
             })
             .context("spawn dns thread")?;
         workers.push(worker);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let handler = make_handler(zone);
+    drop(tx);
     let result = runtime.block_on(async move {
-        let handler = KnockHandler::new(zone, tx, stats);
         let mut server = hickory_server::Server::new(handler);
         for s in main_udp {
             server.register_socket(tokio::net::UdpSocket::from_std(s)?);
@@ -112,9 +116,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     });
     let _ = stop_tx.send(true);
     for w in workers {
-        if let Ok(Err(e)) = w.join() {
-            tracing::warn!(error = %e, "dns thread");
-        }
+        let _ = w.join();
     }
     result
 }
