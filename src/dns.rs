@@ -50,6 +50,7 @@ pub enum ZoneError {
 /// The loaded zone: what the catalog serves plus what the knock path needs.
 pub struct Zone {
     pub apex: Name,
+    apex_lower: LowerName,
     catalog: Catalog,
     /// Every owner name in the zone and every empty non-terminal above one.
     existing: HashSet<LowerName>,
@@ -92,13 +93,14 @@ impl Zone {
             .map_err(invalid)?;
         let mut catalog = Catalog::new();
         catalog.upsert(apex_lower, vec![Arc::new(handler)]);
-        Ok(Zone { apex, catalog, existing, soa })
+        Ok(Zone { apex_lower: LowerName::new(&apex), apex, catalog, existing, soa })
     }
 
     /// Is `name` a knock: exactly one label below the apex and not a name of the zone?
+    /// Called on every query: allocates nothing.
     fn is_knock(&self, name: &LowerName) -> bool {
         name.num_labels() == self.apex.num_labels() + 1
-            && name.base_name() == LowerName::new(&self.apex)
+            && self.apex_lower.zone_of(name)
             && !self.existing.contains(name)
     }
 }
@@ -259,25 +261,98 @@ fn servfail(request: &Request) -> ResponseInfo {
     ResponseInfo::from(hickory_proto::op::Header { metadata: m, counts: Default::default() })
 }
 
-/// Bind UDP and TCP on every listen address and register them with a hickory server.
-pub async fn bind(
-    server: &mut hickory_server::Server<KnockHandler>,
-    listen: &[SocketAddr],
-    tcp_timeout: std::time::Duration,
-) -> std::io::Result<Vec<SocketAddr>> {
-    let mut bound = Vec::new();
+/// The sockets of every listen address, bound before any runtime starts.
+pub struct Sockets {
+    /// The addresses actually bound (port 0 in the config becomes a real port).
+    pub local: Vec<SocketAddr>,
+    /// `udp[i]`: the UDP sockets for serving thread `i`, one per listen address.
+    pub udp: Vec<Vec<std::net::UdpSocket>>,
+    pub tcp: Vec<std::net::TcpListener>,
+}
+
+/// Bind UDP and TCP on every listen address, with `threads` UDP sockets per
+/// address sharing the port through `SO_REUSEPORT`: the kernel spreads clients
+/// over them, and each serving thread receives, answers and sends on its own
+/// sockets without waking another core. Each gets a large receive buffer so a
+/// burst is queued rather than dropped. TCP gets one listener per address.
+pub fn bind(listen: &[SocketAddr], threads: usize) -> std::io::Result<Sockets> {
+    let threads = threads.max(1);
+    let mut out = Sockets { local: Vec::new(), udp: (0..threads).map(|_| Vec::new()).collect(), tcp: Vec::new() };
     for addr in listen {
-        let udp = tokio::net::UdpSocket::bind(addr)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {addr}: {e}")))?;
-        let local = udp.local_addr()?;
-        // Bind TCP to the same port (matters when the config asked for port 0).
-        let tcp = tokio::net::TcpListener::bind(local)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("bind tcp {local}: {e}")))?;
-        server.register_socket(udp);
-        server.register_listener(tcp, tcp_timeout, 65_535);
-        bound.push(local);
+        let first = udp_socket(*addr).map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {addr}: {e}")))?;
+        let local = first.local_addr()?;
+        out.udp[0].push(first);
+        // The same port for the others (matters when the config asked for port 0).
+        for t in 1..threads {
+            let s = udp_socket(local).map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {local}: {e}")))?;
+            out.udp[t].push(s);
+        }
+        let tcp = std::net::TcpListener::bind(local).map_err(|e| std::io::Error::new(e.kind(), format!("bind tcp {local}: {e}")))?;
+        tcp.set_nonblocking(true)?;
+        out.tcp.push(tcp);
+        out.local.push(local);
     }
-    Ok(bound)
+    Ok(out)
+}
+
+/// Receive buffer asked for each UDP socket (the kernel caps it at `net.core.rmem_max`
+/// unless we may force it, as root can).
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// DNS serving threads (and UDP sockets per listen address): one per core.
+/// `NXKNOCK_DNS_THREADS` overrides it (the benchmarks use it to show what they give).
+pub fn dns_threads() -> usize {
+    env_usize("NXKNOCK_DNS_THREADS")
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .clamp(1, 64)
+}
+
+fn env_usize(key: &str) -> Option<usize> {
+    std::env::var(key).ok().and_then(|v| v.parse().ok())
+}
+
+/// One nonblocking UDP socket bound to `addr` with `SO_REUSEPORT` and a big receive buffer.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let rcvbuf = env_usize("NXKNOCK_UDP_RCVBUF").unwrap_or(UDP_RECV_BUFFER);
+    if rcvbuf > 0 {
+        set_recv_buffer(&sock, rcvbuf);
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// `SO_RCVBUFFORCE` (root, beyond `rmem_max`), else `SO_RCVBUF` (capped); best effort.
+fn set_recv_buffer(sock: &socket2::Socket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: as above.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
 }

@@ -51,17 +51,60 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .spawn(move || verify_loop(verifier, doors, rx))
         .context("spawn verifier thread")?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
-    runtime.block_on(async move {
-        let stats = Arc::new(DnsStats::default());
-        let mut handler = KnockHandler::new(zone, tx, stats);
-        if cfg.dns.whoami {
-            handler = handler.with_whoami();
-        }
+    // One single-threaded runtime per core, each serving its own SO_REUSEPORT
+    // UDP sockets: a query is received, answered and sent on one thread, with no
+    // task migration or cross-core wake-up. Thread 0 (this one) also serves TCP
+    // and handles signals.
+    let threads = crate::dns::dns_threads();
+    let sockets = crate::dns::bind(&cfg.dns.listen, threads)?;
+    let tcp_timeout = Duration::from_secs(cfg.dns.tcp_timeout_seconds);
+    let stats = Arc::new(DnsStats::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every serving thread gets its own handler (and its own copy of the zone).
+    let make_handler = |zone: Zone| {
+        let h = KnockHandler::new(zone, tx.clone(), stats.clone());
+        if cfg.dns.whoami { h.with_whoami() } else { h }
+    };
+    let mut udp = sockets.udp.into_iter();
+    let main_udp = udp.next().unwrap_or_default();
+    let mut workers = Vec::new();
+    for (i, socks) in udp.enumerate() {
+        let handler = make_handler(Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?);
+        let mut stop = stop_rx.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("dns-{}", i + 1))
+            .spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+                rt.block_on(async move {
+                    let mut server = hickory_server::Server::new(handler);
+                    for s in socks {
+                        server.register_socket(tokio::net::UdpSocket::from_std(s)?);
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        r = server.block_until_done() => r.context("dns server stopped")?,
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
+                    anyhow::Ok(())
+                })
+                .inspect_err(|error| tracing::error!(error = %format!("{error:#}"), "dns thread stopped"))
+            })
+            .context("spawn dns thread")?;
+        workers.push(worker);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let handler = make_handler(zone);
+    drop(tx);
+    let result = runtime.block_on(async move {
         let mut server = hickory_server::Server::new(handler);
-        let bound = crate::dns::bind(&mut server, &cfg.dns.listen, Duration::from_secs(cfg.dns.tcp_timeout_seconds)).await?;
+        for s in main_udp {
+            server.register_socket(tokio::net::UdpSocket::from_std(s)?);
+        }
+        for l in sockets.tcp {
+            server.register_listener(tokio::net::TcpListener::from_std(l)?, tcp_timeout, 65_535);
+        }
         tracing::info!(
-            zone = %zone_id.as_str(), listen = ?bound, users, backend = ?cfg.firewall.backend,
+            zone = %zone_id.as_str(), listen = ?sockets.local, users, backend = ?cfg.firewall.backend, threads,
             services = ?cfg.services.iter().map(|s| format!("{}={}/{}", s.name, s.proto, s.port)).collect::<Vec<_>>(),
             "nxknock serving"
         );
@@ -73,7 +116,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
         anyhow::Ok(())
-    })
+    });
+    let _ = stop_tx.send(true);
+    for w in workers {
+        let _ = w.join();
+    }
+    result
 }
 
 /// One daemon per firewall per network namespace: two daemons sharing a table

@@ -98,6 +98,14 @@ pub trait Store: Send {
     /// (or the user was revoked); the caller must not open a door.
     fn advance(&mut self, user: i64, expected: &Element, new: &Element, counter: u64) -> Result<bool, StoreError>;
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError>;
+    /// Enrol many users at once, all or none (bulk enrolment: migrations, benchmarks).
+    /// The default adds them one by one; a store should do it in one transaction.
+    fn add_users(&mut self, users: &[Enrolment]) -> Result<usize, StoreError> {
+        for e in users {
+            self.add_user(e)?;
+        }
+        Ok(users.len())
+    }
     /// Revoke by name; returns false if the user was already revoked.
     fn revoke(&mut self, name: &str) -> Result<bool, StoreError>;
     /// Replace a user's chain and MAC key (and un-revoke).
@@ -256,6 +264,10 @@ impl SqliteStore {
 const USER_COLUMNS: &str =
     "SELECT id, name, verifier, counter, chain_len, mac_key, services, src_nets, revoked, max_open, updated FROM users";
 
+const ADD_USER: &str =
+    "INSERT INTO users (name, verifier, counter, chain_len, mac_key, services, src_nets, max_open, revoked, created, updated)
+     VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?8, 0, ?7, ?7)";
+
 fn split_list(s: &str) -> Vec<String> {
     s.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect()
 }
@@ -287,8 +299,7 @@ impl Store for SqliteStore {
 
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError> {
         let res = self.conn.execute(
-            "INSERT INTO users (name, verifier, counter, chain_len, mac_key, services, src_nets, max_open, revoked, created, updated)
-             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?6, ?8, 0, ?7, ?7)",
+            ADD_USER,
             params![
                 e.name,
                 &e.verifier.0[..],
@@ -307,6 +318,36 @@ impl Store for SqliteStore {
             }
             Err(err) => Err(self.err(err)),
         }
+    }
+
+    fn add_users(&mut self, users: &[Enrolment]) -> Result<usize, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx.prepare_cached(ADD_USER).map_err(err)?;
+            let now = now();
+            for e in users {
+                stmt.execute(params![
+                    e.name,
+                    &e.verifier.0[..],
+                    e.chain_len as i64,
+                    e.mac_key,
+                    e.services.join(","),
+                    e.from.join(","),
+                    now,
+                    e.max_open.map(|v| v as i64)
+                ])
+                .map_err(|source| match source {
+                    rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                        StoreError::UserExists(e.name.clone())
+                    }
+                    source => err(source),
+                })?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(users.len())
     }
 
     fn revoke(&mut self, name: &str) -> Result<bool, StoreError> {
@@ -488,6 +529,17 @@ mod tests {
         let err = SqliteStore::open(&path).err().expect("must refuse").to_string();
         assert!(err.contains("not a database"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), junk);
+    }
+
+    #[test]
+    fn bulk_enrolment_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        assert_eq!(s.add_users(&[enrol("a", 1), enrol("b", 2), enrol("c", 3)]).unwrap(), 3);
+        assert_eq!(s.active_users().unwrap().len(), 3);
+        // "b" exists: the whole batch is refused, "d" included.
+        assert!(matches!(s.add_users(&[enrol("d", 4), enrol("b", 5)]), Err(StoreError::UserExists(n)) if n == "b"));
+        assert_eq!(s.list_users().unwrap().iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
     }
 
     #[test]
