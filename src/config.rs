@@ -39,6 +39,11 @@ pub struct DnsConfig {
     /// `nxknock knock --ip auto` can learn its public address. Off by default.
     #[serde(default)]
     pub whoami: bool,
+    /// Well-formed knocks verified per second from one source (an IPv4 address or
+    /// IPv6 /64), bursts up to twice that; beyond it they are answered as always
+    /// but not verified, so a flood from one place cannot crowd out others. 0 = no limit.
+    #[serde(default = "default_knocks_per_source")]
+    pub knocks_per_source: u32,
     /// Seconds an idle TCP connection may stay open.
     #[serde(default = "default_tcp_timeout")]
     pub tcp_timeout_seconds: u64,
@@ -125,6 +130,9 @@ fn default_tcp_timeout() -> u64 {
 }
 fn default_open_seconds() -> u64 {
     30
+}
+fn default_knocks_per_source() -> u32 {
+    50
 }
 fn default_hook_timeout() -> u64 {
     5

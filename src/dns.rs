@@ -32,6 +32,7 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, ZoneType};
 
 use crate::knock::{Knock, Via};
+use crate::limit::SourceLimiter;
 use crate::token::Token;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,8 @@ pub struct DnsStats {
     pub knocks_queued: AtomicU64,
     /// Knocks dropped because the verifier queue was full (overload).
     pub knocks_dropped: AtomicU64,
+    /// Knocks not verified because their source was over its per-source budget.
+    pub knocks_limited: AtomicU64,
     pub not_tokens: AtomicU64,
 }
 
@@ -121,6 +124,8 @@ pub struct KnockHandler {
     apex_lower: LowerName,
     /// `whoami.<zone>`, when the operator enabled it.
     whoami: Option<LowerName>,
+    /// Per-source admission to the verify queue (shared by every DNS thread).
+    limiter: Option<Arc<SourceLimiter>>,
     knocks: SyncSender<Knock>,
     pub stats: Arc<DnsStats>,
 }
@@ -128,7 +133,13 @@ pub struct KnockHandler {
 impl KnockHandler {
     pub fn new(zone: Zone, knocks: SyncSender<Knock>, stats: Arc<DnsStats>) -> KnockHandler {
         let apex_lower = LowerName::new(&zone.apex);
-        KnockHandler { zone, apex_lower, whoami: None, knocks, stats }
+        KnockHandler { zone, apex_lower, whoami: None, limiter: None, knocks, stats }
+    }
+
+    /// Verify at most the limiter's budget of knocks per source network.
+    pub fn with_limiter(mut self, limiter: Arc<SourceLimiter>) -> KnockHandler {
+        self.limiter = Some(limiter);
+        self
     }
 
     /// Answer `whoami.<zone>` TXT with the querier's address (for `knock --ip auto`).
@@ -171,6 +182,12 @@ impl KnockHandler {
                 return;
             }
         };
+        if let Some(l) = &self.limiter {
+            if !l.admit(request.src().ip(), received) {
+                self.stats.knocks_limited.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         let via = if request.protocol() == Protocol::Tcp { Via::DnsTcp } else { Via::DnsUdp };
         let ecs = request.edns.as_ref().and_then(|e| match e.option(EdnsCode::Subnet) {
             Some(EdnsOption::Subnet(cs)) => Some((cs.addr(), cs.source_prefix())),

@@ -61,9 +61,17 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let stats = Arc::new(DnsStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Every serving thread gets its own handler (and its own copy of the zone).
+    let limiter = (cfg.dns.knocks_per_source > 0)
+        .then(|| Arc::new(crate::limit::SourceLimiter::new(cfg.dns.knocks_per_source, cfg.dns.knocks_per_source.saturating_mul(2))));
     let make_handler = |zone: Zone| {
-        let h = KnockHandler::new(zone, tx.clone(), stats.clone());
-        if cfg.dns.whoami { h.with_whoami() } else { h }
+        let mut h = KnockHandler::new(zone, tx.clone(), stats.clone());
+        if cfg.dns.whoami {
+            h = h.with_whoami();
+        }
+        if let Some(l) = &limiter {
+            h = h.with_limiter(l.clone());
+        }
+        h
     };
     let mut udp = sockets.udp.into_iter();
     let main_udp = udp.next().unwrap_or_default();

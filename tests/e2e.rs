@@ -197,3 +197,33 @@ fn spent_token_stays_spent_after_sigkill_and_restart() {
     dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &names[1]]);
     connect_soon(&s.lab.client, ssh_addr()).expect("next element opens after the restart");
 }
+
+#[test]
+fn a_flood_from_one_source_cannot_crowd_out_another() {
+    if !require_root("a_flood_from_one_source_cannot_crowd_out_another") {
+        return;
+    }
+    let s = Setup::new("e2eflood", "nftables", 30);
+    let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let cred = s.add_user("alice", &[]);
+    // 3000 well-formed random tokens from the attacker, as fast as it can send them:
+    // each would cost the verifier a full window of hashes.
+    let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..3000u16 {
+        let e = nxknock::token::Element(rand::random());
+        let name = format!("{}.{ZONE}", nxknock::token::Token::Plain(e).to_label());
+        let mut msg = Message::new(i, MessageType::Query, OpCode::Query);
+        msg.add_query(Query::query(Name::from_ascii(&name).unwrap(), RecordType::A));
+        let _ = sock.send_to(&msg.to_vec().unwrap(), format!("{SERVER}:53"));
+    }
+    // The legitimate knock from another source is verified and opens at once.
+    s.dig_knock(&s.lab.client, &cred);
+    connect_soon(&s.lab.client, ssh_addr()).expect("legitimate knock opens during the flood");
+    std::thread::sleep(Duration::from_millis(500));
+    // At most the burst (100) plus 50/s of the attacker's tokens were verified.
+    let verified = s.daemon.log_text().matches("knock matches no chain").count();
+    let budget = 100 + (started.elapsed().as_secs_f64() * 50.0).ceil() as usize;
+    assert!(verified <= budget, "{verified} garbage knocks verified, budget {budget}");
+    assert!(verified >= 50, "the limiter admits the burst ({verified})");
+}
