@@ -128,9 +128,7 @@ fn valid_and_invalid_knocks_get_identical_answers_and_only_valid_opens() {
     assert!(d.status == "NOERROR" && d.aa && d.text.contains(SERVER), "{}", d.text);
     let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", "+tcp", &random, "TXT"]);
     assert!(d.status == "NXDOMAIN" && d.aa, "{}", d.text);
-    let out = nx(&["doors", "--config", s.daemon.config.to_str().unwrap()], &[]);
-    let _ = out; // `doors` reads the host's firewall, not the lab's; checked in the namespace below.
-    let doors = s.lab.server.cmd(BIN).args(["doors", "--config", s.daemon.config.to_str().unwrap()]).output().unwrap();
+    let doors = s.nx_server(&["doors"]);
     let listing = String::from_utf8_lossy(&doors.stdout);
     assert!(listing.contains(&format!("{CLIENT}/32")), "{listing}");
     assert!(!listing.contains(ATTACKER), "{listing}");
