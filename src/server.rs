@@ -12,7 +12,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::dns::{DnsStats, KnockHandler, Zone};
+use crate::dns::fast::FastPath;
+use crate::dns::{DnsStats, KnockHandler, SharedHandler, Zone};
 use crate::doors::Doors;
 use crate::knock::Knock;
 use crate::store::SqliteStore;
@@ -52,9 +53,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("spawn verifier thread")?;
 
     // One single-threaded runtime per core, each serving its own SO_REUSEPORT
-    // UDP sockets: a query is received, answered and sent on one thread, with no
-    // task migration or cross-core wake-up. Thread 0 (this one) also serves TCP
-    // and handles signals.
+    // UDP sockets through the fast path (batched knocks, the rest via hickory): a
+    // query is received, answered and sent on one thread, with no task migration
+    // or cross-core wake-up. Thread 0 (this one) also serves TCP (hickory) and
+    // handles signals.
     let threads = crate::dns::dns_threads();
     let sockets = crate::dns::bind(&cfg.dns.listen, threads)?;
     let tcp_timeout = Duration::from_secs(cfg.dns.tcp_timeout_seconds);
@@ -84,15 +86,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             .spawn(move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
                 rt.block_on(async move {
-                    let mut server = hickory_server::Server::new(handler);
+                    let fast = Arc::new(FastPath::new(Arc::new(handler)));
+                    let mut tasks = tokio::task::JoinSet::new();
                     for s in socks {
-                        server.register_socket(tokio::net::UdpSocket::from_std(s)?);
+                        tasks.spawn(fast.clone().serve(s));
                     }
                     tokio::select! {
                         _ = stop.changed() => {}
-                        r = server.block_until_done() => r.context("dns server stopped")?,
+                        Some(r) = tasks.join_next() => r.context("dns task")?.context("dns socket failed")?,
                     }
-                    let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
                     anyhow::Ok(())
                 })
                 .inspect_err(|error| tracing::error!(error = %format!("{error:#}"), "dns thread stopped"))
@@ -101,13 +103,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         workers.push(worker);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    let handler = make_handler(zone);
+    let handler = Arc::new(make_handler(zone));
     drop(tx);
     let result = runtime.block_on(async move {
-        let mut server = hickory_server::Server::new(handler);
+        let fast = Arc::new(FastPath::new(handler.clone()));
+        let mut udp_tasks = tokio::task::JoinSet::new();
         for s in main_udp {
-            server.register_socket(tokio::net::UdpSocket::from_std(s)?);
+            udp_tasks.spawn(fast.clone().serve(s));
         }
+        // TCP stays on hickory.
+        let mut server = hickory_server::Server::new(SharedHandler(handler));
         for l in sockets.tcp {
             server.register_listener(tokio::net::TcpListener::from_std(l)?, tcp_timeout, 65_535);
         }
@@ -121,6 +126,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: stopping; the guard stays in place"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping; the guard stays in place"),
             r = server.block_until_done() => r.context("dns server stopped")?,
+            Some(r) = udp_tasks.join_next() => r.context("dns task")?.context("dns socket failed")?,
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
         anyhow::Ok(())

@@ -13,7 +13,7 @@
 //! are one label deep, so no knock name ever has names below it (RFC 8020).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +34,8 @@ use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, 
 use crate::knock::{Knock, Via};
 use crate::limit::SourceLimiter;
 use crate::token::Token;
+
+pub mod fast;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -173,8 +175,9 @@ impl KnockHandler {
         }
     }
 
-    /// Decode the label and queue it for verification. Runs after the answer is sent.
-    fn enqueue(&self, request: &Request, label: &[u8], received: Instant) {
+    /// Decode the label and queue it for verification. Runs after the answer is
+    /// sent, on both paths (hickory's and the UDP fast path in [`fast`]).
+    fn enqueue(&self, label: &[u8], seen_from: IpAddr, via: Via, ecs: Option<(IpAddr, u8)>, received: Instant) {
         let token = match Token::parse(label) {
             Ok(t) => t,
             Err(_) => {
@@ -183,17 +186,12 @@ impl KnockHandler {
             }
         };
         if let Some(l) = &self.limiter {
-            if !l.admit(request.src().ip(), received) {
+            if !l.admit(seen_from, received) {
                 self.stats.knocks_limited.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        let via = if request.protocol() == Protocol::Tcp { Via::DnsTcp } else { Via::DnsUdp };
-        let ecs = request.edns.as_ref().and_then(|e| match e.option(EdnsCode::Subnet) {
-            Some(EdnsOption::Subnet(cs)) => Some((cs.addr(), cs.source_prefix())),
-            _ => None,
-        });
-        let knock = Knock { token, seen_from: request.src().ip(), via, ecs, received };
+        let knock = Knock { token, seen_from, via, ecs, received };
         match self.knocks.try_send(knock) {
             Ok(()) => {
                 self.stats.knocks_queued.fetch_add(1, Ordering::Relaxed);
@@ -254,9 +252,24 @@ impl RequestHandler for KnockHandler {
         // Answer first, verify afterwards: nothing below changes what was sent.
         let name = knock_query.original().name();
         if let Some(label) = name.iter().next() {
-            self.enqueue(request, label, received);
+            let via = if request.protocol() == Protocol::Tcp { Via::DnsTcp } else { Via::DnsUdp };
+            let ecs = request.edns.as_ref().and_then(|e| match e.option(EdnsCode::Subnet) {
+                Some(EdnsOption::Subnet(cs)) => Some((cs.addr(), cs.source_prefix())),
+                _ => None,
+            });
+            self.enqueue(label, request.src().ip(), via, ecs, received);
         }
         info
+    }
+}
+
+/// One handler shared by a thread's UDP fast path and hickory's server (TCP).
+pub struct SharedHandler(pub Arc<KnockHandler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for SharedHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
+        self.0.handle_request::<R, T>(request, response_handle).await
     }
 }
 
