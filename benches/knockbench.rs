@@ -755,7 +755,8 @@ impl Bench {
         let unbound = self.start_unbound()?;
         let flush_nft = || run_in(self.srv(), &["nft", "flush", "set", "inet", "nxknock", "doors4"], Duration::from_secs(5)).map(drop);
         let server53 = (17u8, SERVER, 53u16);
-        let methods: Vec<(&str, Box<dyn Fn(usize) -> Command + Sync + '_>, (u8, Ipv4Addr, u16), &str)> = vec![
+        type Method<'a> = (&'a str, Box<dyn Fn(usize) -> Command + Sync + 'a>, (u8, Ipv4Addr, u16), &'a str);
+        let methods: Vec<Method<'_>> = vec![
             (
                 "nxknock knock (bound, direct)",
                 Box::new(|_| {
@@ -1494,9 +1495,14 @@ impl Dnsperf {
 
 // ---------------------------------------------------------------- packet timestamps
 
+/// One outgoing packet: (kernel timestamp in ns, IP protocol, destination, destination port).
+type Packet = (i128, u8, Ipv4Addr, u16);
+/// Packets seen so far, shared with the sniffer thread.
+type Packets = Arc<Mutex<Vec<Packet>>>;
+
 /// Outgoing IPv4 packets on the client's `eth0`, with kernel timestamps (AF_PACKET, SO_TIMESTAMPNS).
 struct Sniffer {
-    packets: Arc<Mutex<Vec<(i128, u8, Ipv4Addr, u16)>>>,
+    packets: Packets,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -1577,7 +1583,7 @@ impl Drop for Sniffer {
     }
 }
 
-fn sniff(fd: OwnedFd, packets: Arc<Mutex<Vec<(i128, u8, Ipv4Addr, u16)>>>, stop: Arc<AtomicBool>) {
+fn sniff(fd: OwnedFd, packets: Packets, stop: Arc<AtomicBool>) {
     let mut buf = [0u8; 256];
     let mut ctrl = [0u64; 16];
     while !stop.load(Ordering::SeqCst) {
@@ -1593,7 +1599,7 @@ fn sniff(fd: OwnedFd, packets: Arc<Mutex<Vec<(i128, u8, Ipv4Addr, u16)>>>, stop:
         msg.msg_controllen = std::mem::size_of_val(&ctrl);
         // SAFETY: msg describes valid buffers for the duration of the call.
         let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
-        if n < 20 || sll.sll_pkttype != libc::PACKET_OUTGOING as u8 || sll.sll_protocol != (libc::ETH_P_IP as u16).to_be() {
+        if n < 20 || sll.sll_pkttype != libc::PACKET_OUTGOING || sll.sll_protocol != (libc::ETH_P_IP as u16).to_be() {
             continue;
         }
         let mut ts = None;
