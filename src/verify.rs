@@ -163,6 +163,14 @@ impl Verifier {
                     let (a, p) = host_prefix(knock.seen_from);
                     (a, p, 0, false)
                 }
+                // The door backends admit one IPv4 address (or an IPv6 prefix): a wider
+                // IPv4 ECS prefix is refused here, before anything is spent.
+                (PlainPolicy::Ecs, Some((a, p))) if a.to_canonical().is_ipv4() && p < 32 => {
+                    return Decision::Reject(Reject::Policy {
+                        user: name,
+                        why: format!("ECS prefix /{p} is wider than one IPv4 address; have the resolver send /32 or use a bound knock"),
+                    });
+                }
                 (PlainPolicy::Ecs, Some((a, p))) if p > 0 => {
                     let (a, p) = ecs_prefix(a, p);
                     (a, p, 0, false)
@@ -439,9 +447,11 @@ port = 443
         assert!(matches!(f.v.verify(&knock(t.clone())), Decision::Reject(Reject::Policy { .. })));
         let mut k = knock(t);
         k.ecs = Some(("198.51.100.77".parse().unwrap(), 24));
+        assert!(matches!(f.v.verify(&k), Decision::Reject(Reject::Policy { .. })), "IPv4 ECS wider than /32");
+        k.ecs = Some(("198.51.100.77".parse().unwrap(), 32));
         assert_eq!(
             f.v.verify(&k),
-            Decision::Open { user: "alice".into(), addr: "198.51.100.0".parse().unwrap(), prefix_len: 24, services: vec!["ssh".into(), "web".into()], max_open: None }
+            Decision::Open { user: "alice".into(), addr: "198.51.100.77".parse().unwrap(), prefix_len: 32, services: vec!["ssh".into(), "web".into()], max_open: None }
         );
         f.v.plain = PlainPolicy::Off;
         let t = Token::Plain(f.seed.element(&f.zone, N - 2));
