@@ -28,13 +28,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
     let zone_id = ZoneId::new(&zone.apex.to_ascii());
     let store = SqliteStore::open(&cfg.store.path)?;
-    let verifier = Verifier::new(Box::new(store), zone_id.clone(), &cfg)?;
+    let mut verifier = Verifier::new(Box::new(store), zone_id.clone(), &cfg)?;
     let doors = Doors::new(
         crate::firewall::backend(cfg.firewall.backend),
         cfg.services.clone(),
         Duration::from_secs(cfg.firewall.open_seconds),
     );
-    let mut verifier = verifier;
     let _owner = match cfg.firewall.backend {
         crate::firewall::BackendKind::None => None,
         _ => Some(claim_firewall(doors.backend_name())?),
@@ -62,31 +61,29 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let tcp_timeout = Duration::from_secs(cfg.dns.tcp_timeout_seconds);
     let stats = Arc::new(DnsStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Every serving thread gets its own handler (and its own copy of the zone).
-    let limiter = (cfg.dns.knocks_per_source > 0)
-        .then(|| Arc::new(crate::limit::SourceLimiter::new(cfg.dns.knocks_per_source, cfg.dns.knocks_per_source.saturating_mul(2))));
-    let make_handler = |zone: Zone| {
-        let mut h = KnockHandler::new(zone, tx.clone(), stats.clone());
-        if cfg.dns.whoami {
-            h = h.with_whoami();
-        }
-        if let Some(l) = &limiter {
-            h = h.with_limiter(l.clone());
-        }
-        h
-    };
+    // One handler (zone, limiter, queue sender) shared by every serving thread:
+    // the knock path reads it only, so there is nothing to gain from a copy per thread.
+    let mut handler = KnockHandler::new(zone, tx, stats);
+    if cfg.dns.whoami {
+        handler = handler.with_whoami();
+    }
+    if cfg.dns.knocks_per_source > 0 {
+        let rate = cfg.dns.knocks_per_source;
+        handler = handler.with_limiter(Arc::new(crate::limit::SourceLimiter::new(rate, rate.saturating_mul(2))));
+    }
+    let handler = Arc::new(handler);
     let mut udp = sockets.udp.into_iter();
     let main_udp = udp.next().unwrap_or_default();
     let mut workers = Vec::new();
     for (i, socks) in udp.enumerate() {
-        let handler = make_handler(Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?);
+        let handler = handler.clone();
         let mut stop = stop_rx.clone();
         let worker = std::thread::Builder::new()
             .name(format!("dns-{}", i + 1))
             .spawn(move || -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
                 rt.block_on(async move {
-                    let fast = Arc::new(FastPath::new(Arc::new(handler)));
+                    let fast = Arc::new(FastPath::new(handler));
                     let mut tasks = tokio::task::JoinSet::new();
                     for s in socks {
                         tasks.spawn(fast.clone().serve(s));
@@ -103,8 +100,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         workers.push(worker);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    let handler = Arc::new(make_handler(zone));
-    drop(tx);
     let result = runtime.block_on(async move {
         let fast = Arc::new(FastPath::new(handler.clone()));
         let mut udp_tasks = tokio::task::JoinSet::new();

@@ -95,8 +95,8 @@ impl Zone {
         let handler = InMemoryZoneHandler::<TokioRuntimeProvider>::new(apex.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)
             .map_err(invalid)?;
         let mut catalog = Catalog::new();
-        catalog.upsert(apex_lower, vec![Arc::new(handler)]);
-        Ok(Zone { apex_lower: LowerName::new(&apex), apex, catalog, existing, soa })
+        catalog.upsert(apex_lower.clone(), vec![Arc::new(handler)]);
+        Ok(Zone { apex_lower, apex, catalog, existing, soa })
     }
 
     /// Is `name` a knock: exactly one label below the apex and not a name of the zone?
@@ -123,7 +123,6 @@ pub struct DnsStats {
 /// hickory request handler: knock names here, everything else to the catalog.
 pub struct KnockHandler {
     zone: Zone,
-    apex_lower: LowerName,
     /// `whoami.<zone>`, when the operator enabled it.
     whoami: Option<LowerName>,
     /// Per-source admission to the verify queue (shared by every DNS thread).
@@ -134,8 +133,7 @@ pub struct KnockHandler {
 
 impl KnockHandler {
     pub fn new(zone: Zone, knocks: SyncSender<Knock>, stats: Arc<DnsStats>) -> KnockHandler {
-        let apex_lower = LowerName::new(&zone.apex);
-        KnockHandler { zone, apex_lower, whoami: None, limiter: None, knocks, stats }
+        KnockHandler { zone, whoami: None, limiter: None, knocks, stats }
     }
 
     /// Verify at most the limiter's budget of knocks per source network.
@@ -222,7 +220,6 @@ impl RequestHandler for KnockHandler {
                 && request.edns.as_ref().is_none_or(|e| e.version() == 0)
                 && q.query_type() != RecordType::AXFR
                 && q.query_type() != RecordType::IXFR
-                && self.apex_lower.zone_of(q.name())
                 && self.zone.is_knock(q.name()) =>
             {
                 q
