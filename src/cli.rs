@@ -185,7 +185,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doors { config, json } => doors(&Config::load(&config.config)?, json),
         Command::UninstallFirewall(c) => {
             let cfg = Config::load(&c.config)?;
-            let doors = door_stage(&cfg);
+            let doors = crate::doors::Doors::from_config(&cfg);
             if cfg.firewall.backend != crate::firewall::BackendKind::None {
                 let _lock = crate::server::claim_firewall(doors.backend_name())
                     .context("stop `nxknock serve` first: uninstalling under a running daemon would open every guarded port")?;
@@ -385,17 +385,9 @@ fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
     })
 }
 
-fn door_stage(cfg: &Config) -> crate::doors::Doors {
-    crate::doors::Doors::new(
-        crate::firewall::backend(cfg.firewall.backend),
-        cfg.services.clone(),
-        Duration::from_secs(cfg.firewall.open_seconds),
-    )
-}
-
 fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {
     let mut store = SqliteStore::open(&cfg.store.path)?;
-    let view = door_stage(cfg).view(&mut store)?;
+    let view = crate::doors::Doors::from_config(cfg).view(&mut store)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(());

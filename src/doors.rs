@@ -41,6 +41,15 @@ impl Doors {
         Doors { backend, services, open_for }
     }
 
+    /// The door stage the configuration describes (backend, services, open window).
+    pub fn from_config(cfg: &crate::config::Config) -> Doors {
+        Doors::new(
+            crate::firewall::backend(cfg.firewall.backend),
+            cfg.services.clone(),
+            Duration::from_secs(cfg.firewall.open_seconds),
+        )
+    }
+
     /// The guard for every configured service.
     pub fn guarded(services: &[ServiceConfig]) -> Vec<Guarded> {
         services.iter().map(|s| Guarded { proto: s.proto, port: s.port }).collect()

@@ -29,11 +29,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let zone_id = ZoneId::new(&zone.apex.to_ascii());
     let store = SqliteStore::open(&cfg.store.path)?;
     let mut verifier = Verifier::new(Box::new(store), zone_id.clone(), &cfg)?;
-    let doors = Doors::new(
-        crate::firewall::backend(cfg.firewall.backend),
-        cfg.services.clone(),
-        Duration::from_secs(cfg.firewall.open_seconds),
-    );
+    let doors = Doors::from_config(&cfg);
     let _owner = match cfg.firewall.backend {
         crate::firewall::BackendKind::None => None,
         _ => Some(claim_firewall(doors.backend_name())?),
