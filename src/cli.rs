@@ -11,11 +11,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::client::{self, KnockRequest, Target};
 use crate::config::Config;
-use crate::credential::Credential;
+use crate::credential::{Credential, CredentialKeys};
 use crate::dns::Zone;
-use crate::store::{Enrolment, SqliteStore, Store};
-use crate::token::{Seed, ZoneId};
-use crate::verify::parse_cidr;
+use crate::netaddr::Prefix;
+use crate::store::{Enrolment, SqliteStore, Store, check_user_name};
+use crate::token::{Form, Seed, ZoneId};
 
 #[derive(Parser, Debug)]
 #[command(name = "nxknock", version, about = "Port knocking through an authoritative DNS server")]
@@ -43,6 +43,9 @@ pub enum Command {
     /// Manage enrolled users.
     #[command(subcommand)]
     User(UserCmd),
+    /// Maintain the database.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Print the next one-time knock names (for dig, host, nslookup or a printed list).
     Otp {
         #[arg(long)]
@@ -71,6 +74,13 @@ pub enum Command {
     UninstallFirewall(ConfigArg),
     /// Run the whole story in throwaway network namespaces (root).
     Demo,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Upgrade an older database in place. Schema 1 (one chain per user, used for
+    /// both knock forms) cannot be split: its users stay revoked until rekeyed.
+    Upgrade(ConfigArg),
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +178,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(u) => user(u),
+        Command::Store(StoreCmd::Upgrade(c)) => {
+            let cfg = Config::load(&c.config)?;
+            let users = SqliteStore::upgrade(&cfg.store.path)?;
+            if users.is_empty() {
+                println!("{}: schema is current; nothing to do", cfg.store.path.display());
+            } else {
+                println!("{}: upgraded; these users are revoked until `nxknock user rekey NAME --out FILE`:", cfg.store.path.display());
+                for u in users {
+                    println!("  {u}");
+                }
+            }
+            Ok(())
+        }
         Command::Otp { credential, count, ip, service } => {
             if count == 0 || count > 1000 {
                 bail!("--count must be between 1 and 1000");
@@ -203,32 +226,39 @@ fn zone_id(cfg: &Config) -> anyhow::Result<ZoneId> {
     Ok(ZoneId::new(&zone.apex.to_ascii()))
 }
 
-fn check_user_name(name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || name.len() > 64 || !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c)) {
-        bail!("user name {name:?}: use 1-64 letters, digits, '-', '_', '.', '@'");
-    }
-    Ok(())
+/// A fresh seed (two chains), MAC key and the enrolment for them. The credential
+/// is made once the user's id is known ([`credential_for`]).
+struct NewChain {
+    seed: Seed,
+    mac_key: Vec<u8>,
+    enrol: Enrolment,
 }
 
-/// Fresh chain + MAC key; returns the enrolment (server side) and the credential (client side).
-fn new_chain(name: &str, zone: &ZoneId, chain_len: u64, server: Option<String>) -> anyhow::Result<(Enrolment, Credential)> {
+fn new_chain(name: &str, zone: &ZoneId, chain_len: u64) -> anyhow::Result<NewChain> {
     if !(1..=10_000_000).contains(&chain_len) {
         bail!("--chain-len must be between 1 and 10000000");
     }
+    check_user_name(name)?;
     let seed = Seed::random();
     let mut mac_key = vec![0u8; 32];
     rand::fill(&mut mac_key[..]);
     let enrol = Enrolment {
         name: name.to_owned(),
-        verifier: seed.element(zone, chain_len),
+        verifiers: Form::ALL.map(|form| seed.element(zone, form, chain_len)),
         chain_len,
         mac_key: mac_key.clone(),
         services: vec![],
         from: vec![],
         max_open: None,
     };
-    let cred = Credential::new(name, zone, server, chain_len, &seed, &mac_key);
-    Ok((enrol, cred))
+    Ok(NewChain { seed, mac_key, enrol })
+}
+
+fn credential_for(c: &NewChain, id: i64, zone: &ZoneId, server: Option<String>, store: &mut dyn Store) -> anyhow::Result<Credential> {
+    let zone_key = store.zone_key()?;
+    let id = u32::try_from(id).context("user id does not fit the credential")?;
+    let keys = CredentialKeys { seed: &c.seed, mac_key: &c.mac_key, zone_key: &zone_key };
+    Ok(Credential::new(&c.enrol.name, id, zone, server, c.enrol.chain_len, keys))
 }
 
 fn user(cmd: UserCmd) -> anyhow::Result<()> {
@@ -244,22 +274,23 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
                     bail!("--service {s:?} is not a [[service]] in {}", config.config.display());
                 }
             }
-            for f in &from {
-                if parse_cidr(f).is_none() {
-                    bail!("--from {f:?} is not a CIDR such as 198.51.100.0/24 or 2001:db8::/48");
-                }
-            }
+            let from: Vec<String> = from
+                .iter()
+                .map(|f| f.parse::<Prefix>().map(|p| p.to_string()).map_err(|e| anyhow::anyhow!("--from {e}")))
+                .collect::<anyhow::Result<_>>()?;
             if out.exists() {
                 bail!("{} already exists; refusing to overwrite a credential", out.display());
             }
             let zone = zone_id(&cfg)?;
-            let (mut enrol, cred) = new_chain(&name, &zone, chain_len, server)?;
-            enrol.services = services;
-            enrol.from = from;
-            enrol.max_open = max_open;
+            let mut chain = new_chain(&name, &zone, chain_len)?;
+            chain.enrol.services = services;
+            chain.enrol.from = from;
+            chain.enrol.max_open = max_open;
             let mut store = SqliteStore::open(&cfg.store.path)?;
-            store.add_user(&enrol)?;
-            if let Err(e) = cred.create(&out) {
+            let id = store.add_user(&chain.enrol)?;
+            let enrol = chain.enrol.clone();
+            let written = credential_for(&chain, id, &zone, server, &mut store).and_then(|cred| Ok(cred.create(&out)?));
+            if let Err(e) = written {
                 // Do not leave a user nobody can knock as.
                 let _ = store.revoke(&name);
                 return Err(e).context("user was enrolled but the credential could not be written; the user is revoked");
@@ -275,12 +306,13 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         UserCmd::List(c) => {
             let cfg = Config::load(&c.config)?;
             let mut store = SqliteStore::open(&cfg.store.path)?;
-            println!("{:<20} {:>9} {:>9}  {:<8} {:<16} FROM", "USER", "USED", "CHAIN", "STATE", "SERVICES");
+            println!("{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} FROM", "USER", "PLAIN", "BOUND", "CHAIN", "STATE", "SERVICES");
             for u in store.list_users()? {
                 println!(
-                    "{:<20} {:>9} {:>9}  {:<8} {:<16} {}",
+                    "{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} {}",
                     u.name,
-                    u.counter,
+                    u.chain(Form::Plain).counter,
+                    u.chain(Form::Bound).counter,
                     u.chain_len,
                     if u.revoked { "revoked" } else { "active" },
                     list_or(&u.services, "all"),
@@ -305,11 +337,13 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
                 bail!("{} already exists; refusing to overwrite a credential", out.display());
             }
             let zone = zone_id(&cfg)?;
-            let (enrol, cred) = new_chain(&name, &zone, chain_len, server)?;
-            // Write the credential first: a rekey whose credential is lost would lock the user out.
-            cred.create(&out)?;
+            let chain = new_chain(&name, &zone, chain_len)?;
             let mut store = SqliteStore::open(&cfg.store.path)?;
-            if let Err(e) = store.rekey(&enrol) {
+            let id = store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.id);
+            let Some(id) = id else { bail!("no such user {name:?}") };
+            // Write the credential first: a rekey whose credential is lost would lock the user out.
+            credential_for(&chain, id, &zone, server, &mut store)?.create(&out)?;
+            if let Err(e) = store.rekey(&chain.enrol) {
                 let _ = std::fs::remove_file(&out);
                 return Err(e.into());
             }
@@ -380,9 +414,8 @@ fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
         )
     })?;
     let addr = client::parse_endpoint(server)?;
-    client::whoami(addr, &cred.zone, Duration::from_millis(1500)).with_context(|| {
-        format!("--ip auto: could not learn our address from {addr}; pass --ip YOUR.PUBLIC.IP (the address your connection will come from)")
-    })
+    client::whoami(addr, cred, Duration::from_millis(1500))
+        .with_context(|| format!("--ip auto: no trustworthy whoami answer from {addr}"))
 }
 
 fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {

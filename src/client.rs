@@ -15,12 +15,13 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 
 use crate::credential::Credential;
-use crate::token::{Bound, BoundAddr, Token, service_id};
+use crate::token::{Bound, BoundAddr, BoundKnock, Form, Token, service_id};
 
-/// The next `count` knock names (`<label>.<zone>`), reserved in the credential first.
+/// The next `count` plain knock names (`<label>.<zone>`) from the credential's
+/// plain chain, reserved in the credential first.
 pub fn otp(credential: &Path, count: u64) -> anyhow::Result<Vec<String>> {
     let mut cred = Credential::load(credential)?;
-    let elements = cred.take(credential, count)?;
+    let elements = cred.take(credential, Form::Plain, count)?;
     Ok(elements.into_iter().map(|e| format!("{}.{}", Token::Plain(e).to_label(), cred.zone)).collect())
 }
 
@@ -74,20 +75,31 @@ pub fn system_resolver(resolv_conf: &Path) -> anyhow::Result<SocketAddr> {
     bail!("no usable nameserver line in {}", resolv_conf.display())
 }
 
-/// Ask the nameserver itself which address it sees us at (`whoami.<zone>` TXT).
+/// Ask the nameserver itself which address it sees us at, and believe the answer
+/// only if it carries this user's tag over our nonce (see [`crate::whoami`]).
 /// Only meaningful directly: through a resolver it would report the resolver.
-pub fn whoami(server: SocketAddr, zone: &str, timeout: Duration) -> anyhow::Result<IpAddr> {
-    let name = format!("whoami.{zone}.");
+pub fn whoami(server: SocketAddr, cred: &Credential, timeout: Duration) -> anyhow::Result<IpAddr> {
+    let zone = cred.zone_id();
+    let q = crate::whoami::question(&cred.zone_key_bytes(), &zone, cred.user_id);
+    let name = format!("{}.whoami.{}.", q.label, zone.as_str());
     let resp = exchange(server, &name, RecordType::TXT, false, false, timeout)?;
+    let mut last = None;
     for r in &resp.answers {
         if let hickory_proto::rr::RData::TXT(txt) = &r.data {
-            let s: String = txt.txt_data.iter().map(|d| String::from_utf8_lossy(d).into_owned()).collect();
-            if let Ok(ip) = s.parse() {
-                return Ok(ip);
+            let strings: Vec<String> = txt.txt_data.iter().map(|d| String::from_utf8_lossy(d).into_owned()).collect();
+            match crate::whoami::check(&cred.mac_key(), &zone, &q, &strings) {
+                Ok(ip) => return Ok(ip),
+                Err(e) => last = Some(e),
             }
         }
     }
-    bail!("{server} did not answer whoami.{zone} (rcode {}); the server has `[dns] whoami` off", resp.metadata.response_code)
+    match last {
+        Some(e) => bail!("whoami answer from {server} refused: {e}; not knocking. Pass --ip YOUR.PUBLIC.IP"),
+        None => bail!(
+            "{server} gave no whoami answer (rcode {}); the server has `[dns] whoami` off. Pass --ip YOUR.PUBLIC.IP",
+            resp.metadata.response_code
+        ),
+    }
 }
 
 /// Parse `ADDR` or `ADDR:PORT` (port 53 by default; IPv6 as `[::1]:53` or bare).
@@ -103,14 +115,15 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddr> {
 /// through any resolver, but only within the server's `max_age_seconds`.
 pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str>) -> anyhow::Result<Vec<String>> {
     let mut cred = Credential::load(credential)?;
-    let elements = cred.take(credential, count)?;
+    let elements = cred.take(credential, Form::Bound, count)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as u32;
     let sid = service.map(service_id).unwrap_or(0);
+    let (key, zone_key, zone) = (cred.mac_key(), cred.zone_key(), cred.zone_id());
     Ok(elements
         .into_iter()
-        .map(|e| {
-            let b = Bound::sign(&cred.mac_key(), &cred.zone_id(), e, BoundAddr::from_ip(ip), sid, now, false);
-            format!("{}.{}", Token::Bound(b).to_label(), cred.zone)
+        .map(|element| {
+            let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip), service: sid, time: now, close: false };
+            format!("{}.{}", Token::Bound(Bound::sign(&key, &zone_key, &zone, knock)).to_label(), cred.zone)
         })
         .collect())
 }
@@ -118,10 +131,11 @@ pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str
 /// Build a bound knock name for the next element (reserving it first).
 pub fn bound_name(credential: &Path, ip: IpAddr, service: Option<&str>, close: bool) -> anyhow::Result<String> {
     let mut cred = Credential::load(credential)?;
-    let element = cred.take(credential, 1)?.remove(0);
+    let element = cred.take(credential, Form::Bound, 1)?.remove(0);
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as u32;
     let sid = service.map(service_id).unwrap_or(0);
-    let b = Bound::sign(&cred.mac_key(), &cred.zone_id(), element, BoundAddr::from_ip(ip), sid, now, close);
+    let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip), service: sid, time: now, close };
+    let b = Bound::sign(&cred.mac_key(), &cred.zone_key(), &cred.zone_id(), knock);
     Ok(format!("{}.{}.", Token::Bound(b).to_label(), cred.zone))
 }
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::firewall::{BackendKind, Proto};
+use crate::netaddr::Prefix;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +80,10 @@ pub struct TokenConfig {
     /// What a plain knock (bare chain element, e.g. from `dig`) opens for.
     #[serde(default)]
     pub plain: PlainPolicy,
+    /// Resolvers whose EDNS Client Subnet is believed (with `plain = "ecs"`). ECS is a
+    /// claim by whoever sent the query, so it is ignored from everyone else. Empty by default.
+    #[serde(default)]
+    pub ecs_from: Vec<Prefix>,
 }
 
 /// Where a plain knock's door goes. Bound knocks always open for their embedded address.
@@ -102,6 +107,7 @@ impl Default for TokenConfig {
             max_age_seconds: default_max_age(),
             grace_seconds: default_grace(),
             plain: PlainPolicy::default(),
+            ecs_from: Vec::new(),
         }
     }
 }
@@ -196,6 +202,9 @@ impl Config {
         if !(1..=3600).contains(&self.token.max_age_seconds) {
             return bad("token.max_age_seconds", format!("between 1 and 3600, got {}", self.token.max_age_seconds));
         }
+        if self.token.plain == PlainPolicy::Ecs && self.token.ecs_from.is_empty() {
+            return bad("token.ecs_from", "the resolvers whose EDNS Client Subnet to believe, e.g. [\"192.0.2.53/32\"], with plain = \"ecs\"".into());
+        }
         if self.services.is_empty() {
             return bad("service", "at least one [[service]] with name, proto and port".into());
         }
@@ -287,6 +296,16 @@ port = 22
         assert!(e.contains("service[0].hook") && e.contains("absolute"), "{e}");
         let e = err(&format!("{GOOD}\n[[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 2222\n"));
         assert!(e.contains("service[1].name") && e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn ecs_from_is_parsed_once_and_required_with_plain_ecs() {
+        let c = Config::parse(&format!("{GOOD}\n[token]\nplain = \"ecs\"\necs_from = [\"192.0.2.53\", \"2001:db8::/48\"]\n"), Path::new("/c.toml")).unwrap();
+        assert_eq!(c.token.ecs_from, vec!["192.0.2.53/32".parse().unwrap(), "2001:db8::/48".parse().unwrap()]);
+        let e = err(&format!("{GOOD}\n[token]\nplain = \"ecs\"\n"));
+        assert!(e.contains("token.ecs_from"), "{e}");
+        let e = err(&format!("{GOOD}\n[token]\necs_from = [\"192.0.2.0/33\"]\n"));
+        assert!(e.contains("ecs_from") && e.contains("192.0.2.0/33"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,10 @@
-//! The client's credential file: chain seed, MAC key and how many elements are used.
+//! The client's credential file: chain seed, MAC key, the zone's admission key and
+//! how many elements of each chain are used.
+//!
+//! Format 2 (this one) has one seed for two chains, plain and bound
+//! ([`crate::token::Form`]), each with its own counter. Format 1 files (one chain
+//! used for both forms) are refused with the command that replaces them: their
+//! elements may already have travelled inside bound labels.
 //!
 //! It is the only place a seed exists. Written 0600 through a temporary file and
 //! an atomic rename (a crash leaves the old or the new file, never half of one),
@@ -13,22 +19,32 @@ use std::path::{Path, PathBuf};
 use data_encoding::HEXLOWER;
 use serde::{Deserialize, Serialize};
 
-use crate::token::{Element, Seed, ZoneId, chain};
+use crate::token::{Element, Form, Seed, ZONE_KEY_LEN, ZoneId, ZoneKey, chain};
+
+/// The credential format this version writes and reads.
+pub const FORMAT: u32 = 2;
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credential {
+    pub format: u32,
     /// For the user's eyes only; never sent.
     pub user: String,
+    /// The server's number for this user. Sent only encrypted (whoami), never the name.
+    pub user_id: u32,
     pub zone: String,
     /// Nameserver to knock directly, if the operator filled it in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
+    /// Length of each of the two chains.
     pub chain_len: u64,
-    /// Elements handed out so far (knocks sent and names printed).
-    pub used: u64,
+    /// Plain elements handed out so far (names printed by `otp`).
+    pub used_plain: u64,
+    /// Bound elements handed out so far (knocks sent, bound names printed).
+    pub used_bound: u64,
     seed: String,
     mac_key: String,
+    zone_key: String,
 }
 
 impl std::fmt::Debug for Credential {
@@ -37,7 +53,8 @@ impl std::fmt::Debug for Credential {
             .field("user", &self.user)
             .field("zone", &self.zone)
             .field("chain_len", &self.chain_len)
-            .field("used", &self.used)
+            .field("used_plain", &self.used_plain)
+            .field("used_bound", &self.used_bound)
             .finish_non_exhaustive()
     }
 }
@@ -57,21 +74,63 @@ pub enum CredentialError {
     Invalid { path: PathBuf, detail: String },
     #[error("credential {path} already exists; refusing to overwrite a credential")]
     Exists { path: PathBuf },
-    #[error("credential {path}: chain used up ({used} of {len}); ask the operator for `nxknock user rekey`")]
-    Exhausted { path: PathBuf, used: u64, len: u64 },
+    #[error("credential {path}: {form} chain used up ({used} of {len}); ask the operator for `nxknock user rekey`")]
+    Exhausted { path: PathBuf, form: &'static str, used: u64, len: u64 },
+    #[error(
+        "credential {path} is format {found}, from before plain and bound knocks had separate chains; \
+         its elements may have travelled inside bound knocks, so it is refused. Ask the operator for a new one: \
+         `nxknock user rekey {user} --out FILE`"
+    )]
+    OldFormat { path: PathBuf, found: u32, user: String },
+}
+
+/// What the server side of an enrolment gives the credential.
+pub struct CredentialKeys<'a> {
+    pub seed: &'a Seed,
+    pub mac_key: &'a [u8],
+    pub zone_key: &'a [u8; ZONE_KEY_LEN],
 }
 
 impl Credential {
-    pub fn new(user: &str, zone: &ZoneId, server: Option<String>, chain_len: u64, seed: &Seed, mac_key: &[u8]) -> Credential {
+    pub fn new(user: &str, user_id: u32, zone: &ZoneId, server: Option<String>, chain_len: u64, keys: CredentialKeys) -> Credential {
         Credential {
+            format: FORMAT,
             user: user.to_owned(),
+            user_id,
             zone: zone.as_str().to_owned(),
             server,
             chain_len,
-            used: 0,
-            seed: HEXLOWER.encode(&seed.0),
-            mac_key: HEXLOWER.encode(mac_key),
+            used_plain: 0,
+            used_bound: 0,
+            seed: HEXLOWER.encode(&keys.seed.0),
+            mac_key: HEXLOWER.encode(keys.mac_key),
+            zone_key: HEXLOWER.encode(keys.zone_key),
         }
+    }
+
+    /// Elements of `form`'s chain handed out so far.
+    pub fn used(&self, form: Form) -> u64 {
+        match form {
+            Form::Plain => self.used_plain,
+            Form::Bound => self.used_bound,
+        }
+    }
+
+    fn used_mut(&mut self, form: Form) -> &mut u64 {
+        match form {
+            Form::Plain => &mut self.used_plain,
+            Form::Bound => &mut self.used_bound,
+        }
+    }
+
+    /// The zone's admission key, keyed for this credential's zone.
+    pub fn zone_key(&self) -> ZoneKey {
+        ZoneKey::new(&self.zone_key_bytes(), &self.zone_id())
+    }
+
+    /// The raw zone key (for whoami's encrypted user id).
+    pub fn zone_key_bytes(&self) -> Vec<u8> {
+        HEXLOWER.decode(self.zone_key.as_bytes()).unwrap_or_default()
     }
 
     pub fn zone_id(&self) -> ZoneId {
@@ -101,6 +160,13 @@ impl Credential {
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
         let invalid = |detail: String| CredentialError::Invalid { path: path.to_owned(), detail };
+        // Tell an old format apart before the strict parse, so its error says what to do.
+        let loose: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
+        let found = loose.get("format").and_then(|v| v.as_integer()).unwrap_or(1);
+        if found != i64::from(FORMAT) {
+            let user = loose.get("user").and_then(|v| v.as_str()).unwrap_or("NAME").to_owned();
+            return Err(CredentialError::OldFormat { path: path.to_owned(), found: found.clamp(0, u32::MAX as i64) as u32, user });
+        }
         let c: Credential = toml::from_str(&text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
         if HEXLOWER.decode(c.seed.as_bytes()).map(|b| b.len()) != Ok(32) {
             return Err(invalid("seed: expected 64 lowercase hex digits".into()));
@@ -108,8 +174,13 @@ impl Credential {
         if HEXLOWER.decode(c.mac_key.as_bytes()).map(|b| b.len() >= 16) != Ok(true) {
             return Err(invalid("mac_key: expected at least 32 lowercase hex digits".into()));
         }
-        if c.used > c.chain_len {
-            return Err(invalid(format!("used ({}) exceeds chain_len ({})", c.used, c.chain_len)));
+        if HEXLOWER.decode(c.zone_key.as_bytes()).map(|b| b.len()) != Ok(ZONE_KEY_LEN) {
+            return Err(invalid(format!("zone_key: expected {} lowercase hex digits", 2 * ZONE_KEY_LEN)));
+        }
+        for form in Form::ALL {
+            if c.used(form) > c.chain_len {
+                return Err(invalid(format!("used_{} ({}) exceeds chain_len ({})", form.as_str(), c.used(form), c.chain_len)));
+            }
         }
         Ok(c)
     }
@@ -147,23 +218,25 @@ impl Credential {
         Ok(())
     }
 
-    /// Reserve the next `n` elements, save the file, then return them in knock order.
-    pub fn take(&mut self, path: &Path, n: u64) -> Result<Vec<Element>, CredentialError> {
-        let left = self.chain_len - self.used;
+    /// Reserve the next `n` elements of `form`'s chain, save the file, then return
+    /// them in knock order.
+    pub fn take(&mut self, path: &Path, form: Form, n: u64) -> Result<Vec<Element>, CredentialError> {
+        let used = self.used(form);
+        let left = self.chain_len - used;
         if n > left {
-            return Err(CredentialError::Exhausted { path: path.to_owned(), used: self.used, len: self.chain_len });
+            return Err(CredentialError::Exhausted { path: path.to_owned(), form: form.as_str(), used, len: self.chain_len });
         }
-        let first = self.chain_len - self.used - 1; // index of the next element to reveal
-        self.used += n;
+        let first = self.chain_len - used - 1; // index of the next element to reveal
+        *self.used_mut(form) += n;
         self.save(path)?;
         // Compute the deepest element once, then step forward: n + j hashes in all.
         let zone = self.zone_id();
         let last = first + 1 - n;
-        let mut x = self.seed().element(&zone, last);
+        let mut x = self.seed().element(&zone, form, last);
         let mut out = Vec::with_capacity(n as usize);
         for _ in 0..n {
             out.push(x);
-            x = chain::step(&zone, &x);
+            x = chain::step(&zone, form, &x);
         }
         out.reverse();
         Ok(out)
@@ -174,45 +247,76 @@ impl Credential {
 mod tests {
     use super::*;
 
+    const ZK: [u8; ZONE_KEY_LEN] = [7; ZONE_KEY_LEN];
+
+    fn cred(user: &str, seed: &Seed, mac: &[u8], len: u64) -> Credential {
+        Credential::new(user, 1, &ZoneId::new("knock.example.com"), None, len, CredentialKeys { seed, mac_key: mac, zone_key: &ZK })
+    }
+
     #[test]
-    fn take_hands_out_consecutive_elements_once() {
+    fn take_hands_out_consecutive_elements_once_per_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alice.cred");
         let zone = ZoneId::new("knock.example.com");
         let seed = Seed([4; 32]);
-        Credential::new("alice", &zone, None, 10, &seed, &[1; 32]).create(&path).unwrap();
+        cred("alice", &seed, &[1; 32], 10).create(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let mut c = Credential::load(&path).unwrap();
-        let a = c.take(&path, 3).unwrap();
-        assert_eq!(a, vec![seed.element(&zone, 9), seed.element(&zone, 8), seed.element(&zone, 7)]);
+        let a = c.take(&path, Form::Plain, 3).unwrap();
+        let p = |j| seed.element(&zone, Form::Plain, j);
+        let b = |j| seed.element(&zone, Form::Bound, j);
+        assert_eq!(a, vec![p(9), p(8), p(7)]);
         let mut c = Credential::load(&path).unwrap();
-        assert_eq!(c.used, 3);
-        assert_eq!(c.take(&path, 1).unwrap(), vec![seed.element(&zone, 6)]);
-        assert!(matches!(c.take(&path, 7), Err(CredentialError::Exhausted { .. })));
-        assert_eq!(c.take(&path, 6).unwrap().last(), Some(&seed.element(&zone, 0)));
-        assert!(Credential::new("alice", &zone, None, 10, &seed, &[1; 32]).create(&path).is_err());
+        assert_eq!((c.used_plain, c.used_bound), (3, 0));
+        // The bound chain is counted apart and never yields a plain element.
+        assert_eq!(c.take(&path, Form::Bound, 1).unwrap(), vec![b(9)]);
+        assert_eq!(c.take(&path, Form::Plain, 1).unwrap(), vec![p(6)]);
+        assert!(matches!(c.take(&path, Form::Plain, 7), Err(CredentialError::Exhausted { .. })));
+        assert_eq!(c.take(&path, Form::Plain, 6).unwrap().last(), Some(&p(0)));
+        assert_eq!(Credential::load(&path).unwrap().used_bound, 1);
+        assert!(cred("alice", &seed, &[1; 32], 10).create(&path).is_err());
     }
 
     #[test]
     fn readable_credentials_are_refused_and_secrets_not_debugged() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
-        let c = Credential::new("bob", &ZoneId::new("z"), None, 10, &Seed([0xee; 32]), &[0xdd; 32]);
+        let c = cred("bob", &Seed([0xee; 32]), &[0xdd; 32], 10);
         c.create(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Credential::load(&path).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
         assert!(!format!("{c:?}").contains("eeee"));
         assert!(!format!("{c:?}").contains("dddd"));
+        assert!(!format!("{c:?}").contains("0707"));
     }
 
     #[test]
     fn corrupt_credential_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
-        std::fs::write(&path, "user = \"x\"\nzone = \"z\"\nchain_len = 5\nused = 0\nseed = \"zz\"\nmac_key = \"00\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "format = 2\nuser = \"x\"\nuser_id = 1\nzone = \"z\"\nchain_len = 5\nused_plain = 0\nused_bound = 0\n\
+             seed = \"zz\"\nmac_key = \"00\"\nzone_key = \"00\"\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = Credential::load(&path).unwrap_err().to_string();
         assert!(e.contains("seed"), "{e}");
+    }
+
+    #[test]
+    fn format_1_credentials_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        std::fs::write(
+            &path,
+            format!("user = \"carol\"\nzone = \"z\"\nchain_len = 5\nused = 0\nseed = \"{}\"\nmac_key = \"{}\"\n", "ab".repeat(32), "cd".repeat(32)),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = Credential::load(&path).unwrap_err().to_string();
+        assert!(e.contains("format 1") && e.contains("nxknock user rekey carol"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ use crate::config::ServiceConfig;
 use crate::firewall::{Door, DoorBackend, FirewallError, Guarded, OpenDoor};
 use crate::hooks::{self, HookEvent};
 use crate::knock::Knock;
+use crate::netaddr::Prefix;
 use crate::store::{DoorRecord, Store};
 use crate::verify::{Decision, Reject};
 
@@ -127,82 +128,126 @@ impl Doors {
         self.backend.uninstall()
     }
 
-    fn doors_for<'a>(
-        &'a self,
-        addr: IpAddr,
-        prefix_len: u8,
-        services: &'a [String],
-        open_for: Duration,
-    ) -> impl Iterator<Item = (&'a ServiceConfig, Door)> + 'a {
+    fn doors_for<'a>(&'a self, door: Prefix, services: &'a [String], open_for: Duration) -> impl Iterator<Item = (&'a ServiceConfig, Door)> + 'a {
         self.services.iter().filter(|s| services.contains(&s.name)).map(move |s| {
-            let door = Door { addr, prefix_len, proto: s.proto, port: s.port, open_for, single_use: s.single_use };
+            let door = Door { addr: door.addr(), prefix_len: door.len(), proto: s.proto, port: s.port, open_for, single_use: s.single_use };
             (s, door)
         })
     }
 
-    /// Act on a decision and log it. Never logs a token; unknown labels log at debug
-    /// only, since a flood of them is expected and must not flood the log.
+    /// Act on a decision and log it. Never logs a token; unknown labels and
+    /// look-alikes log at debug only, since a flood of them is expected and must not
+    /// flood the log.
     pub fn apply(&self, knock: &Knock, decision: &Decision, store: &mut dyn Store) {
         let via = knock.via.as_str();
         let from = knock.seen_from;
         match decision {
-            Decision::Open { user, addr, prefix_len, services, max_open } => {
+            Decision::Open { user, door, services, max_open } => {
+                // The verifier only makes door-sized prefixes; checked again here because
+                // this is the last place before the kernel.
+                if let Err(error) = door.door() {
+                    tracing::error!(%user, %door, %error, "refusing a door wider than the rules allow");
+                    return;
+                }
                 let open_for = max_open.map_or(self.open_for, |m| self.open_for.min(Duration::from_secs(m)));
-                let mut opened = Vec::new();
-                for (svc, door) in self.doors_for(*addr, *prefix_len, services, open_for) {
-                    match self.backend.open(&door) {
-                        Ok(()) => {
-                            tracing::info!(
-                                %user, addr = %format_args!("{addr}/{prefix_len}"), service = %svc.name, %via, %from,
-                                open_seconds = open_for.as_secs(), single_use = door.single_use,
-                                latency_us = knock.received.elapsed().as_micros() as u64, "door opened"
-                            );
-                            let t = now();
-                            opened.push(DoorRecord {
-                                user: user.clone(),
-                                service: svc.name.clone(),
-                                addr: *addr,
-                                prefix_len: *prefix_len,
-                                proto: svc.proto.to_string(),
-                                port: svc.port,
-                                via: via.to_owned(),
-                                single_use: door.single_use,
-                                opened_at: t,
-                                expires_at: t + open_for.as_secs(),
-                            });
-                            self.hook(svc, "open", user, &door, via);
-                        }
-                        Err(error) => tracing::error!(%user, service = %svc.name, %error, "could not open door"),
-                    }
-                }
-                if let Err(error) = store.record_doors(&opened) {
-                    // The doors are open and expire by themselves; only the bookkeeping is lost.
-                    tracing::error!(%error, "could not record opened doors");
-                }
+                self.open(user, *door, services, open_for, via, from, knock, store);
             }
-            Decision::Close { user, addr, prefix_len, services } => {
-                for (svc, door) in self.doors_for(*addr, *prefix_len, services, self.open_for) {
-                    match self.backend.close(&door) {
-                        Ok(()) => {
-                            tracing::info!(%user, addr = %format_args!("{addr}/{prefix_len}"), service = %svc.name, %via, "door closed by close knock");
-                            if let Err(error) = store.close_door(*addr, *prefix_len, svc.proto.as_str(), svc.port) {
-                                tracing::error!(%error, "could not record closed door");
-                            }
-                            self.hook(svc, "close", user, &door, via);
-                        }
-                        Err(error) => tracing::error!(%user, service = %svc.name, %error, "could not close door"),
-                    }
-                }
-            }
+            Decision::Close { user, door, services } => self.close(user, *door, services, via, store),
             Decision::Repeat => tracing::debug!(%via, %from, "repeat of an accepted knock (resolver retry); nothing to do"),
-            Decision::Reject(Reject::Unknown) => tracing::debug!(%via, %from, "knock matches no chain"),
-            Decision::Reject(Reject::Store(error)) => {
-                tracing::error!(%via, %from, %error, "store failed; knock refused (fail closed)")
+            Decision::Reject { user, why } => {
+                let reason = why.reason();
+                let user = user.as_deref().unwrap_or("-");
+                match why {
+                    Reject::Unknown | Reject::LookAlike => tracing::debug!(%via, %from, reason, "knock refused: {why}"),
+                    Reject::Store(_) => tracing::error!(%via, %from, reason, "knock refused (fail closed): {why}"),
+                    _ => tracing::info!(%user, %via, %from, reason, "knock refused: {why}"),
+                }
             }
-            Decision::Reject(Reject::Policy { user, why }) => {
-                tracing::warn!(%user, %via, %from, %why, "valid knock outside the user's policy; nothing opened")
+        }
+    }
+
+    /// Record, then open: a door that exists in the kernel always has its record, so
+    /// `doors` can name it and a restart adopts it.
+    #[allow(clippy::too_many_arguments)]
+    fn open(&self, user: &str, door: Prefix, services: &[String], open_for: Duration, via: &str, from: IpAddr, knock: &Knock, store: &mut dyn Store) {
+        let t = now();
+        let planned: Vec<(&ServiceConfig, Door, DoorRecord)> = self
+            .doors_for(door, services, open_for)
+            .map(|(svc, d)| {
+                let record = DoorRecord {
+                    user: user.to_owned(),
+                    service: svc.name.clone(),
+                    addr: door.addr(),
+                    prefix_len: door.len(),
+                    proto: svc.proto.to_string(),
+                    port: svc.port,
+                    via: via.to_owned(),
+                    single_use: d.single_use,
+                    opened_at: t,
+                    expires_at: t + open_for.as_secs(),
+                };
+                (svc, d, record)
+            })
+            .collect();
+        let records: Vec<DoorRecord> = planned.iter().map(|(_, _, r)| r.clone()).collect();
+        if let Err(error) = store.record_doors(&records) {
+            tracing::error!(%user, %error, "could not record the doors; opening none (fail closed)");
+            return;
+        }
+        for (svc, d, _) in planned {
+            match self.backend.open(&d) {
+                Ok(()) => {
+                    tracing::info!(
+                        %user, %door, service = %svc.name, %via, %from,
+                        open_seconds = open_for.as_secs(), single_use = d.single_use,
+                        latency_us = knock.received.elapsed().as_micros() as u64, "door opened"
+                    );
+                    self.hook(svc, "open", user, &d, via);
+                }
+                Err(error) => {
+                    tracing::error!(%user, service = %svc.name, %error, "could not open door");
+                    let _ = store.close_door(user, door.addr(), door.len(), svc.proto.as_str(), svc.port);
+                }
             }
-            Decision::Reject(r) => tracing::warn!(%via, %from, reason = ?r, "knock refused"),
+        }
+    }
+
+    /// A close knock ends the knocker's own doors. A kernel door shared with another
+    /// user's live door (same address and port) stays open for that user.
+    fn close(&self, user: &str, door: Prefix, services: &[String], via: &str, store: &mut dyn Store) {
+        for (svc, d) in self.doors_for(door, services, self.open_for) {
+            let proto = svc.proto.as_str();
+            if let Err(error) = store.close_door(user, door.addr(), door.len(), proto, svc.port) {
+                tracing::error!(%user, %error, "could not record the closed door; leaving it to expire");
+                continue;
+            }
+            let others = match store.live_doors(now()) {
+                Ok(live) => live.iter().any(|r| r.is_key(door.addr(), door.len(), proto, svc.port)),
+                Err(error) => {
+                    tracing::error!(%error, "cannot read door records; leaving the door to expire");
+                    continue;
+                }
+            };
+            if others {
+                tracing::info!(%user, %door, service = %svc.name, %via, "close knock: the door stays open for another user");
+                continue;
+            }
+            match self.backend.close(&d) {
+                Ok(()) => {
+                    tracing::info!(%user, %door, service = %svc.name, %via, "door closed by close knock");
+                    self.hook(svc, "close", user, &d, via);
+                }
+                Err(error) => tracing::error!(%user, service = %svc.name, %error, "could not close door"),
+            }
+        }
+    }
+
+    /// After users were revoked: remove every kernel door that no live record
+    /// accounts for (revocation closes the user's records in the same transaction).
+    pub fn close_revoked(&self, users: &[String], store: &mut dyn Store) {
+        match self.reconcile(store) {
+            Ok((_, removed)) => tracing::info!(users = %users.join(","), doors_closed = removed, "user revoked: doors closed"),
+            Err(error) => tracing::error!(%error, users = %users.join(","), "user revoked but its doors could not be closed; they expire by themselves"),
         }
     }
 
@@ -227,9 +272,9 @@ impl Doors {
 }
 
 fn same_door(r: &DoorRecord, d: &OpenDoor) -> bool {
-    r.addr == d.addr && r.prefix_len == d.prefix_len && r.proto == d.proto.as_str() && r.port == d.port
+    r.is_key(d.addr, d.prefix_len, d.proto.as_str(), d.port)
 }
 
 fn now() -> u64 {
-    crate::store::now().max(0) as u64
+    crate::clock::unix_now()
 }

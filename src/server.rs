@@ -27,8 +27,13 @@ const VERIFY_QUEUE: usize = 4096;
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
     let zone_id = ZoneId::new(&zone.apex.to_ascii());
-    let store = SqliteStore::open(&cfg.store.path)?;
+    let mut store = SqliteStore::open(&cfg.store.path)?;
+    let zone_key = crate::store::Store::zone_key(&mut store)?;
     let mut verifier = Verifier::new(Box::new(store), zone_id.clone(), &cfg)?;
+    let whoami_keys = Arc::new(crate::whoami::KeyTable::default());
+    if cfg.dns.whoami {
+        verifier.publish_keys(whoami_keys.clone());
+    }
     let doors = Doors::from_config(&cfg);
     let _owner = match cfg.firewall.backend {
         crate::firewall::BackendKind::None => None,
@@ -61,7 +66,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // the knock path reads it only, so there is nothing to gain from a copy per thread.
     let mut handler = KnockHandler::new(zone, tx, stats);
     if cfg.dns.whoami {
-        handler = handler.with_whoami();
+        handler = handler.with_whoami(whoami_keys, zone_key.to_vec());
     }
     if cfg.dns.knocks_per_source > 0 {
         let rate = cfg.dns.knocks_per_source;
@@ -146,9 +151,28 @@ pub fn claim_firewall(backend: &str) -> anyhow::Result<std::os::unix::net::UnixL
     })
 }
 
+/// How often an idle verifier looks for `user revoke` done by another process:
+/// a revoked user's doors close within this time, not at the next knock.
+const REFRESH_EVERY: Duration = Duration::from_millis(200);
+
 fn verify_loop(mut verifier: Verifier, doors: Doors, rx: std::sync::mpsc::Receiver<Knock>) {
-    while let Ok(knock) = rx.recv() {
-        let decision = verifier.verify(&knock);
-        doors.apply(&knock, &decision, verifier.store_mut());
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match rx.recv_timeout(REFRESH_EVERY) {
+            Ok(knock) => {
+                let decision = verifier.verify(&knock);
+                doors.apply(&knock, &decision, verifier.store_mut());
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(error) = verifier.refresh() {
+                    tracing::error!(%error, "cannot re-read the store");
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let revoked = verifier.take_revoked();
+        if !revoked.is_empty() {
+            doors.close_revoked(&revoked, verifier.store_mut());
+        }
     }
 }

@@ -1,88 +1,204 @@
-//! Verification: is this knock the next unspent element of some user's chain?
+//! Verification: is this knock the next unspent element of one of some user's chains?
 //!
-//! The verifier keeps every active user's current verifier in a hash map so the
-//! hot path never waits on disk: a knock costs at most `window` hashes and map
-//! probes whatever the number of users, and no user name is needed (or sent).
-//! SQLite is the durable record, written on accept — and written *before* the
-//! caller opens a door, so a crash can never leave a spent element reusable.
+//! The verifier keeps every active user's two verifiers (one per [`Form`]) in a
+//! hash map so the hot path never waits on disk: a knock costs at most `window`
+//! hashes and map probes whatever the number of users, and no user name is needed
+//! (or sent). SQLite is the durable record, written on accept — and written
+//! *before* the caller opens a door, so a crash can never leave a spent element
+//! reusable.
+//!
+//! Every refusal is decided before anything is spent: a knock that opens nothing
+//! leaves the user's chain where it was, so whoever sends a copy of a user's knock
+//! (from the wrong address, as the wrong form, with a forged ECS) cannot use up
+//! the element the user's own knock needs. See ARCHITECTURE.md, "Verification".
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::IpAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crate::clock::unix_now;
 use crate::config::{Config, PlainPolicy, ServiceConfig};
 use crate::knock::Knock;
-use crate::netaddr;
+use crate::netaddr::{DoorSizeError, Prefix};
 use crate::store::{Store, StoreError, UserRecord};
-use crate::token::{Element, Token, ZoneId, chain, service_id};
+use crate::token::{Element, Form, Token, TokenError, ZoneId, ZoneKey, chain, service_id};
+use crate::whoami::KeyTable;
 
 /// What the door stage should do for a knock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Open `services` for `addr/prefix_len`. The chain advance is already committed.
+    /// Open `services` for `door`. The chain advance is already committed.
     /// `max_open` is the user's limit on the door's open time, if any.
-    Open { user: String, addr: IpAddr, prefix_len: u8, services: Vec<String>, max_open: Option<u64> },
-    /// Close the user's doors for `addr/prefix_len` (close knock). Committed too.
-    Close { user: String, addr: IpAddr, prefix_len: u8, services: Vec<String> },
+    Open { user: String, door: Prefix, services: Vec<String>, max_open: Option<u64> },
+    /// Close this user's doors for `door` (close knock). Committed too.
+    Close { user: String, door: Prefix, services: Vec<String> },
     /// The same token as one accepted moments ago: a resolver retry. Nothing to do.
     Repeat,
-    /// Not a valid knock; the reason is for the log only.
-    Reject(Reject),
+    /// Not a valid knock, or one that may open nothing. Nothing was spent.
+    Reject { user: Option<String>, why: Reject },
 }
 
-/// Why a knock opened nothing.
+/// Why a knock opened nothing. [`Reject::reason`] is the stable word for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
     /// No user's verifier within the window: random, spent, revoked, or foreign.
     Unknown,
+    /// A bound label without the zone's admission tag: not made by an enrolled client.
+    LookAlike,
+    /// The element belongs to the user's other chain (e.g. a bound knock's element
+    /// sent as a plain knock).
+    WrongForm,
     /// The user's last accepted element, again, after the grace period.
-    Replay { user: String },
-    BadMac { user: String },
-    TooOld { user: String, delta: i64 },
-    /// Valid knock, but the user's policy does not allow this address or service.
-    Policy { user: String, why: String },
+    Replay,
+    BadMac,
+    TooOld { delta: i64 },
     /// The chain is used up; the user must be re-keyed.
-    Exhausted { user: String },
+    Exhausted,
+    /// `plain = "off"`.
+    PlainOff,
+    /// `plain = "ecs"` and the query carried no usable ECS.
+    NoEcs,
+    /// ECS from a source outside `[token] ecs_from`.
+    EcsUntrusted,
+    /// The address to admit is not a door: too wide, mapped or reserved.
+    DoorSize(DoorSizeError),
+    /// Valid knock, but the user may not open for this address.
+    OutsideFrom { door: Prefix },
+    /// Valid knock, but no service the user may open matches the request.
+    NoService,
+    /// The chain moved under us (another writer, a revocation): nothing spent here.
+    Lost,
     /// The store refused or failed; fail closed.
     Store(String),
 }
 
+impl Reject {
+    /// One stable word per cause, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Reject::Unknown => "unknown",
+            Reject::LookAlike => "look-alike",
+            Reject::WrongForm => "wrong-form",
+            Reject::Replay => "replay",
+            Reject::BadMac => "bad-mac",
+            Reject::TooOld { .. } => "too-old",
+            Reject::Exhausted => "exhausted",
+            Reject::PlainOff => "plain-off",
+            Reject::NoEcs => "no-ecs",
+            Reject::EcsUntrusted => "ecs-untrusted",
+            Reject::DoorSize(_) => "door-size",
+            Reject::OutsideFrom { .. } => "outside-from",
+            Reject::NoService => "no-service",
+            Reject::Lost => "lost-race",
+            Reject::Store(_) => "store",
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reject::Unknown => f.write_str("matches no chain (random, spent, revoked or foreign)"),
+            Reject::LookAlike => f.write_str("bound label without this zone's admission tag"),
+            Reject::WrongForm => f.write_str("element of the user's other chain (a bound element sent as plain, or the reverse)"),
+            Reject::Replay => f.write_str("the user's last accepted element, replayed after the grace period"),
+            Reject::BadMac => f.write_str("bound knock whose MAC does not verify"),
+            Reject::TooOld { delta } => write!(f, "bound knock made {delta} s away from now, beyond max_age_seconds"),
+            Reject::Exhausted => f.write_str("chain used up; `nxknock user rekey` the user"),
+            Reject::PlainOff => f.write_str("plain knocks are off (plain = \"off\"); use a bound knock"),
+            Reject::NoEcs => f.write_str("plain knock without EDNS Client Subnet (plain = \"ecs\")"),
+            Reject::EcsUntrusted => f.write_str("EDNS Client Subnet from a source outside [token] ecs_from"),
+            Reject::DoorSize(e) => write!(f, "{e}"),
+            Reject::OutsideFrom { door } => write!(f, "{door} is outside the user's --from networks"),
+            Reject::NoService => f.write_str("no permitted service matches the request"),
+            Reject::Lost => f.write_str("the chain moved meanwhile (another nameserver, or a revocation)"),
+            Reject::Store(e) => write!(f, "store failed: {e}"),
+        }
+    }
+}
+
+fn reject(user: Option<&UserRecord>, why: Reject) -> Decision {
+    Decision::Reject { user: user.map(|u| u.name.clone()), why }
+}
+
+/// A user as the verifier needs it: the record plus its `--from` networks, parsed once.
 struct UserState {
     record: UserRecord,
+    from: Vec<Prefix>,
+}
+
+/// Which chain of which user a verifier belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChainRef {
+    user: i64,
+    form: Form,
+}
+
+/// What a knock asks for, once its address is settled.
+struct Target {
+    door: Prefix,
+    /// [`service_id`] requested; 0 asks for every permitted service.
+    service: u16,
+    close: bool,
 }
 
 /// The in-memory verifier index over a [`Store`].
 pub struct Verifier {
     store: Box<dyn Store>,
     zone: ZoneId,
+    zone_key: ZoneKey,
     window: u32,
     max_age: u64,
     grace: Duration,
     plain: PlainPolicy,
+    ecs_from: Vec<Prefix>,
     services: Vec<ServiceConfig>,
     users: HashMap<i64, UserState>,
-    /// Current verifier -> user id.
-    index: HashMap<Element, i64>,
+    /// Current verifier -> the chain it ends.
+    index: HashMap<Element, ChainRef>,
     /// Recently accepted elements, so resolver retries are silent no-ops.
-    recent: HashMap<Element, Instant>,
+    recent: HashMap<Element, (Form, Instant)>,
+    /// Users that stopped being active since the last [`Verifier::take_revoked`].
+    revoked: Vec<String>,
+    /// Where the DNS listener finds MAC keys to answer whoami, if enabled.
+    whoami_keys: Option<Arc<KeyTable>>,
 }
 
 impl Verifier {
-    pub fn new(store: Box<dyn Store>, zone: ZoneId, cfg: &Config) -> Result<Verifier, StoreError> {
+    pub fn new(mut store: Box<dyn Store>, zone: ZoneId, cfg: &Config) -> Result<Verifier, StoreError> {
+        let zone_key = ZoneKey::new(&store.zone_key()?, &zone);
         let mut v = Verifier {
             store,
             zone,
+            zone_key,
             window: cfg.token.window,
             max_age: cfg.token.max_age_seconds,
             grace: Duration::from_secs(cfg.token.grace_seconds),
             plain: cfg.token.plain,
+            ecs_from: cfg.token.ecs_from.clone(),
             services: cfg.services.clone(),
             users: HashMap::new(),
             index: HashMap::new(),
             recent: HashMap::new(),
+            revoked: Vec::new(),
+            whoami_keys: None,
         };
         v.reload()?;
         Ok(v)
+    }
+
+    /// Keep `table` filled with the active users' MAC keys, for whoami answers.
+    pub fn publish_keys(&mut self, table: Arc<KeyTable>) {
+        self.whoami_keys = Some(table);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        if let Some(t) = &self.whoami_keys {
+            t.replace(self.users.values().filter_map(|u| Some((u32::try_from(u.record.id).ok()?, u.record.mac_key.clone()))).collect());
+        }
     }
 
     /// The durable store, shared with the door stage on the same thread and
@@ -98,10 +214,41 @@ impl Verifier {
 
     fn reload(&mut self) -> Result<(), StoreError> {
         let users = self.store.active_users()?;
-        self.index = users.iter().map(|u| (u.verifier, u.id)).collect();
-        self.users = users.into_iter().map(|u| (u.id, UserState { record: u })).collect();
+        let before: Vec<String> = self.users.values().map(|u| u.record.name.clone()).collect();
+        self.index.clear();
+        for u in &users {
+            for form in Form::ALL {
+                self.index.insert(u.chain(form).verifier, ChainRef { user: u.id, form });
+            }
+        }
+        self.users = users
+            .into_iter()
+            .map(|u| {
+                // Stored CIDRs were checked at enrolment; one that no longer parses admits nothing.
+                let from = u.from.iter().filter_map(|c| c.parse().ok()).collect();
+                (u.id, UserState { record: u, from })
+            })
+            .collect();
+        let active: std::collections::HashSet<&str> = self.users.values().map(|u| u.record.name.as_str()).collect();
+        self.revoked.extend(before.into_iter().filter(|n| !active.contains(n.as_str())));
+        self.publish();
         tracing::debug!(users = self.users.len(), "verifier index loaded");
         Ok(())
+    }
+
+    /// Pick up `user add`/`revoke`/`rekey` done by another process. Cheap when
+    /// nothing changed (no disk I/O in WAL mode); the daemon calls it when idle too,
+    /// so a revocation closes doors at once and not at the next knock.
+    pub fn refresh(&mut self) -> Result<(), StoreError> {
+        if self.store.changed_elsewhere()? {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    /// Names of users revoked (or removed) since the last call.
+    pub fn take_revoked(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.revoked)
     }
 
     /// Verify one knock. On `Open`/`Close` the advance is durable in the store.
@@ -110,187 +257,161 @@ impl Verifier {
     }
 
     fn verify_at(&mut self, knock: &Knock, now_unix: u64, now: Instant) -> Decision {
-        // Pick up `user add`/`revoke`/`rekey` done by another process.
-        match self.store.changed_elsewhere() {
-            Ok(false) => {}
-            Ok(true) => {
-                if let Err(e) = self.reload() {
-                    return Decision::Reject(Reject::Store(e.to_string()));
-                }
-            }
-            Err(e) => return Decision::Reject(Reject::Store(e.to_string())),
+        if let Err(e) = self.refresh() {
+            return reject(None, Reject::Store(e.to_string()));
         }
+        let form = knock.token.form();
         let element = *knock.token.element();
-        if let Some(at) = self.recent.get(&element) {
-            if now.duration_since(*at) <= self.grace {
-                return Decision::Repeat;
+        // Look-alikes cost one keyed hash here, never a chain walk.
+        if let Token::Bound(b) = &knock.token {
+            if b.check_admission(&self.zone_key).is_err() {
+                return reject(None, Reject::LookAlike);
             }
         }
-        // An element that *is* a current verifier was accepted already — by us before a
-        // restart, or by another nameserver sharing the database. Within the grace
-        // period that is a resolver's retry; later it is a replay.
-        if let Some(id) = self.index.get(&element) {
-            let user = &self.users[id].record;
-            if now_unix.saturating_sub(user.updated) <= self.grace.as_secs() {
-                return Decision::Repeat;
-            }
-            return Decision::Reject(Reject::Replay { user: user.name.clone() });
+        if let Some(d) = self.already_accepted(&element, form, now_unix, now) {
+            return d;
         }
-        // Walk forward from the revealed element: the k-th hash equals the verifier
-        // if the user skipped k-1 elements (lost knocks, unused OTP names).
-        let mut h = element;
-        let mut found = None;
-        for k in 1..=self.window as u64 {
-            h = chain::step(&self.zone, &h);
-            if let Some(&id) = self.index.get(&h) {
-                found = Some((id, k));
-                break;
-            }
-        }
-        let Some((id, k)) = found else {
-            return Decision::Reject(Reject::Unknown);
+        let Some((chain, k)) = self.find(&element, form) else {
+            return reject(None, Reject::Unknown);
         };
-        let user = &self.users[&id].record;
-        let name = user.name.clone();
-        if user.counter + k > user.chain_len {
-            return Decision::Reject(Reject::Exhausted { user: name });
+        let user = &self.users[&chain.user];
+        if chain.form != form {
+            return reject(Some(&user.record), Reject::WrongForm);
         }
-        // A bound knock's MAC and age are checked before anything is spent: an
-        // element seen on the wire must not let a forger burn the user's chain.
-        let (addr, prefix_len, requested, close) = match &knock.token {
-            Token::Plain(_) => match (self.plain, knock.ecs) {
-                (PlainPolicy::Source, _) => {
-                    let (a, p) = host_prefix(knock.seen_from);
-                    (a, p, 0, false)
-                }
-                // The door backends admit one IPv4 address (or an IPv6 prefix): a wider
-                // IPv4 ECS prefix is refused here, before anything is spent.
-                (PlainPolicy::Ecs, Some((a, p))) if a.to_canonical().is_ipv4() && p < 32 => {
-                    return Decision::Reject(Reject::Policy {
-                        user: name,
-                        why: format!("ECS prefix /{p} is wider than one IPv4 address; have the resolver send /32 or use a bound knock"),
-                    });
-                }
-                (PlainPolicy::Ecs, Some((a, p))) if p > 0 => {
-                    let (a, p) = ecs_prefix(a, p);
-                    (a, p, 0, false)
-                }
-                // Refused before anything is spent: the element stays usable.
-                (PlainPolicy::Ecs, _) => {
-                    return Decision::Reject(Reject::Policy { user: name, why: "plain knock without EDNS Client Subnet (plain = \"ecs\")".into() });
-                }
-                (PlainPolicy::Off, _) => {
-                    return Decision::Reject(Reject::Policy { user: name, why: "plain knocks are off (plain = \"off\"); use a bound knock".into() });
-                }
-            },
-            Token::Bound(b) => {
-                if b.verify_mac(&user.mac_key, &self.zone).is_err() {
-                    return Decision::Reject(Reject::BadMac { user: name });
-                }
-                if let Err(crate::token::TokenError::TooOld(delta)) = b.check_age(now_unix, self.max_age) {
-                    return Decision::Reject(Reject::TooOld { user: name, delta });
-                }
-                let (a, p) = b.addr.to_prefix();
-                (a, p, b.service, b.close)
-            }
+        let state = *user.record.chain(form);
+        if state.counter + k > user.record.chain_len {
+            return reject(Some(&user.record), Reject::Exhausted);
+        }
+        let target = match self.target(knock, user, now_unix) {
+            Ok(t) => t,
+            Err(why) => return reject(Some(&user.record), why),
         };
-        // Commit the advance first; only a committed advance may open a door.
-        let (old, counter) = (user.verifier, user.counter + k);
-        match self.store.advance(id, &old, &element, counter) {
-            Ok(true) => {}
-            Ok(false) => {
-                // Another writer won or the user was revoked meanwhile: resync, open nothing.
-                let _ = self.reload();
-                return Decision::Reject(Reject::Unknown);
-            }
-            Err(e) => return Decision::Reject(Reject::Store(e.to_string())),
+        if !user.from.is_empty() && !user.from.iter().any(|net| net.contains_prefix(&target.door)) {
+            return reject(Some(&user.record), Reject::OutsideFrom { door: target.door });
         }
-        self.index.remove(&old);
-        self.index.insert(element, id);
-        let state = self.users.get_mut(&id).expect("user present");
-        state.record.verifier = element;
-        state.record.counter = counter;
-        state.record.updated = now_unix;
-        self.remember(element, now);
+        let services = self.permitted(&user.record, target.service);
+        if services.is_empty() {
+            return reject(Some(&user.record), Reject::NoService);
+        }
+        // Every check passed: commit the advance; only a committed advance may open a door.
+        if let Err(why) = self.spend(chain, &state.verifier, element, state.counter + k, now_unix, now) {
+            return reject(Some(&self.users[&chain.user].record), why);
+        }
+        let user = &self.users[&chain.user].record;
+        if target.close {
+            Decision::Close { user: user.name.clone(), door: target.door, services }
+        } else {
+            Decision::Open { user: user.name.clone(), door: target.door, services, max_open: user.max_open }
+        }
+    }
 
-        let user = &self.users[&id].record;
-        if let Some(why) = policy_refusal(user, addr, prefix_len) {
-            return Decision::Reject(Reject::Policy { user: name, why });
+    /// Is this element one we accepted already? Within the grace period that is a
+    /// resolver's retry (or a second nameserver's copy, or us before a restart);
+    /// later it is a replay. The wrong form is never a repeat.
+    fn already_accepted(&self, element: &Element, form: Form, now_unix: u64, now: Instant) -> Option<Decision> {
+        if let Some((f, at)) = self.recent.get(element) {
+            if now.duration_since(*at) <= self.grace {
+                return Some(if *f == form { Decision::Repeat } else { reject(None, Reject::WrongForm) });
+            }
         }
-        let services: Vec<String> = self
-            .services
+        let chain = self.index.get(element)?;
+        let user = &self.users[&chain.user].record;
+        if chain.form != form {
+            return Some(reject(Some(user), Reject::WrongForm));
+        }
+        if now_unix.saturating_sub(user.chain(form).updated) <= self.grace.as_secs() {
+            return Some(Decision::Repeat);
+        }
+        Some(reject(Some(user), Reject::Replay))
+    }
+
+    /// Walk forward from the revealed element with `form`'s step function: the k-th
+    /// hash equals a verifier if the user skipped k-1 elements (lost knocks, unused
+    /// printed names). A hit on the other form's verifier is returned too, so it can
+    /// be refused by name.
+    fn find(&self, element: &Element, form: Form) -> Option<(ChainRef, u64)> {
+        let mut h = *element;
+        for k in 1..=u64::from(self.window) {
+            h = chain::step(&self.zone, form, &h);
+            if let Some(&c) = self.index.get(&h) {
+                return Some((c, k));
+            }
+        }
+        None
+    }
+
+    /// The door a knock asks for: the embedded address of a bound knock (after its
+    /// MAC and age), or for a plain knock what `[token] plain` allows.
+    fn target(&self, knock: &Knock, user: &UserState, now_unix: u64) -> Result<Target, Reject> {
+        match &knock.token {
+            Token::Bound(b) => {
+                b.verify_mac(&user.record.mac_key, &self.zone).map_err(|_| Reject::BadMac)?;
+                if let Err(TokenError::TooOld(delta)) = b.check_age(now_unix, self.max_age) {
+                    return Err(Reject::TooOld { delta });
+                }
+                let (addr, len) = b.addr.to_prefix();
+                let door = Prefix::new(addr, len).door().map_err(Reject::DoorSize)?;
+                Ok(Target { door, service: b.service, close: b.close })
+            }
+            Token::Plain(_) => {
+                let door = match self.plain {
+                    PlainPolicy::Off => return Err(Reject::PlainOff),
+                    PlainPolicy::Source => Prefix::source_door(knock.seen_from),
+                    PlainPolicy::Ecs => self.ecs_door(knock)?,
+                };
+                Ok(Target { door: door.door().map_err(Reject::DoorSize)?, service: 0, close: false })
+            }
+        }
+    }
+
+    /// ECS is believed only from `[token] ecs_from`, and only as wide as a door may be.
+    fn ecs_door(&self, knock: &Knock) -> Result<Prefix, Reject> {
+        let Some((addr, len)) = knock.ecs else { return Err(Reject::NoEcs) };
+        if !self.ecs_from.iter().any(|net| net.contains_ip(knock.seen_from)) {
+            return Err(Reject::EcsUntrusted);
+        }
+        // Family 2 carrying ::ffff:a.b.c.d would otherwise slip past the IPv4 rules.
+        if let IpAddr::V6(a) = addr {
+            if a.to_ipv4_mapped().is_some() {
+                return Err(Reject::DoorSize(DoorSizeError::Reserved));
+            }
+        }
+        Ok(Prefix::new(addr, len))
+    }
+
+    /// Configured services this knock may open: the requested one (or all), within
+    /// the user's list.
+    fn permitted(&self, user: &UserRecord, requested: u16) -> Vec<String> {
+        self.services
             .iter()
             .filter(|s| requested == 0 || service_id(&s.name) == requested)
             .filter(|s| user.services.is_empty() || user.services.contains(&s.name))
             .map(|s| s.name.clone())
-            .collect();
-        if services.is_empty() {
-            return Decision::Reject(Reject::Policy { user: name, why: "no permitted service matches the request".into() });
-        }
-        if close {
-            Decision::Close { user: name, addr, prefix_len, services }
-        } else {
-            Decision::Open { user: name, addr, prefix_len, services, max_open: user.max_open }
-        }
+            .collect()
     }
 
-    fn remember(&mut self, element: Element, now: Instant) {
+    /// Commit `element` as the chain's new verifier, then update the index.
+    fn spend(&mut self, chain: ChainRef, old: &Element, element: Element, counter: u64, now_unix: u64, now: Instant) -> Result<(), Reject> {
+        match self.store.advance(chain.user, chain.form, old, &element, counter) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another writer won or the user was revoked meanwhile: resync, open nothing.
+                let _ = self.reload();
+                return Err(Reject::Lost);
+            }
+            Err(e) => return Err(Reject::Store(e.to_string())),
+        }
+        self.index.remove(old);
+        self.index.insert(element, chain);
+        let user = self.users.get_mut(&chain.user).expect("user present");
+        *user.record.chain_mut(chain.form) = crate::store::ChainState { verifier: element, counter, updated: now_unix };
         let grace = self.grace;
         if self.recent.len() >= 4096 {
-            self.recent.retain(|_, at| now.duration_since(*at) <= grace);
+            self.recent.retain(|_, (_, at)| now.duration_since(*at) <= grace);
         }
-        self.recent.insert(element, now);
+        self.recent.insert(element, (chain.form, now));
+        Ok(())
     }
-}
-
-/// The door for an address seen on the wire: the host for IPv4, the /64 for IPv6
-/// (clients rotate privacy addresses within their /64).
-fn host_prefix(ip: IpAddr) -> (IpAddr, u8) {
-    // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d.
-    let ip = ip.to_canonical();
-    match ip {
-        IpAddr::V4(_) => (ip, 32),
-        IpAddr::V6(_) => crate::token::BoundAddr::from_ip(ip).to_prefix(),
-    }
-}
-
-/// The door for an ECS prefix: the network with host bits cleared. An IPv6
-/// prefix longer than /64 is widened to the /64, as for every IPv6 door.
-fn ecs_prefix(ip: IpAddr, len: u8) -> (IpAddr, u8) {
-    let ip = ip.to_canonical();
-    let len = if ip.is_ipv4() { len.min(32) } else { len.min(64) };
-    (netaddr::mask(ip, len), len)
-}
-
-/// `Some(reason)` if the user's source-network policy excludes `addr/prefix_len`.
-fn policy_refusal(user: &UserRecord, addr: IpAddr, prefix_len: u8) -> Option<String> {
-    if user.from.is_empty() {
-        return None;
-    }
-    let inside = user.from.iter().any(|cidr| cidr_contains(cidr, addr, prefix_len));
-    (!inside).then(|| format!("{addr}/{prefix_len} is outside {}", user.from.join(",")))
-}
-
-/// Does `cidr` contain the whole of `addr/prefix_len`? Malformed CIDRs contain nothing.
-pub fn cidr_contains(cidr: &str, addr: IpAddr, prefix_len: u8) -> bool {
-    parse_cidr(cidr).is_some_and(|(net, len)| netaddr::contains(net, len, addr, prefix_len))
-}
-
-/// Parse `a.b.c.d/n` or `x::/n` (a bare address is a host route).
-pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (ip, len) = match s.split_once('/') {
-        Some((ip, len)) => (ip.parse::<IpAddr>().ok()?, len.parse::<u8>().ok()?),
-        None => {
-            let ip = s.parse::<IpAddr>().ok()?;
-            (ip, if ip.is_ipv4() { 32 } else { 128 })
-        }
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (len <= max).then_some((ip, len))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -298,7 +419,7 @@ mod tests {
     use super::*;
     use crate::knock::Via;
     use crate::store::{Enrolment, SqliteStore};
-    use crate::token::{Bound, BoundAddr, Seed};
+    use crate::token::{Bound, BoundAddr, BoundKnock, Seed};
 
     const CFG: &str = r#"
 [dns]
@@ -323,12 +444,33 @@ port = 443
         v: Verifier,
         seed: Seed,
         zone: ZoneId,
+        zone_key: ZoneKey,
         path: std::path::PathBuf,
     }
 
     const N: u64 = 50;
 
+    impl Fixture {
+        fn plain(&self, j: u64) -> Token {
+            Token::Plain(self.seed.element(&self.zone, Form::Plain, j))
+        }
+
+        fn bound_with(&self, key: &[u8], j: u64, ip: &str, service: u16, time: u32, close: bool) -> Token {
+            let element = self.seed.element(&self.zone, Form::Bound, j);
+            let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip.parse().unwrap()), service, time, close };
+            Token::Bound(Bound::sign(key, &self.zone_key, &self.zone, knock))
+        }
+
+        fn bound(&self, j: u64, ip: &str, service: u16) -> Token {
+            self.bound_with(b"key", j, ip, service, unix_now() as u32, false)
+        }
+    }
+
     fn fixture(from: Vec<String>, services: Vec<String>) -> Fixture {
+        fixture_cfg(CFG, from, services)
+    }
+
+    fn fixture_cfg(cfg: &str, from: Vec<String>, services: Vec<String>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let zone = ZoneId::new("knock.example.com");
@@ -337,7 +479,7 @@ port = 443
         store
             .add_user(&Enrolment {
                 name: "alice".into(),
-                verifier: seed.element(&zone, N),
+                verifiers: [seed.element(&zone, Form::Plain, N), seed.element(&zone, Form::Bound, N)],
                 chain_len: N,
                 mac_key: b"key".to_vec(),
                 services,
@@ -345,87 +487,126 @@ port = 443
                 max_open: None,
             })
             .unwrap();
-        let cfg = Config::parse(CFG, std::path::Path::new("/x/c.toml")).unwrap();
+        let zone_key = ZoneKey::new(&store.zone_key().unwrap(), &zone);
+        let cfg = Config::parse(cfg, std::path::Path::new("/x/c.toml")).unwrap();
         let v = Verifier::new(Box::new(store), zone.clone(), &cfg).unwrap();
-        Fixture { _dir: dir, v, seed, zone, path }
+        Fixture { _dir: dir, v, seed, zone, zone_key, path }
     }
 
     fn knock(token: Token) -> Knock {
-        Knock { token, seen_from: "198.18.0.2".parse().unwrap(), via: Via::DnsUdp, ecs: None, received: Instant::now() }
+        knock_from(token, "198.18.0.2")
+    }
+
+    fn knock_from(token: Token, from: &str) -> Knock {
+        Knock { token, seen_from: from.parse().unwrap(), via: Via::DnsUdp, ecs: None, received: Instant::now() }
+    }
+
+    fn p(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    fn why(d: Decision) -> Reject {
+        match d {
+            Decision::Reject { why, .. } => why,
+            d => panic!("expected a refusal, got {d:?}"),
+        }
     }
 
     #[test]
     fn plain_knock_opens_once_then_is_spent() {
         let mut f = fixture(vec![], vec![]);
-        let t = Token::Plain(f.seed.element(&f.zone, N - 1));
+        let t = f.plain(N - 1);
         let d = f.v.verify(&knock(t.clone()));
         assert_eq!(
             d,
-            Decision::Open { user: "alice".into(), addr: "198.18.0.2".parse().unwrap(), prefix_len: 32, services: vec!["ssh".into(), "web".into()], max_open: None }
+            Decision::Open { user: "alice".into(), door: p("198.18.0.2/32"), services: vec!["ssh".into(), "web".into()], max_open: None }
         );
-        // Within grace: a silent repeat. After grace: unknown (spent).
+        // Within grace: a silent repeat. After grace: a replay.
         assert_eq!(f.v.verify(&knock(t.clone())), Decision::Repeat);
         let later = Instant::now() + Duration::from_secs(3600);
-        assert_eq!(
-            f.v.verify_at(&knock(t.clone()), unix_now() + 3600, later),
-            Decision::Reject(Reject::Replay { user: "alice".into() })
-        );
+        assert_eq!(why(f.v.verify_at(&knock(t.clone()), unix_now() + 3600, later)), Reject::Replay);
         // Once the chain has moved on, the old element is simply unknown.
-        let next = Token::Plain(f.seed.element(&f.zone, N - 2));
+        let next = f.plain(N - 2);
         assert!(matches!(f.v.verify_at(&knock(next), unix_now() + 3600, later), Decision::Open { .. }));
-        assert_eq!(f.v.verify_at(&knock(t), unix_now() + 3600, later), Decision::Reject(Reject::Unknown));
-        // The advance is durable.
+        assert_eq!(why(f.v.verify_at(&knock(t), unix_now() + 3600, later)), Reject::Unknown);
+        // The advance is durable, and only the plain chain moved.
         let mut s = SqliteStore::open(&f.path).unwrap();
-        assert_eq!(s.active_users().unwrap()[0].counter, 2);
+        let u = &s.active_users().unwrap()[0];
+        assert_eq!((u.chain(Form::Plain).counter, u.chain(Form::Bound).counter), (2, 0));
     }
 
     #[test]
     fn window_skips_lost_knocks_but_not_beyond() {
         let mut f = fixture(vec![], vec![]);
-        let far = Token::Plain(f.seed.element(&f.zone, N - 33));
-        assert_eq!(f.v.verify(&knock(far)), Decision::Reject(Reject::Unknown));
-        let skip = Token::Plain(f.seed.element(&f.zone, N - 32));
-        assert!(matches!(f.v.verify(&knock(skip)), Decision::Open { .. }));
+        assert_eq!(why(f.v.verify(&knock(f.plain(N - 33)))), Reject::Unknown);
+        assert!(matches!(f.v.verify(&knock(f.plain(N - 32))), Decision::Open { .. }));
         // Older elements (already passed) never open again.
-        let old = Token::Plain(f.seed.element(&f.zone, N - 5));
-        assert_eq!(f.v.verify(&knock(old)), Decision::Reject(Reject::Unknown));
+        assert_eq!(why(f.v.verify(&knock(f.plain(N - 5)))), Reject::Unknown);
     }
 
     #[test]
     fn bound_knock_opens_embedded_address_for_requested_service() {
         let mut f = fixture(vec![], vec![]);
-        let e = f.seed.element(&f.zone, N - 1);
-        let addr = BoundAddr::from_ip("2001:db8:18::77".parse().unwrap());
-        let b = Bound::sign(b"key", &f.zone, e, addr, service_id("web"), unix_now() as u32, false);
+        let t = f.bound(N - 1, "2001:db8:18::77", service_id("web"));
         assert_eq!(
-            f.v.verify(&knock(Token::Bound(b))),
-            Decision::Open { user: "alice".into(), addr: "2001:db8:18::".parse().unwrap(), prefix_len: 64, services: vec!["web".into()], max_open: None }
+            f.v.verify(&knock(t)),
+            Decision::Open { user: "alice".into(), door: p("2001:db8:18::/64"), services: vec!["web".into()], max_open: None }
         );
     }
 
     #[test]
-    fn forged_or_stale_bound_knock_spends_nothing() {
+    fn a_bound_element_never_opens_as_plain_and_spends_nothing() {
         let mut f = fixture(vec![], vec![]);
-        let e = f.seed.element(&f.zone, N - 1);
-        let addr = BoundAddr::from_ip("198.18.0.3".parse().unwrap());
-        let forged = Bound::sign(b"not-the-key", &f.zone, e, addr, 0, unix_now() as u32, false);
-        assert_eq!(f.v.verify(&knock(Token::Bound(forged))), Decision::Reject(Reject::BadMac { user: "alice".into() }));
-        let stale = Bound::sign(b"key", &f.zone, e, addr, 0, unix_now() as u32 - 500, false);
-        assert!(matches!(f.v.verify(&knock(Token::Bound(stale))), Decision::Reject(Reject::TooOld { .. })));
-        // The genuine knock still works: nothing was spent.
-        let good = Bound::sign(b"key", &f.zone, e, addr, 0, unix_now() as u32, false);
-        assert!(matches!(f.v.verify(&knock(Token::Bound(good))), Decision::Open { .. }));
+        for policy in [PlainPolicy::Source, PlainPolicy::Ecs] {
+            f.v.plain = policy;
+            f.v.ecs_from = vec![p("0.0.0.0/0")];
+            for j in [N, N - 1, N - 2, N - 20] {
+                let element = f.seed.element(&f.zone, Form::Bound, j);
+                let mut k = knock_from(Token::Plain(element), "198.18.0.3");
+                k.ecs = Some(("198.18.0.3".parse().unwrap(), 32));
+                let d = f.v.verify(&k);
+                assert!(matches!(d, Decision::Reject { why: Reject::Unknown | Reject::WrongForm, .. }), "{d:?}");
+            }
+        }
+        f.v.plain = PlainPolicy::Source;
+        // The user's own bound knock still opens, for the user's address.
+        let d = f.v.verify(&knock(f.bound(N - 1, "198.18.0.2", 0)));
+        assert!(matches!(&d, Decision::Open { door, .. } if *door == p("198.18.0.2/32")), "{d:?}");
+        // Now the bound verifier is that element: as a plain knock it is the wrong form, not a repeat.
+        let element = f.seed.element(&f.zone, Form::Bound, N - 1);
+        assert_eq!(why(f.v.verify(&knock_from(Token::Plain(element), "198.18.0.3"))), Reject::WrongForm);
+        // And a plain element never opens as a bound one.
+        let plain_el = f.seed.element(&f.zone, Form::Plain, N - 1);
+        let knock_b = BoundKnock { element: plain_el, addr: BoundAddr::from_ip("198.18.0.3".parse().unwrap()), service: 0, time: unix_now() as u32, close: false };
+        let forged = Token::Bound(Bound::sign(b"key", &f.zone_key, &f.zone, knock_b));
+        assert_eq!(why(f.v.verify(&knock(forged))), Reject::Unknown);
+        assert!(matches!(f.v.verify(&knock(f.plain(N - 1))), Decision::Open { .. }), "plain chain untouched");
     }
 
     #[test]
-    fn policy_refuses_outside_networks_and_services() {
+    fn look_alikes_and_forged_or_stale_bound_knocks_spend_nothing() {
+        let mut f = fixture(vec![], vec![]);
+        let outsider = ZoneKey::new(b"not-the-zone-key", &f.zone);
+        let element = f.seed.element(&f.zone, Form::Bound, N - 1);
+        let kb = BoundKnock { element, addr: BoundAddr::from_ip("198.18.0.3".parse().unwrap()), service: 0, time: unix_now() as u32, close: false };
+        let look_alike = Token::Bound(Bound::sign(b"key", &outsider, &f.zone, kb));
+        assert_eq!(why(f.v.verify(&knock(look_alike))), Reject::LookAlike);
+        let forged = f.bound_with(b"not-the-key", N - 1, "198.18.0.3", 0, unix_now() as u32, false);
+        assert_eq!(f.v.verify(&knock(forged)), Decision::Reject { user: Some("alice".into()), why: Reject::BadMac });
+        let stale = f.bound_with(b"key", N - 1, "198.18.0.3", 0, unix_now() as u32 - 500, false);
+        assert!(matches!(why(f.v.verify(&knock(stale))), Reject::TooOld { .. }));
+        // The genuine knock still works: nothing was spent.
+        assert!(matches!(f.v.verify(&knock(f.bound(N - 1, "198.18.0.3", 0))), Decision::Open { .. }));
+    }
+
+    #[test]
+    fn policy_refuses_outside_networks_and_services_without_spending() {
         let mut f = fixture(vec!["203.0.113.0/24".into()], vec!["ssh".into()]);
-        let t = Token::Plain(f.seed.element(&f.zone, N - 1));
-        assert!(matches!(f.v.verify(&knock(t)), Decision::Reject(Reject::Policy { .. })));
+        assert_eq!(why(f.v.verify(&knock(f.plain(N - 1)))), Reject::OutsideFrom { door: p("198.18.0.2/32") });
+        assert!(matches!(f.v.verify(&knock_from(f.plain(N - 1), "203.0.113.9")), Decision::Open { .. }), "not spent");
         let mut f = fixture(vec!["198.18.0.0/15".into()], vec!["ssh".into()]);
-        let e = f.seed.element(&f.zone, N - 1);
-        let b = Bound::sign(b"key", &f.zone, e, BoundAddr::from_ip("198.18.0.2".parse().unwrap()), service_id("web"), unix_now() as u32, false);
-        assert!(matches!(f.v.verify(&knock(Token::Bound(b))), Decision::Reject(Reject::Policy { .. })));
+        assert_eq!(why(f.v.verify(&knock(f.bound(N - 1, "198.18.0.2", service_id("web"))))), Reject::NoService);
+        assert!(matches!(f.v.verify(&knock(f.bound(N - 1, "198.18.0.2", service_id("ssh")))), Decision::Open { .. }));
     }
 
     #[test]
@@ -434,50 +615,63 @@ port = 443
         let store_b = SqliteStore::open(&a.path).unwrap();
         let cfg = Config::parse(CFG, std::path::Path::new("/x/c.toml")).unwrap();
         let mut b = Verifier::new(Box::new(store_b), a.zone.clone(), &cfg).unwrap();
-        let t = Token::Plain(a.seed.element(&a.zone, N - 1));
+        let t = a.plain(N - 1);
         assert!(matches!(a.v.verify(&knock(t.clone())), Decision::Open { .. }));
         assert_eq!(b.verify(&knock(t)), Decision::Repeat);
     }
 
     #[test]
-    fn plain_policy_ecs_and_off() {
-        let mut f = fixture(vec![], vec![]);
-        f.v.plain = PlainPolicy::Ecs;
-        let t = Token::Plain(f.seed.element(&f.zone, N - 1));
-        assert!(matches!(f.v.verify(&knock(t.clone())), Decision::Reject(Reject::Policy { .. })));
-        let mut k = knock(t);
-        k.ecs = Some(("198.51.100.77".parse().unwrap(), 24));
-        assert!(matches!(f.v.verify(&k), Decision::Reject(Reject::Policy { .. })), "IPv4 ECS wider than /32");
-        k.ecs = Some(("198.51.100.77".parse().unwrap(), 32));
+    fn ecs_is_believed_only_from_listed_resolvers_and_never_wider_than_a_door() {
+        let cfg = format!("{CFG}\n[token]\nplain = \"ecs\"\necs_from = [\"198.18.0.4/32\"]\n");
+        let mut f = fixture_cfg(&cfg, vec![], vec![]);
+        let t = f.plain(N - 1);
+        let with_ecs = |from: &str, ecs: Option<(&str, u8)>| {
+            let mut k = knock_from(t.clone(), from);
+            k.ecs = ecs.map(|(a, l)| (a.parse().unwrap(), l));
+            k
+        };
+        assert_eq!(why(f.v.verify(&with_ecs("198.18.0.4", None))), Reject::NoEcs);
+        assert_eq!(why(f.v.verify(&with_ecs("198.18.0.3", Some(("198.18.0.3", 32))))), Reject::EcsUntrusted);
+        for (ecs, len) in [("2000::", 3), ("0.0.0.0", 0), ("198.51.100.0", 24), ("2001:db8::", 55), ("::", 0)] {
+            assert!(matches!(why(f.v.verify(&with_ecs("198.18.0.4", Some((ecs, len))))), Reject::DoorSize(_)), "{ecs}/{len}");
+        }
+        for (ecs, len) in [("::ffff:198.18.0.3", 128), ("::ffff:0.0.0.0", 96)] {
+            assert_eq!(why(f.v.verify(&with_ecs("198.18.0.4", Some((ecs, len))))), Reject::DoorSize(DoorSizeError::Reserved), "{ecs}/{len}");
+        }
+        // Refusals spent nothing: the same element opens as the trusted resolver's ECS says.
         assert_eq!(
-            f.v.verify(&k),
-            Decision::Open { user: "alice".into(), addr: "198.51.100.77".parse().unwrap(), prefix_len: 32, services: vec!["ssh".into(), "web".into()], max_open: None }
+            f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1200::", 56)))),
+            Decision::Open { user: "alice".into(), door: p("2001:db8:77:1200::/56"), services: vec!["ssh".into(), "web".into()], max_open: None }
         );
-        f.v.plain = PlainPolicy::Off;
-        let t = Token::Plain(f.seed.element(&f.zone, N - 2));
-        assert!(matches!(f.v.verify(&knock(t.clone())), Decision::Reject(Reject::Policy { .. })));
-        // Refused plain knocks spend nothing: the same element still opens as policy allows.
-        f.v.plain = PlainPolicy::Source;
-        assert!(matches!(f.v.verify(&knock(t)), Decision::Open { .. }));
+        let t2 = f.plain(N - 2);
+        let mut k = knock_from(t2, "198.18.0.4");
+        k.ecs = Some(("198.51.100.77".parse().unwrap(), 32));
+        assert!(matches!(f.v.verify(&k), Decision::Open { door, .. } if door == p("198.51.100.77/32")));
     }
 
     #[test]
-    fn revocation_by_another_process_is_picked_up() {
+    fn plain_off_refuses_plain_knocks_without_spending() {
+        let mut f = fixture(vec![], vec![]);
+        f.v.plain = PlainPolicy::Off;
+        assert_eq!(why(f.v.verify(&knock(f.plain(N - 1)))), Reject::PlainOff);
+        f.v.plain = PlainPolicy::Source;
+        assert!(matches!(f.v.verify(&knock(f.plain(N - 1))), Decision::Open { .. }));
+    }
+
+    #[test]
+    fn revocation_by_another_process_is_picked_up_and_reported() {
         let mut f = fixture(vec![], vec![]);
         SqliteStore::open(&f.path).unwrap().revoke("alice").unwrap();
-        let t = Token::Plain(f.seed.element(&f.zone, N - 1));
-        assert_eq!(f.v.verify(&knock(t)), Decision::Reject(Reject::Unknown));
+        f.v.refresh().unwrap();
+        assert_eq!(f.v.take_revoked(), vec!["alice".to_owned()]);
+        assert!(f.v.take_revoked().is_empty());
+        assert_eq!(why(f.v.verify(&knock(f.plain(N - 1)))), Reject::Unknown);
     }
 
     #[test]
-    fn cidr_matching() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(cidr_contains("198.18.0.0/15", ip("198.19.1.1"), 32));
-        assert!(!cidr_contains("198.18.0.0/16", ip("198.19.1.1"), 32));
-        assert!(cidr_contains("2001:db8::/32", ip("2001:db8:18::"), 64));
-        assert!(!cidr_contains("2001:db8:18::1/128", ip("2001:db8:18::"), 64));
-        assert!(!cidr_contains("garbage", ip("1.2.3.4"), 32));
-        assert!(!cidr_contains("10.0.0.0/8", ip("::1"), 128));
-        assert!(parse_cidr("10.0.0.0/33").is_none());
+    fn close_knock_is_a_bound_knock_that_closes() {
+        let mut f = fixture(vec![], vec![]);
+        let t = f.bound_with(b"key", N - 1, "198.18.0.2", service_id("ssh"), unix_now() as u32, true);
+        assert_eq!(f.v.verify(&knock(t)), Decision::Close { user: "alice".into(), door: p("198.18.0.2/32"), services: vec!["ssh".into()] });
     }
 }

@@ -529,7 +529,7 @@ mod tests {
         let (tx, rx) = sync_channel(16);
         let mut h = KnockHandler::new(zone, tx, Arc::new(DnsStats::default()));
         if whoami {
-            h = h.with_whoami();
+            h = h.with_whoami(Default::default(), vec![0; 16]);
         }
         (FastPath::new(Arc::new(h)), rx)
     }

@@ -33,7 +33,8 @@ use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, 
 
 use crate::knock::{Knock, Via};
 use crate::limit::SourceLimiter;
-use crate::token::Token;
+use crate::token::{Token, ZoneId};
+use crate::whoami::KeyTable;
 
 pub mod fast;
 
@@ -120,11 +121,19 @@ pub struct DnsStats {
     pub not_tokens: AtomicU64,
 }
 
+/// What answering whoami needs: its name, the users' keys, the zone key.
+struct Whoami {
+    name: LowerName,
+    keys: Arc<KeyTable>,
+    zone_key: Vec<u8>,
+    zone: ZoneId,
+}
+
 /// hickory request handler: knock names here, everything else to the catalog.
 pub struct KnockHandler {
     zone: Zone,
-    /// `whoami.<zone>`, when the operator enabled it.
-    whoami: Option<LowerName>,
+    /// `<question>.whoami.<zone>`, when the operator enabled it.
+    whoami: Option<Whoami>,
     /// Per-source admission to the verify queue (shared by every DNS thread).
     limiter: Option<Arc<SourceLimiter>>,
     knocks: SyncSender<Knock>,
@@ -136,35 +145,45 @@ impl KnockHandler {
         KnockHandler { zone, whoami: None, limiter: None, knocks, stats }
     }
 
+    /// Answer whoami questions ([`crate::whoami`]) with the querier's address under
+    /// the asking user's key, for `nxknock knock --ip auto`.
+    pub fn with_whoami(mut self, keys: Arc<KeyTable>, zone_key: Vec<u8>) -> KnockHandler {
+        let name = Name::from_ascii("whoami").expect("static label").append_domain(&self.zone.apex);
+        let zone = ZoneId::new(&self.zone.apex.to_ascii());
+        self.whoami = name.ok().map(|n| Whoami { name: LowerName::new(&n), keys, zone_key, zone });
+        self
+    }
+
     /// Verify at most the limiter's budget of knocks per source network.
     pub fn with_limiter(mut self, limiter: Arc<SourceLimiter>) -> KnockHandler {
         self.limiter = Some(limiter);
         self
     }
 
-    /// Answer `whoami.<zone>` TXT with the querier's address (for `knock --ip auto`).
-    pub fn with_whoami(mut self) -> KnockHandler {
-        let name = Name::from_ascii("whoami").expect("static label").append_domain(&self.zone.apex);
-        self.whoami = name.ok().map(|n| LowerName::new(&n));
-        self
-    }
-
-    async fn answer_whoami<R: ResponseHandler>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+    async fn answer_whoami<R: ResponseHandler>(&self, who: &Whoami, request: &Request, mut response_handle: R) -> ResponseInfo {
         let q = &request.queries.queries()[0];
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
-        let txt = Record::from_rdata(
-            q.original().name().clone(),
-            0,
-            RData::TXT(TXT::new(vec![request.src().ip().to_canonical().to_string()])),
-        );
+        // `whoami.<zone>` itself exists (it has names below it): NOERROR, no data.
+        let strings = match q.name().iter().next() {
+            Some(label) if q.name() != &who.name => match crate::whoami::parse_label(label, &who.zone_key, &who.zone) {
+                Some((nonce, id)) => match who.keys.get(id) {
+                    Some(key) => Some(crate::whoami::answer(&key, &who.zone, &nonce, request.src().ip()).to_vec()),
+                    // No such user: the bare address, which no client accepts.
+                    None => Some(vec![request.src().ip().to_canonical().to_string()]),
+                },
+                None => None,
+            },
+            _ => None,
+        };
+        let txt = strings.map(|s| Record::from_rdata(q.original().name().clone(), 0, RData::TXT(TXT::new(s))));
+        let txt = txt.filter(|_| q.query_type() == RecordType::TXT);
         let resp_edns = response_edns(request);
-        let is_txt = q.query_type() == RecordType::TXT;
         let response = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref()).build(
             metadata,
-            is_txt.then_some(&txt),
+            txt.as_ref(),
             std::iter::empty(),
-            (!is_txt).then_some(&self.zone.soa),
+            txt.is_none().then_some(&self.zone.soa),
             std::iter::empty(),
         );
         match response_handle.send_response(response).await {
@@ -210,8 +229,9 @@ impl RequestHandler for KnockHandler {
     ) -> ResponseInfo {
         let received = Instant::now();
         if let (Some(who), [q]) = (&self.whoami, request.queries.queries()) {
-            if q.name() == who && request.metadata.op_code == OpCode::Query && request.metadata.message_type == MessageType::Query {
-                return self.answer_whoami(request, response_handle).await;
+            let under = q.name() == &who.name || (q.name().num_labels() == who.name.num_labels() + 1 && who.name.zone_of(q.name()));
+            if under && request.metadata.op_code == OpCode::Query && request.metadata.message_type == MessageType::Query {
+                return self.answer_whoami(who, request, response_handle).await;
             }
         }
         let knock_query = match request.queries.queries() {

@@ -4,14 +4,58 @@
 //! never be confused with MACs, service ids or another version's chain. Each
 //! step also hashes the zone, so a chain enrolled for one zone is useless
 //! against another.
+//!
+//! A user has two independent chains, one per [`Form`]. The bound form carries
+//! its element in clear inside the label, so whoever relays a bound knock learns
+//! that element; if the same element also worked as a plain knock (which opens
+//! for whoever sends it) the relay could steal the door. Each form therefore
+//! derives its own chain from the seed and steps it with its own tag: an element
+//! of one chain, stepped with the other chain's function, never reaches a verifier
+//! (see ARCHITECTURE.md, "Two chains per user").
 
 use sha2::{Digest, Sha256};
 
 /// Bytes per chain element: 96 bits (DESIGN §3 asks ≥ 80, recommends 96).
 pub const ELEMENT_LEN: usize = 12;
 
-const TAG_SEED: &[u8] = b"nxknock/v1/seed\0";
-const TAG_STEP: &[u8] = b"nxknock/v1/step\0";
+/// Which wire form a chain serves. The numeric value is stored in the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Form {
+    /// Bare elements for `dig` and printed lists; open for the address the server sees.
+    Plain = 0,
+    /// Elements inside MAC'd bound labels; open for the embedded address.
+    Bound = 1,
+}
+
+impl Form {
+    pub const ALL: [Form; 2] = [Form::Plain, Form::Bound];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Form::Plain => "plain",
+            Form::Bound => "bound",
+        }
+    }
+
+    /// Index into per-form arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    fn seed_tag(self) -> &'static [u8] {
+        match self {
+            Form::Plain => b"nxknock/v2/seed/plain\0",
+            Form::Bound => b"nxknock/v2/seed/bound\0",
+        }
+    }
+
+    fn step_tag(self) -> &'static [u8] {
+        match self {
+            Form::Plain => b"nxknock/v2/step/plain\0",
+            Form::Bound => b"nxknock/v2/step/bound\0",
+        }
+    }
+}
 
 /// One chain element. Compared in constant time only where it matters (the
 /// verifier index is a hash map keyed by the *hash* of untrusted input, so
@@ -66,25 +110,26 @@ impl Seed {
         Seed(b)
     }
 
-    /// `x0`.
-    pub fn first(&self) -> Element {
-        truncate(Sha256::new().chain_update(TAG_SEED).chain_update(self.0).finalize().as_slice())
+    /// `x0` of the chain for `form`.
+    pub fn first(&self, form: Form) -> Element {
+        truncate(Sha256::new().chain_update(form.seed_tag()).chain_update(self.0).finalize().as_slice())
     }
 
-    /// `x(j)`: `j` steps from `x0`. Costs `j` hashes; a client computes this once per knock.
-    pub fn element(&self, zone: &ZoneId, j: u64) -> Element {
-        let mut x = self.first();
+    /// `x(j)` of the chain for `form`: `j` steps from `x0`. Costs `j` hashes; a
+    /// client computes this once per knock.
+    pub fn element(&self, zone: &ZoneId, form: Form, j: u64) -> Element {
+        let mut x = self.first(form);
         for _ in 0..j {
-            x = step(zone, &x);
+            x = step(zone, form, &x);
         }
         x
     }
 }
 
-/// `x(j+1) = H(tag ‖ zone ‖ x(j))`, truncated to [`ELEMENT_LEN`].
-pub fn step(zone: &ZoneId, x: &Element) -> Element {
+/// `x(j+1) = H(tag(form) ‖ zone ‖ x(j))`, truncated to [`ELEMENT_LEN`].
+pub fn step(zone: &ZoneId, form: Form, x: &Element) -> Element {
     let mut h = Sha256::new();
-    h.update(TAG_STEP);
+    h.update(form.step_tag());
     h.update((zone.0.len() as u8).to_be_bytes());
     h.update(zone.0.as_bytes());
     h.update(x.0);
@@ -106,9 +151,11 @@ mod tests {
         let zone = ZoneId::new("Knock.Example.COM.");
         assert_eq!(zone.as_str(), "knock.example.com");
         let seed = Seed([7; 32]);
-        let x5 = seed.element(&zone, 5);
-        assert_eq!(step(&zone, &seed.element(&zone, 4)), x5);
-        assert_ne!(seed.element(&zone, 4), x5);
+        for form in Form::ALL {
+            let x5 = seed.element(&zone, form, 5);
+            assert_eq!(step(&zone, form, &seed.element(&zone, form, 4)), x5);
+            assert_ne!(seed.element(&zone, form, 4), x5);
+        }
     }
 
     #[test]
@@ -116,8 +163,26 @@ mod tests {
         let a = ZoneId::new("a.example");
         let b = ZoneId::new("b.example");
         let seed = Seed([1; 32]);
-        assert_ne!(seed.element(&a, 3), seed.element(&b, 3));
-        assert_ne!(seed.element(&a, 3), Seed([2; 32]).element(&a, 3));
+        assert_ne!(seed.element(&a, Form::Bound, 3), seed.element(&b, Form::Bound, 3));
+        assert_ne!(seed.element(&a, Form::Bound, 3), Seed([2; 32]).element(&a, Form::Bound, 3));
+    }
+
+    #[test]
+    fn the_two_forms_are_independent_chains() {
+        let zone = ZoneId::new("knock.example.com");
+        let seed = Seed([9; 32]);
+        let plain: Vec<_> = (0..64).map(|j| seed.element(&zone, Form::Plain, j)).collect();
+        // No bound element, stepped by either step function up to 64 times, lands on the plain chain.
+        for j in 0..64 {
+            let b = seed.element(&zone, Form::Bound, j);
+            assert!(!plain.contains(&b));
+            let (mut p, mut q) = (b, b);
+            for _ in 0..64 {
+                p = step(&zone, Form::Plain, &p);
+                q = step(&zone, Form::Bound, &q);
+                assert!(!plain.contains(&p) && !plain.contains(&q));
+            }
+        }
     }
 
     #[test]

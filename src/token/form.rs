@@ -1,16 +1,24 @@
 //! Wire forms of a knock: one DNS label, lowercase base32 without padding.
 //!
-//! | form        | bytes                                                        | chars |
-//! |-------------|--------------------------------------------------------------|-------|
-//! | plain       | `element(12)`                                                | 20    |
-//! | bound IPv4  | `kind(1) element(12) addr(4) service(2) time(4) tag(10)`     | 53    |
-//! | bound IPv6  | `kind(1) element(12) prefix64(8) service(2) time(4) tag(10)` | 60    |
+//! | form        | bytes                                                                  | chars |
+//! |-------------|------------------------------------------------------------------------|-------|
+//! | plain       | `element(12)`                                                          | 20    |
+//! | bound IPv4  | `kind(1) element(12) addr(4) service(2) time(4) tag(10) admit(2)`      | 56    |
+//! | bound IPv6  | `kind(1) element(12) prefix64(8) service(2) time(4) tag(10) admit(2)`  | 63    |
 //!
-//! `kind` is `0x10 | family` (family 1 = IPv4, 2 = IPv6), plus [`KIND_CLOSE`]
-//! for a close knock. `tag = HMAC-SHA256(K_user, "nxknock/v1/bound" ‖ zone ‖ bytes
-//! before the tag)` truncated to 80 bits. The form is told apart by length
-//! alone, so a label is rejected on length and alphabet before anything else.
-//! Decoding is case-insensitive because resolvers randomise the 0x20 bit.
+//! `kind` is `0x20 | family` (format 2; family 1 = IPv4, 2 = IPv6), plus
+//! [`KIND_CLOSE`] for a close knock. `tag = HMAC-SHA256(K_user, "nxknock/v2/bound" ‖
+//! zone ‖ bytes before the tag)` truncated to 80 bits: only the user can make it.
+//! `admit = HMAC-SHA256(K_zone, "nxknock/v2/admit" ‖ zone ‖ bytes before it)`
+//! truncated to 16 bits, under the zone-wide key every credential holds: it lets
+//! the server drop look-alike labels from outsiders before any chain walk (a flood
+//! filter, not an authenticator — see ARCHITECTURE.md).
+//!
+//! A plain element and a bound element come from different chains
+//! ([`super::chain::Form`]), so the element inside a bound label is useless as a
+//! plain knock. The form is told apart by length alone, so a label is rejected on
+//! length and alphabet before anything else. Decoding is case-insensitive because
+//! resolvers randomise the 0x20 bit.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::LazyLock;
@@ -19,28 +27,62 @@ use data_encoding::{Encoding, Specification};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
-use super::chain::{ELEMENT_LEN, Element, ZoneId};
+use super::chain::{ELEMENT_LEN, Element, Form, ZoneId};
 
 pub const PLAIN_LEN: usize = 20;
-pub const BOUND4_LEN: usize = 53;
-pub const BOUND6_LEN: usize = 60;
+pub const BOUND4_LEN: usize = 56;
+pub const BOUND6_LEN: usize = 63;
 const TAG_LEN: usize = 10;
-const KIND_VERSION: u8 = 0x10;
+const ADMIT_LEN: usize = 2;
+/// Bytes of the zone-wide admission key ([`ZoneKey`]).
+pub const ZONE_KEY_LEN: usize = 16;
+const KIND_VERSION: u8 = 0x20;
 const KIND_V4: u8 = 0x01;
 const KIND_V6: u8 = 0x02;
 /// Set in `kind` when the knock asks to close the user's doors.
 pub const KIND_CLOSE: u8 = 0x04;
-const MAC_TAG: &[u8] = b"nxknock/v1/bound\0";
+const MAC_TAG: &[u8] = b"nxknock/v2/bound\0";
+const ADMIT_TAG: &[u8] = b"nxknock/v2/admit\0";
 const SERVICE_TAG: &[u8] = b"nxknock/v1/service\0";
 
 /// Lowercase RFC 4648 base32, no padding; uppercase accepted on decode.
-static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+pub(crate) static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
     let mut spec = Specification::new();
     spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
     spec.translate.from.push_str("ABCDEFGHIJKLMNOPQRSTUVWXYZ");
     spec.translate.to.push_str("abcdefghijklmnopqrstuvwxyz");
     spec.encoding().expect("static base32 specification is valid")
 });
+
+/// The zone-wide admission key: every credential of the zone holds it, outsiders
+/// do not. The HMAC state is keyed once, so a check costs two SHA-256 blocks.
+#[derive(Clone)]
+pub struct ZoneKey {
+    keyed: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for ZoneKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ZoneKey(..)")
+    }
+}
+
+impl ZoneKey {
+    pub fn new(key: &[u8], zone: &ZoneId) -> ZoneKey {
+        let mut keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+        keyed.update(ADMIT_TAG);
+        keyed.update(&[zone.as_str().len() as u8]);
+        keyed.update(zone.as_str().as_bytes());
+        ZoneKey { keyed }
+    }
+
+    fn admit(&self, body: &[u8]) -> [u8; ADMIT_LEN] {
+        let mut m = self.keyed.clone();
+        m.update(body);
+        let d = m.finalize().into_bytes();
+        [d[0], d[1]]
+    }
+}
 
 /// Why a label is not a knock. None of these is ever shown to the sender: every
 /// knock-shaped name gets the same NXDOMAIN.
@@ -57,6 +99,8 @@ pub enum TokenError {
     Kind(u8),
     #[error("MAC does not verify")]
     Mac,
+    #[error("admission tag does not verify (not made with this zone's key)")]
+    Admission,
     #[error("token time is {0} s away from now, beyond the allowed age")]
     TooOld(i64),
 }
@@ -106,6 +150,20 @@ pub struct Bound {
     pub time: u32,
     pub close: bool,
     tag: [u8; TAG_LEN],
+    admit: [u8; ADMIT_LEN],
+}
+
+/// What a bound knock says, before it is signed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundKnock {
+    /// An element of the user's *bound* chain.
+    pub element: Element,
+    pub addr: BoundAddr,
+    /// [`service_id`] of the requested service; 0 asks for every permitted service.
+    pub service: u16,
+    /// Unix seconds when the client made the knock.
+    pub time: u32,
+    pub close: bool,
 }
 
 /// A decoded knock label.
@@ -142,6 +200,14 @@ impl Token {
         }
     }
 
+    /// The chain this token's element must come from.
+    pub fn form(&self) -> Form {
+        match self {
+            Token::Plain(_) => Form::Plain,
+            Token::Bound(_) => Form::Bound,
+        }
+    }
+
     /// The DNS label for this token.
     pub fn to_label(&self) -> String {
         match self {
@@ -152,29 +218,34 @@ impl Token {
 }
 
 impl Bound {
-    /// Build and sign a bound knock.
-    pub fn sign(
-        key: &[u8],
-        zone: &ZoneId,
-        element: Element,
-        addr: BoundAddr,
-        service: u16,
-        time: u32,
-        close: bool,
-    ) -> Bound {
-        let mut b = Bound { element, addr, service, time, close, tag: [0; TAG_LEN] };
+    /// Build and sign a bound knock: the user's tag, then the zone's admission tag.
+    pub fn sign(key: &[u8], zone_key: &ZoneKey, zone: &ZoneId, knock: BoundKnock) -> Bound {
+        let BoundKnock { element, addr, service, time, close } = knock;
+        let mut b = Bound { element, addr, service, time, close, tag: [0; TAG_LEN], admit: [0; ADMIT_LEN] };
         let bytes = b.encode();
-        let body = &bytes[..bytes.len() - TAG_LEN];
+        let body = &bytes[..bytes.len() - TAG_LEN - ADMIT_LEN];
         let full = mac(key, zone, body).finalize().into_bytes();
         b.tag.copy_from_slice(&full[..TAG_LEN]);
+        let bytes = b.encode();
+        b.admit = zone_key.admit(&bytes[..bytes.len() - ADMIT_LEN]);
         b
     }
 
-    /// Check the tag in constant time.
+    /// Check the zone-wide admission tag: one keyed hash, no chain walk. Not secret
+    /// from enrolled users, so it filters floods and proves nothing about the user.
+    pub fn check_admission(&self, zone_key: &ZoneKey) -> Result<(), TokenError> {
+        let bytes = self.encode();
+        let want = zone_key.admit(&bytes[..bytes.len() - ADMIT_LEN]);
+        // Not a secret comparison (the admission tag only filters), but constant time costs nothing.
+        let diff = want.iter().zip(self.admit).fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff == 0 { Ok(()) } else { Err(TokenError::Admission) }
+    }
+
+    /// Check the user's tag in constant time.
     pub fn verify_mac(&self, key: &[u8], zone: &ZoneId) -> Result<(), TokenError> {
         let bytes = self.encode();
-        let (body, tag) = bytes.split_at(bytes.len() - TAG_LEN);
-        mac(key, zone, body).verify_truncated_left(tag).map_err(|_| TokenError::Mac)
+        let body = &bytes[..bytes.len() - TAG_LEN - ADMIT_LEN];
+        mac(key, zone, body).verify_truncated_left(&self.tag).map_err(|_| TokenError::Mac)
     }
 
     /// Accept only tokens made within `max_age_secs` of `now` (either side, for clock skew).
@@ -195,7 +266,7 @@ impl Bound {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(37);
+        let mut v = Vec::with_capacity(39);
         v.push(self.kind());
         v.extend_from_slice(self.element.as_bytes());
         match self.addr {
@@ -205,6 +276,7 @@ impl Bound {
         v.extend_from_slice(&self.service.to_be_bytes());
         v.extend_from_slice(&self.time.to_be_bytes());
         v.extend_from_slice(&self.tag);
+        v.extend_from_slice(&self.admit);
         v
     }
 
@@ -214,14 +286,15 @@ impl Bound {
             return Err(TokenError::Kind(kind));
         }
         let addr_len = match (kind & 0x03, bytes.len()) {
-            (KIND_V4, 33) => 4,
-            (KIND_V6, 37) => 8,
+            (KIND_V4, 35) => 4,
+            (KIND_V6, 39) => 8,
             _ => return Err(TokenError::Kind(kind)),
         };
         let (element, rest) = bytes[1..].split_at(ELEMENT_LEN);
         let (addr, rest) = rest.split_at(addr_len);
         let (service, rest) = rest.split_at(2);
-        let (time, tag) = rest.split_at(4);
+        let (time, rest) = rest.split_at(4);
+        let (tag, admit) = rest.split_at(TAG_LEN);
         let addr = if addr_len == 4 {
             BoundAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
         } else {
@@ -234,6 +307,7 @@ impl Bound {
             time: u32::from_be_bytes([time[0], time[1], time[2], time[3]]),
             close: kind & KIND_CLOSE != 0,
             tag: tag.try_into().map_err(|_| TokenError::Encoding)?,
+            admit: admit.try_into().map_err(|_| TokenError::Encoding)?,
         })
     }
 }
@@ -265,14 +339,19 @@ mod tests {
         ZoneId::new("knock.example.com")
     }
 
+    fn zk() -> ZoneKey {
+        ZoneKey::new(b"zone-key-16bytes", &zone())
+    }
+
     fn bound(addr: IpAddr, time: u32) -> Bound {
-        let e = Seed([3; 32]).element(&zone(), 9);
-        Bound::sign(b"k-user", &zone(), e, BoundAddr::from_ip(addr), service_id("ssh"), time, false)
+        let e = Seed([3; 32]).element(&zone(), Form::Bound, 9);
+        let knock = BoundKnock { element: e, addr: BoundAddr::from_ip(addr), service: service_id("ssh"), time, close: false };
+        Bound::sign(b"k-user", &zk(), &zone(), knock)
     }
 
     #[test]
     fn plain_round_trip_is_20_lowercase_chars() {
-        let t = Token::Plain(Seed([1; 32]).element(&zone(), 2));
+        let t = Token::Plain(Seed([1; 32]).element(&zone(), Form::Plain, 2));
         let label = t.to_label();
         assert_eq!(label.len(), PLAIN_LEN);
         assert!(label.bytes().all(|c| !c.is_ascii_uppercase()));
@@ -301,6 +380,8 @@ mod tests {
             let Token::Bound(back) = Token::parse(label.as_bytes()).unwrap() else { panic!() };
             assert_eq!(back, b);
             back.verify_mac(b"k-user", &zone()).unwrap();
+            back.check_admission(&zk()).unwrap();
+            assert_eq!(back.check_admission(&ZoneKey::new(b"another-zone-key", &zone())), Err(TokenError::Admission));
         }
         let Token::Bound(v6) = Token::parse(
             Token::Bound(bound("2001:db8:18::2".parse().unwrap(), 5)).to_label().as_bytes(),
@@ -314,7 +395,8 @@ mod tests {
     #[test]
     fn wrong_length_and_bad_base32_are_rejected_before_decoding() {
         assert_eq!(Token::parse(b"abc"), Err(TokenError::Length(3)));
-        assert_eq!(Token::parse(&[b'a'; 63]), Err(TokenError::Length(63)));
+        assert_eq!(Token::parse(&[b'a'; 64]), Err(TokenError::Length(64)));
+        assert_eq!(Token::parse(&[b'a'; 57]), Err(TokenError::Length(57)));
         assert_eq!(Token::parse(b"aaaaaaaaaaaaaaaaaaa1"), Err(TokenError::Alphabet));
         assert_eq!(Token::parse(b"aaaaaaaaaaaaaaaaaaa-"), Err(TokenError::Alphabet));
         // 20 chars carry 100 bits; the last 4 must be zero in canonical base32.
@@ -330,13 +412,16 @@ mod tests {
         let mut rebound = b.clone();
         rebound.addr = BoundAddr::V4("198.18.0.3".parse().unwrap());
         assert_eq!(rebound.verify_mac(b"k-user", &zone()), Err(TokenError::Mac));
-        // Flip one bit anywhere in the label: it either fails to decode or fails the MAC.
+        // Flip one character anywhere in the label: it fails to decode, or fails the MAC
+        // (or, past the tag, the admission check).
         let label = Token::Bound(b).to_label();
         for i in 0..label.len() {
             let mut l = label.clone().into_bytes();
             l[i] = if l[i] == b'a' { b'b' } else { b'a' };
             match Token::parse(&l) {
-                Ok(Token::Bound(x)) => assert!(x.verify_mac(b"k-user", &zone()).is_err(), "pos {i}"),
+                Ok(Token::Bound(x)) => {
+                    assert!(x.verify_mac(b"k-user", &zone()).is_err() || x.check_admission(&zk()).is_err(), "pos {i}")
+                }
                 Ok(Token::Plain(_)) => panic!("length changed"),
                 Err(_) => {}
             }
@@ -357,11 +442,11 @@ mod tests {
     fn unknown_kind_is_rejected() {
         let b = bound("198.18.0.2".parse().unwrap(), 1);
         let mut bytes = b.encode();
-        bytes[0] = 0x21;
+        bytes[0] = 0x11;
         let label = BASE32.encode(&bytes);
-        assert_eq!(Token::parse(label.as_bytes()), Err(TokenError::Kind(0x21)));
-        bytes[0] = 0x12; // v6 kind on a v4-sized body
-        assert_eq!(Token::parse(BASE32.encode(&bytes).as_bytes()), Err(TokenError::Kind(0x12)));
+        assert_eq!(Token::parse(label.as_bytes()), Err(TokenError::Kind(0x11)));
+        bytes[0] = 0x22; // v6 kind on a v4-sized body
+        assert_eq!(Token::parse(BASE32.encode(&bytes).as_bytes()), Err(TokenError::Kind(0x22)));
     }
 
     #[test]
@@ -369,6 +454,7 @@ mod tests {
         // Cheap fuzzing: every length up to 63, random bytes and random base32.
         let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
         let mut bound_ok = 0;
+        let mut admitted = 0;
         for i in 0..20_000usize {
             let len = i % 64;
             let label: Vec<u8> = (0..len)
@@ -377,10 +463,15 @@ mod tests {
             if let Ok(Token::Bound(b)) = Token::parse(&label) {
                 bound_ok += 1;
                 assert!(b.verify_mac(b"k-user", &zone()).is_err(), "a random label must not carry a valid MAC");
+                if b.check_admission(&zk()).is_ok() {
+                    admitted += 1;
+                }
             }
         }
         // A random 53/60-char label decodes only if its kind byte happens to be valid.
         assert!(bound_ok < 2_000, "{bound_ok}");
+        // ... and passes the 16-bit admission check about once in 65536.
+        assert!(admitted <= 2, "{admitted} of {bound_ok} random bound labels passed admission");
     }
 
     #[test]

@@ -14,5 +14,5 @@
 pub mod chain;
 pub mod form;
 
-pub use chain::{ELEMENT_LEN, Element, Seed, ZoneId};
-pub use form::{Bound, BoundAddr, Token, TokenError, service_id};
+pub use chain::{ELEMENT_LEN, Element, Form, Seed, ZoneId};
+pub use form::{Bound, BoundAddr, BoundKnock, Token, TokenError, ZONE_KEY_LEN, ZoneKey, service_id};

@@ -1,0 +1,184 @@
+//! Durable chain state: who is enrolled, each user's two chain verifiers, the
+//! zone's admission key and the doors nxknock opened.
+//!
+//! The [`Store`] trait is the seam for a future PostgreSQL backend (several
+//! nameservers of one zone sharing state), so it speaks only in our own types
+//! and its key operation is an atomic compare-and-advance of one verifier.
+//! [`SqliteStore`] is the embedded default (`sqlite.rs`, schema in `schema.sql`).
+
+mod sqlite;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+pub use sqlite::SqliteStore;
+
+use crate::token::{Element, Form, ZONE_KEY_LEN};
+
+/// Where one of a user's chains stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainState {
+    /// Current verifier `x(n − counter)`; the next knock of this form must hash to it.
+    pub verifier: Element,
+    /// Elements consumed so far (including ones skipped by the look-ahead window).
+    pub counter: u64,
+    /// Unix seconds of the last accepted knock (or of enrolment).
+    pub updated: u64,
+}
+
+/// One enrolled user as the server sees it. Holds no chain seed: the server never has one.
+#[derive(Clone, Debug)]
+pub struct UserRecord {
+    pub id: i64,
+    pub name: String,
+    /// Both chains, indexed by [`Form::index`].
+    pub chains: [ChainState; 2],
+    pub chain_len: u64,
+    /// Key for bound-knock tags. Secret: the database file is 0600.
+    pub mac_key: Vec<u8>,
+    /// Services the user may open; empty means every configured service.
+    pub services: Vec<String>,
+    /// Source networks (CIDR) the user may open for; empty means any.
+    pub from: Vec<String>,
+    /// Longest a door of this user may stay open (seconds); `None`: the service default.
+    pub max_open: Option<u64>,
+    pub revoked: bool,
+}
+
+impl UserRecord {
+    pub fn chain(&self, form: Form) -> &ChainState {
+        &self.chains[form.index()]
+    }
+
+    pub fn chain_mut(&mut self, form: Form) -> &mut ChainState {
+        &mut self.chains[form.index()]
+    }
+}
+
+/// What `user add` and `user rekey` write.
+#[derive(Clone, Debug)]
+pub struct Enrolment {
+    pub name: String,
+    /// `x(chain_len)` of each chain, indexed by [`Form::index`].
+    pub verifiers: [Element; 2],
+    pub chain_len: u64,
+    pub mac_key: Vec<u8>,
+    pub services: Vec<String>,
+    pub from: Vec<String>,
+    pub max_open: Option<u64>,
+}
+
+/// A door nxknock opened, as recorded for `nxknock doors` and for adoption at restart.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DoorRecord {
+    pub user: String,
+    pub service: String,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+    pub proto: String,
+    pub port: u16,
+    pub via: String,
+    pub single_use: bool,
+    /// Unix seconds.
+    pub opened_at: u64,
+    pub expires_at: u64,
+}
+
+impl DoorRecord {
+    /// Do this record and that kernel key describe the same door?
+    pub fn is_key(&self, addr: IpAddr, prefix_len: u8, proto: &str, port: u16) -> bool {
+        self.addr == addr && self.prefix_len == prefix_len && self.proto == proto && self.port == port
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database {path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
+    #[error("database {path}: {detail}")]
+    Unsafe { path: PathBuf, detail: String },
+    #[error(
+        "database {path} has schema 1, from before plain and bound knocks had separate chains; \
+         run `nxknock store upgrade --config FILE` (users stay revoked until `nxknock user rekey NAME --out FILE`)"
+    )]
+    OldSchema { path: PathBuf },
+    #[error("database {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("user {0:?} already exists")]
+    UserExists(String),
+    #[error("no such user {0:?}")]
+    NoSuchUser(String),
+    #[error("user name {0:?}: use 1-64 letters, digits, '.', '_', '-' or '@', starting with a letter or digit")]
+    BadUserName(String),
+}
+
+/// Durable chain state. Implementations must make [`Store::advance`] atomic.
+pub trait Store: Send {
+    /// All users that may knock (not revoked), for the in-memory verifier index.
+    fn active_users(&mut self) -> Result<Vec<UserRecord>, StoreError>;
+    /// Every user, revoked ones included, ordered by name.
+    fn list_users(&mut self) -> Result<Vec<UserRecord>, StoreError>;
+    /// Names of revoked users (the daemon closes their doors).
+    fn revoked_users(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(self.list_users()?.into_iter().filter(|u| u.revoked).map(|u| u.name).collect())
+    }
+    /// The zone-wide admission key (created with the database).
+    fn zone_key(&mut self) -> Result<[u8; ZONE_KEY_LEN], StoreError>;
+    /// Set `user`'s `form` chain to `new` and `counter` only if its verifier is still
+    /// `expected` and the user is not revoked. `Ok(false)` means another writer won
+    /// (or the user was revoked); the caller must not open a door.
+    fn advance(&mut self, user: i64, form: Form, expected: &Element, new: &Element, counter: u64) -> Result<bool, StoreError>;
+    /// Enrol a user; returns the user's id (written into the credential).
+    fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError>;
+    /// Enrol many users at once, all or none (bulk enrolment: migrations, benchmarks).
+    fn add_users(&mut self, users: &[Enrolment]) -> Result<usize, StoreError>;
+    /// Revoke by name and close the user's door records, in one transaction; returns
+    /// false if the user was already revoked.
+    fn revoke(&mut self, name: &str) -> Result<bool, StoreError>;
+    /// Replace a user's chains and MAC key (and un-revoke); returns the user's id.
+    fn rekey(&mut self, e: &Enrolment) -> Result<i64, StoreError>;
+    /// True if another process changed the data since the last call (cheap; no disk I/O
+    /// in WAL mode), so the verifier can reload its index after `user add`/`revoke`.
+    fn changed_elsewhere(&mut self) -> Result<bool, StoreError>;
+    /// Record doors about to open (one transaction).
+    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<(), StoreError>;
+    /// Doors recorded as open whose expiry is after `now` (unix seconds), newest first.
+    fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError>;
+    /// Mark `user`'s recorded doors for this key closed (close knock).
+    fn close_door(&mut self, user: &str, addr: IpAddr, prefix_len: u8, proto: &str, port: u16) -> Result<(), StoreError>;
+}
+
+/// User names reach logs, hook arguments and `doors` output: a letter or digit
+/// first (never an option to a hook's program), then a short safe alphabet.
+pub fn check_user_name(name: &str) -> Result<(), StoreError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-@".contains(&c));
+    if ok { Ok(()) } else { Err(StoreError::BadUserName(name.to_owned())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names() {
+        for good in ["alice", "Bob", "a", "alice.smith", "a-b_c@example.com", "0day"] {
+            check_user_name(good).unwrap();
+        }
+        for bad in ["", "-rf", ".hidden", "_x", "@x", "a b", "a/b", "ä", "a;b", &"a".repeat(65)] {
+            assert!(check_user_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The embedded SQLite store: WAL, `synchronous=FULL`, so an advance that
+//! returned `Ok(true)` is on disk before any door opens.
+//!
+//! The file holds MAC keys, so it is opened only where nobody else can swap or
+//! read it: the file and its directory must belong to the user we run as, the
+//! directory must not be writable by others, and neither may be a symlink.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{ChainState, DoorRecord, Enrolment, Store, StoreError, UserRecord, check_user_name};
+use crate::token::{Element, Form, ZONE_KEY_LEN};
+
+const SCHEMA_VERSION: i64 = 2;
+const SCHEMA: &str = include_str!("schema.sql");
+const UPGRADE_V1: &str = include_str!("upgrade_v1.sql");
+
+/// The embedded SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+    data_version: i64,
+}
+
+impl SqliteStore {
+    /// Open (creating if absent, mode 0600, in a 0700 directory) and check the
+    /// schema. A file that is not an nxknock database is refused with an error
+    /// naming it; nothing is written to it.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let io = |source| StoreError::Io { path: path.to_owned(), source };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if std::fs::symlink_metadata(dir).is_err() {
+            use std::os::unix::fs::DirBuilderExt;
+            // A directory we create for the database is private.
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+        }
+        check_dir(path, dir)?;
+        if std::fs::symlink_metadata(path).is_err() {
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+        }
+        check_file(path)?;
+        let sq = |source| StoreError::Sqlite { path: path.to_owned(), source };
+        let conn = Connection::open(path).map_err(sq)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sq)?;
+        let mut store = SqliteStore { conn, path: path.to_owned(), data_version: 0 };
+        store.init()?;
+        store.data_version = store.data_version()?;
+        Ok(store)
+    }
+
+    /// Upgrade a schema-1 database in place (one transaction). Returns the names of
+    /// the users, now revoked until rekeyed. A current database is left as it is.
+    pub fn upgrade(path: &Path) -> Result<Vec<String>, StoreError> {
+        match SqliteStore::open(path) {
+            Ok(_) => return Ok(Vec::new()),
+            Err(StoreError::OldSchema { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let sq = |source| StoreError::Sqlite { path: path.to_owned(), source };
+        let mut conn = Connection::open(path).map_err(sq)?;
+        let tx = conn.transaction().map_err(sq)?;
+        let names: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT name FROM users ORDER BY name").map_err(sq)?;
+            stmt.query_map([], |r| r.get(0)).map_err(sq)?.collect::<Result<_, _>>().map_err(sq)?
+        };
+        tx.execute_batch(UPGRADE_V1).map_err(sq)?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]]).map_err(sq)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
+        tx.commit().map_err(sq)?;
+        Ok(names)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn init(&mut self) -> Result<(), StoreError> {
+        let check: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        if check != "ok" {
+            return Err(StoreError::Invalid { path: self.path.clone(), detail: format!("integrity check failed: {check}") });
+        }
+        self.conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| self.err(e))?;
+        self.conn.pragma_update(None, "synchronous", "FULL").map_err(|e| self.err(e))?;
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| self.err(e))?;
+        match version {
+            0 => {
+                let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
+                let sq = |source| StoreError::Sqlite { path: self.path.clone(), source };
+                tx.execute_batch(SCHEMA).map_err(sq)?;
+                tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]]).map_err(sq)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
+                tx.commit().map_err(sq)
+            }
+            1 => Err(StoreError::OldSchema { path: self.path.clone() }),
+            SCHEMA_VERSION => Ok(()),
+            v => Err(StoreError::Invalid {
+                path: self.path.clone(),
+                detail: format!("schema version {v} is not one this nxknock knows ({SCHEMA_VERSION})"),
+            }),
+        }
+    }
+
+    fn data_version(&self) -> Result<i64, StoreError> {
+        self.conn.pragma_query_value(None, "data_version", |r| r.get(0)).map_err(|e| self.err(e))
+    }
+
+    fn query_users(&self, only_active: bool) -> Result<Vec<UserRecord>, StoreError> {
+        let sql = format!(
+            "SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open FROM users {} ORDER BY name",
+            if only_active { "WHERE revoked = 0" } else { "" }
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let unset = ChainState { verifier: Element([0; crate::token::ELEMENT_LEN]), counter: 0, updated: 0 };
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(UserRecord {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    chain_len: r.get::<_, i64>(2)?.max(0) as u64,
+                    mac_key: r.get(3)?,
+                    services: split_list(&r.get::<_, String>(4)?),
+                    from: split_list(&r.get::<_, String>(5)?),
+                    revoked: r.get::<_, i64>(6)? != 0,
+                    max_open: r.get::<_, Option<i64>>(7)?.map(|v| v.max(1) as u64),
+                    chains: [unset; 2],
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut users = BTreeMap::new();
+        let mut order = Vec::new();
+        for row in rows {
+            let u = row.map_err(|e| self.err(e))?;
+            order.push(u.id);
+            users.insert(u.id, (u, [false; 2]));
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT user_id, form, verifier, counter, updated FROM chains")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (id, form, verifier, counter, updated) = row.map_err(|e| self.err(e))?;
+            let Some((user, seen)) = users.get_mut(&id) else { continue };
+            let form = match form {
+                0 => Form::Plain,
+                1 => Form::Bound,
+                f => return Err(self.invalid(format!("user {:?} has a chain of unknown form {f}", user.name))),
+            };
+            let verifier = Element::from_slice(&verifier)
+                .ok_or_else(|| self.invalid(format!("user {:?} has a verifier of {} bytes", user.name, verifier.len())))?;
+            *user.chain_mut(form) = ChainState { verifier, counter: counter.max(0) as u64, updated: updated.max(0) as u64 };
+            seen[form.index()] = true;
+        }
+        let mut out = Vec::with_capacity(order.len());
+        for id in order {
+            let (user, seen) = users.remove(&id).expect("listed above");
+            // A revoked user upgraded from schema 1 has no chains until rekeyed.
+            if !user.revoked && seen != [true; 2] {
+                return Err(self.invalid(format!("active user {:?} lacks a chain", user.name)));
+            }
+            out.push(user);
+        }
+        Ok(out)
+    }
+
+    fn invalid(&self, detail: String) -> StoreError {
+        StoreError::Invalid { path: self.path.clone(), detail }
+    }
+}
+
+/// The database's directory: a real directory (not a symlink), ours, and not
+/// writable by group or others (who could otherwise swap the file or its WAL).
+fn check_dir(path: &Path, dir: &Path) -> Result<(), StoreError> {
+    let unsafe_ = |detail: String| StoreError::Unsafe { path: path.to_owned(), detail };
+    let md = std::fs::symlink_metadata(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
+    if md.file_type().is_symlink() {
+        return Err(unsafe_(format!("its directory {} is a symlink; point [store] path at the real directory", dir.display())));
+    }
+    if !md.is_dir() {
+        return Err(unsafe_(format!("{} is not a directory", dir.display())));
+    }
+    let me = euid();
+    if md.uid() != me {
+        return Err(unsafe_(format!(
+            "its directory {} belongs to uid {}, not to uid {me} that nxknock runs as; run as that user or `chown` it",
+            dir.display(),
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(unsafe_(format!("its directory {} is writable by group or others; run `chmod go-w {}`", dir.display(), dir.display())));
+    }
+    Ok(())
+}
+
+/// The database file: a regular file (not a symlink), ours; private (0600) by
+/// tightening if needed, since it holds MAC keys.
+fn check_file(path: &Path) -> Result<(), StoreError> {
+    let unsafe_ = |detail: String| StoreError::Unsafe { path: path.to_owned(), detail };
+    let io = |source| StoreError::Io { path: path.to_owned(), source };
+    let md = std::fs::symlink_metadata(path).map_err(io)?;
+    if md.file_type().is_symlink() {
+        return Err(unsafe_("is a symlink; point [store] path at the real file".into()));
+    }
+    if !md.is_file() {
+        return Err(unsafe_("is not a regular file".into()));
+    }
+    let me = euid();
+    if md.uid() != me {
+        return Err(unsafe_(format!("belongs to uid {}, not to uid {me} that nxknock runs as; run as that user or `chown` it", md.uid())));
+    }
+    let mode = md.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "database was readable by others; setting 0600");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn random_zone_key() -> [u8; ZONE_KEY_LEN] {
+    let mut k = [0u8; ZONE_KEY_LEN];
+    rand::fill(&mut k);
+    k
+}
+
+const ADD_USER: &str = "INSERT INTO users (name, chain_len, mac_key, services, src_nets, max_open, revoked, created, updated)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?7)";
+const ADD_CHAIN: &str = "INSERT INTO chains (user_id, form, verifier, counter, updated) VALUES (?1, ?2, ?3, 0, ?4)";
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect()
+}
+
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+/// Insert one user and both chains inside the caller's transaction.
+fn insert_user(tx: &rusqlite::Transaction, e: &Enrolment, now: i64) -> Result<i64, rusqlite::Error> {
+    tx.prepare_cached(ADD_USER)?.execute(params![
+        e.name,
+        e.chain_len as i64,
+        e.mac_key,
+        e.services.join(","),
+        e.from.join(","),
+        e.max_open.map(|v| v as i64),
+        now
+    ])?;
+    let id = tx.last_insert_rowid();
+    for form in Form::ALL {
+        tx.prepare_cached(ADD_CHAIN)?.execute(params![id, form as i64, &e.verifiers[form.index()].0[..], now])?;
+    }
+    Ok(id)
+}
+
+impl Store for SqliteStore {
+    fn active_users(&mut self) -> Result<Vec<UserRecord>, StoreError> {
+        self.query_users(true)
+    }
+
+    fn list_users(&mut self) -> Result<Vec<UserRecord>, StoreError> {
+        self.query_users(false)
+    }
+
+    fn zone_key(&mut self) -> Result<[u8; ZONE_KEY_LEN], StoreError> {
+        let v: Vec<u8> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'zone_key'", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        v.try_into().map_err(|v: Vec<u8>| self.invalid(format!("zone_key has {} bytes, expected {ZONE_KEY_LEN}", v.len())))
+    }
+
+    fn advance(&mut self, user: i64, form: Form, expected: &Element, new: &Element, counter: u64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE chains SET verifier = ?1, counter = ?2, updated = ?3
+                 WHERE user_id = ?4 AND form = ?5 AND verifier = ?6
+                   AND EXISTS (SELECT 1 FROM users WHERE id = ?4 AND revoked = 0)",
+            )
+            .and_then(|mut s| s.execute(params![&new.0[..], counter as i64, now(), user, form as i64, &expected.0[..]]))
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError> {
+        check_user_name(&e.name)?;
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let id = insert_user(&tx, e, now()).map_err(|source| if is_constraint(&source) { StoreError::UserExists(e.name.clone()) } else { err(source) })?;
+        tx.commit().map_err(err)?;
+        Ok(id)
+    }
+
+    fn add_users(&mut self, users: &[Enrolment]) -> Result<usize, StoreError> {
+        for e in users {
+            check_user_name(&e.name)?;
+        }
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let now = now();
+        for e in users {
+            insert_user(&tx, e, now).map_err(|source| if is_constraint(&source) { StoreError::UserExists(e.name.clone()) } else { err(source) })?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(users.len())
+    }
+
+    fn revoke(&mut self, name: &str) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let revoked: Option<i64> =
+            tx.query_row("SELECT revoked FROM users WHERE name = ?1", [name], |r| r.get(0)).optional().map_err(err)?;
+        let changed = match revoked {
+            None => return Err(StoreError::NoSuchUser(name.to_owned())),
+            Some(0) => {
+                tx.execute("UPDATE users SET revoked = 1, updated = ?2 WHERE name = ?1", params![name, now()]).map_err(err)?;
+                true
+            }
+            Some(_) => false,
+        };
+        // Whether newly revoked or not: none of this user's doors may stay recorded as open,
+        // so a restarted daemon does not adopt them and a running one closes them.
+        tx.execute("UPDATE doors SET closed = 1 WHERE user_name = ?1 AND closed = 0", [name]).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(changed)
+    }
+
+    fn rekey(&mut self, e: &Enrolment) -> Result<i64, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let id: Option<i64> = tx.query_row("SELECT id FROM users WHERE name = ?1", [&e.name], |r| r.get(0)).optional().map_err(err)?;
+        let Some(id) = id else { return Err(StoreError::NoSuchUser(e.name.clone())) };
+        let now = now();
+        tx.execute(
+            "UPDATE users SET chain_len = ?2, mac_key = ?3, revoked = 0, updated = ?4 WHERE id = ?1",
+            params![id, e.chain_len as i64, e.mac_key, now],
+        )
+        .map_err(err)?;
+        tx.execute("DELETE FROM chains WHERE user_id = ?1", [id]).map_err(err)?;
+        for form in Form::ALL {
+            tx.execute(ADD_CHAIN, params![id, form as i64, &e.verifiers[form.index()].0[..], now]).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(id)
+    }
+
+    fn changed_elsewhere(&mut self) -> Result<bool, StoreError> {
+        let v = self.data_version()?;
+        let changed = v != self.data_version;
+        self.data_version = v;
+        Ok(changed)
+    }
+
+    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(err)?;
+            for d in doors {
+                stmt.execute(params![
+                    d.user,
+                    d.service,
+                    d.addr.to_string(),
+                    d.prefix_len,
+                    d.proto,
+                    d.port,
+                    d.via,
+                    d.single_use,
+                    d.opened_at as i64,
+                    d.expires_at as i64
+                ])
+                .map_err(err)?;
+            }
+            // Keep the table small: forget doors that expired a day ago.
+            tx.execute("DELETE FROM doors WHERE expires_at < ?1", [now() - 86_400]).map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at
+                 FROM doors WHERE closed = 0 AND expires_at > ?1 ORDER BY opened_at DESC, id DESC",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([now as i64], |r| {
+                Ok((
+                    r.get::<_, String>(2)?,
+                    DoorRecord {
+                        user: r.get(0)?,
+                        service: r.get(1)?,
+                        addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                        prefix_len: r.get(3)?,
+                        proto: r.get(4)?,
+                        port: r.get(5)?,
+                        via: r.get(6)?,
+                        single_use: r.get(7)?,
+                        opened_at: r.get::<_, i64>(8)? as u64,
+                        expires_at: r.get::<_, i64>(9)? as u64,
+                    },
+                ))
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (addr, mut d) = row.map_err(err)?;
+            // A row we cannot parse is skipped, not trusted.
+            let Ok(a) = addr.parse() else { continue };
+            d.addr = a;
+            out.push(d);
+        }
+        Ok(out)
+    }
+
+    fn close_door(&mut self, user: &str, addr: IpAddr, prefix_len: u8, proto: &str, port: u16) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE doors SET closed = 1
+                 WHERE user_name = ?1 AND addr = ?2 AND prefix_len = ?3 AND proto = ?4 AND port = ?5 AND closed = 0",
+                params![user, addr.to_string(), prefix_len, proto, port],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enrol(name: &str, v: u8) -> Enrolment {
+        Enrolment {
+            name: name.into(),
+            verifiers: [Element([v; 12]), Element([v.wrapping_add(100); 12])],
+            chain_len: 100,
+            mac_key: vec![9; 32],
+            services: vec!["ssh".into()],
+            from: vec![],
+            max_open: None,
+        }
+    }
+
+    #[test]
+    fn compare_and_advance_is_exactly_once_per_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut s = SqliteStore::open(&path).unwrap();
+        let id = s.add_user(&enrol("alice", 1)).unwrap();
+        assert!(s.advance(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1).unwrap());
+        // The same expected verifier again: someone already advanced.
+        assert!(!s.advance(id, Form::Plain, &Element([1; 12]), &Element([3; 12]), 2).unwrap());
+        // The plain verifier does not advance the bound chain.
+        assert!(!s.advance(id, Form::Bound, &Element([2; 12]), &Element([4; 12]), 1).unwrap());
+        assert!(s.advance(id, Form::Bound, &Element([101; 12]), &Element([5; 12]), 1).unwrap());
+        drop(s);
+        let mut s = SqliteStore::open(&path).unwrap();
+        let u = &s.active_users().unwrap()[0];
+        assert_eq!((u.chain(Form::Plain).verifier, u.chain(Form::Plain).counter), (Element([2; 12]), 1));
+        assert_eq!(u.chain(Form::Bound).verifier, Element([5; 12]));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(s.zone_key().unwrap(), SqliteStore::open(&path).unwrap().zone_key().unwrap(), "zone key is stable");
+    }
+
+    #[test]
+    fn revoked_users_cannot_advance_and_their_doors_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let id = s.add_user(&enrol("bob", 1)).unwrap();
+        s.add_user(&enrol("carol", 2)).unwrap();
+        assert!(matches!(s.add_user(&enrol("bob", 5)), Err(StoreError::UserExists(_))));
+        let t = now() as u64;
+        let door = |user: &str| DoorRecord {
+            user: user.into(),
+            service: "ssh".into(),
+            addr: "198.18.0.2".parse().unwrap(),
+            prefix_len: 32,
+            proto: "tcp".into(),
+            port: 22,
+            via: "dns/udp".into(),
+            single_use: false,
+            opened_at: t,
+            expires_at: t + 30,
+        };
+        s.record_doors(&[door("bob"), door("carol")]).unwrap();
+        assert!(s.revoke("bob").unwrap());
+        assert!(!s.revoke("bob").unwrap());
+        assert!(matches!(s.revoke("nobody"), Err(StoreError::NoSuchUser(_))));
+        assert_eq!(s.active_users().unwrap().len(), 1);
+        assert!(!s.advance(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1).unwrap());
+        assert_eq!(s.list_users().unwrap().len(), 2);
+        assert_eq!(s.revoked_users().unwrap(), vec!["bob".to_owned()]);
+        assert_eq!(s.live_doors(t).unwrap(), vec![door("carol")], "the revoked user's door record is closed, carol's stays");
+        // Rekey brings bob back with fresh chains, same id.
+        assert_eq!(s.rekey(&enrol("bob", 7)).unwrap(), id);
+        assert!(s.advance(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1).unwrap());
+    }
+
+    #[test]
+    fn bad_user_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        assert!(matches!(s.add_user(&enrol("-rf", 1)), Err(StoreError::BadUserName(_))));
+        assert!(matches!(s.add_users(&[enrol("ok", 1), enrol("x y", 2)]), Err(StoreError::BadUserName(_))));
+        assert!(s.list_users().unwrap().is_empty());
+    }
+
+    #[test]
+    fn garbage_file_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let junk = b"this is not a database, it is a shopping list\n".repeat(200);
+        std::fs::write(&path, &junk).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = SqliteStore::open(&path).err().expect("must refuse").to_string();
+        assert!(err.contains("not a database"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), junk);
+    }
+
+    #[test]
+    fn symlinked_or_exposed_databases_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.db");
+        SqliteStore::open(&real).unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = SqliteStore::open(&link).err().expect("symlink refused").to_string();
+        assert!(e.contains("symlink") && e.contains("link.db"), "{e}");
+        let linkdir = dir.path().join("linkdir");
+        std::os::unix::fs::symlink(dir.path(), &linkdir).unwrap();
+        let e = SqliteStore::open(&linkdir.join("real.db")).err().expect("symlinked directory refused").to_string();
+        assert!(e.contains("symlink"), "{e}");
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = SqliteStore::open(&open.join("db")).err().expect("world-writable directory refused").to_string();
+        assert!(e.contains("writable by group or others"), "{e}");
+        assert!(!open.join("db").exists(), "nothing created in a refused directory");
+    }
+
+    #[test]
+    fn schema_1_is_refused_then_upgraded_with_users_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).unwrap();
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, verifier BLOB NOT NULL,
+                   counter INTEGER NOT NULL, chain_len INTEGER NOT NULL, mac_key BLOB NOT NULL, services TEXT NOT NULL,
+                   src_nets TEXT NOT NULL, max_open INTEGER, revoked INTEGER NOT NULL DEFAULT 0, created INTEGER NOT NULL,
+                   updated INTEGER NOT NULL);
+                 CREATE UNIQUE INDEX users_verifier ON users(verifier);
+                 CREATE TABLE doors (id INTEGER PRIMARY KEY, user_name TEXT NOT NULL, service TEXT NOT NULL, addr TEXT NOT NULL,
+                   prefix_len INTEGER NOT NULL, proto TEXT NOT NULL, port INTEGER NOT NULL, via TEXT NOT NULL,
+                   single_use INTEGER NOT NULL, opened_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+                   closed INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO users VALUES (1, 'dave', x'00', 3, 100, x'0102', 'ssh', '', NULL, 0, 1, 1);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let e = SqliteStore::open(&path).err().expect("schema 1 refused").to_string();
+        assert!(e.contains("nxknock store upgrade"), "{e}");
+        assert_eq!(SqliteStore::upgrade(&path).unwrap(), vec!["dave".to_owned()]);
+        let mut s = SqliteStore::open(&path).unwrap();
+        let users = s.list_users().unwrap();
+        assert_eq!((users[0].name.as_str(), users[0].revoked, users[0].services.clone()), ("dave", true, vec!["ssh".to_owned()]));
+        assert!(s.active_users().unwrap().is_empty());
+        s.rekey(&enrol("dave", 3)).unwrap();
+        assert_eq!(s.active_users().unwrap().len(), 1);
+        assert!(SqliteStore::upgrade(&path).unwrap().is_empty(), "upgrading a current database changes nothing");
+    }
+
+    #[test]
+    fn bulk_enrolment_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        assert_eq!(s.add_users(&[enrol("a", 1), enrol("b", 2), enrol("c", 3)]).unwrap(), 3);
+        assert_eq!(s.active_users().unwrap().len(), 3);
+        // "b" exists: the whole batch is refused, "d" included.
+        assert!(matches!(s.add_users(&[enrol("d", 4), enrol("b", 5)]), Err(StoreError::UserExists(n)) if n == "b"));
+        assert_eq!(s.list_users().unwrap().iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn another_writer_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut a = SqliteStore::open(&path).unwrap();
+        let mut b = SqliteStore::open(&path).unwrap();
+        assert!(!a.changed_elsewhere().unwrap());
+        b.add_user(&enrol("carol", 4)).unwrap();
+        assert!(a.changed_elsewhere().unwrap());
+        assert!(!a.changed_elsewhere().unwrap());
+    }
+
+    #[test]
+    fn doors_are_recorded_listed_and_closed_per_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let t = now() as u64;
+        let d = DoorRecord {
+            user: "alice".into(),
+            service: "ssh".into(),
+            addr: "2001:db8:18::".parse().unwrap(),
+            prefix_len: 64,
+            proto: "tcp".into(),
+            port: 22,
+            via: "dns/udp".into(),
+            single_use: true,
+            opened_at: t,
+            expires_at: t + 30,
+        };
+        let old = DoorRecord { expires_at: t - 1, ..d.clone() };
+        let bobs = DoorRecord { user: "bob".into(), ..d.clone() };
+        s.record_doors(&[d.clone(), old, bobs.clone()]).unwrap();
+        assert_eq!(s.live_doors(t).unwrap(), vec![bobs.clone(), d.clone()]);
+        s.close_door("bob", d.addr, 64, "tcp", 22).unwrap();
+        assert_eq!(s.live_doors(t).unwrap(), vec![d.clone()], "closing bob's door leaves alice's");
+        s.close_door("alice", d.addr, 64, "tcp", 22).unwrap();
+        assert!(s.live_doors(t).unwrap().is_empty());
+    }
+}
