@@ -899,7 +899,7 @@ impl Bench {
             self.cdf.insert(label.clone(), (ok, v.len()));
         }
         t.push_str(
-            "\nThe UDP single-packet knock of nxknock (pcap listener, DESIGN §6) does not exist yet, so it has no row.\n\
+            "\nThe UDP single-packet knock of nxknock (pcap listener) does not exist yet, so it has no row.\n\
              A plain knock through a resolver opens for the resolver's address (by design), so plain via unbound is not a \
              knock-to-open path for the client and has no row either.\n\n",
         );

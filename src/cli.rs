@@ -1,4 +1,4 @@
-//! Command-line surface (DESIGN §7). Parsing with clap; each command is a small
+//! Command-line surface (the contract in ARCHITECTURE.md, "Operator surface"). Parsing with clap; each command is a small
 //! function over the library. Nothing secret is ever written to stdout: user
 //! enrolment writes its secrets only into the 0600 credential file.
 

@@ -222,7 +222,7 @@ fn policy_refusals_open_nothing() {
     // Allowed networks: a valid knock from outside them opens nothing.
     let outsider = s.add_user("outsider", &["--from", "203.0.113.0/24"]);
     s.dig_knock(&s.lab.client, &outsider);
-    assert!(wait_log(&s, "outside the user's policy"), "{}", s.daemon.log_text());
+    assert!(wait_log(&s, "outside the user's --from networks"), "{}", s.daemon.log_text());
     assert!(try_connect(&s.lab.client, ssh_addr()).is_err());
     assert!(try_connect(&s.lab.client, web).is_err());
 

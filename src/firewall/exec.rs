@@ -3,7 +3,7 @@
 //! Every backend in this module shells out (`nft`, `iptables`, `ipset`): the
 //! tools are what operators already trust and debug with, and a failing call
 //! can be reproduced by hand from the logged command line. The cost is a few
-//! milliseconds per call (see DESIGN.md §8), acceptable until netlink lands.
+//! milliseconds per call (measured in BENCHMARKS.md), acceptable until netlink lands.
 //!
 //! A child inherits the network namespace of the *thread* that spawns it, so
 //! the tests (and `nxknock demo`) run backends inside a namespace simply by

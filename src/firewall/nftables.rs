@@ -1,6 +1,6 @@
 //! nftables backend: one table, `inet nxknock`, driven through the `nft` binary.
 //!
-//! Layout (see DESIGN.md §5 for why the guard must live in our own table):
+//! Layout (see ARCHITECTURE.md, "Doors", for why the guard must live in our own table):
 //!
 //! ```text
 //! table inet nxknock {

@@ -15,7 +15,7 @@
 
 use sha2::{Digest, Sha256};
 
-/// Bytes per chain element: 96 bits (DESIGN §3 asks ≥ 80, recommends 96).
+/// Bytes per chain element: 96 bits (≥ 80 bits keeps a guess hopeless; see ARCHITECTURE.md, "The token").
 pub const ELEMENT_LEN: usize = 12;
 
 /// Which wire form a chain serves. The numeric value is stored in the database.
