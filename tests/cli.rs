@@ -132,3 +132,148 @@ fn corrupt_database_is_refused_and_not_modified() {
     assert!(text(&out).contains("db.sqlite"), "{}", text(&out));
     assert_eq!(std::fs::read(&db).unwrap(), junk);
 }
+
+/// A config like [`write_config`]'s, in file `cfg_name`, with the database at `store` (relative to `dir`).
+fn write_store_config(dir: &Path, cfg_name: &str, store: &str) -> String {
+    let zone = Path::new(env!("CARGO_MANIFEST_DIR")).join("zones/knock.example.com.zone");
+    let cfg = dir.join(cfg_name);
+    std::fs::write(
+        &cfg,
+        format!(
+            "[dns]\nzone_file = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n[store]\npath = \"{store}\"\n[firewall]\nbackend = \"none\"\n[[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 22\n",
+            zone.display()
+        ),
+    )
+    .unwrap();
+    cfg.to_str().unwrap().to_owned()
+}
+
+/// Everything a refused store command must leave as it was: the database's
+/// bytes, mode and owner, and every entry (name, mode, owner) of the directories.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    db: Vec<u8>,
+    db_meta: (u32, u32, u32),
+    dirs: Vec<(String, u32, u32)>,
+}
+
+fn snapshot(db: &Path, dirs: &[&Path]) -> Snapshot {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(db).unwrap();
+    let mut entries = Vec::new();
+    for d in dirs {
+        let dm = std::fs::symlink_metadata(d).unwrap();
+        entries.push((d.display().to_string(), dm.mode(), dm.uid()));
+        for e in std::fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let em = std::fs::symlink_metadata(e.path()).unwrap();
+            entries.push((e.path().display().to_string(), em.mode(), em.uid()));
+        }
+    }
+    entries.sort();
+    Snapshot { db: std::fs::read(db).unwrap(), db_meta: (m.mode(), m.uid(), m.gid()), dirs: entries }
+}
+
+/// `user list` and `user add` on a store that must be refused: both fail, name
+/// one of `paths` (the configured or the real path), write no credential, change nothing.
+fn assert_store_refused(cfg: &str, dir: &Path, paths: &[String], before: &Snapshot, db: &Path, dirs: &[&Path], what: &str) {
+    let cred = dir.join(format!("bob-{}.cred", what.len()));
+    for args in [vec!["user", "list", "--config", cfg], vec!["user", "add", "bob", "--out", cred.to_str().unwrap(), "--config", cfg]] {
+        let out = nx(&args);
+        let t = text(&out);
+        assert!(!out.status.success(), "{what}: `{}` must be refused: {t}", args[..2].join(" "));
+        assert!(paths.iter().any(|p| t.contains(p.as_str())), "{what}: the message must name the path ({paths:?}): {t}");
+        assert!(!cred.exists(), "{what}: a credential was written");
+        assert_eq!(&snapshot(db, dirs), before, "{what}: `{}` changed the store", args[..2].join(" "));
+    }
+}
+
+#[test]
+fn user_add_refuses_unsafe_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "none", "");
+    let long = "a".repeat(65);
+    let cred = dir.path().join("bad.cred");
+    for bad in ["-alice", "--", ".alice", "..", ".", "a/b", "../evil", "/abs", "al ice", " alice", "alice ", "", long.as_str()] {
+        // After `--` so clap hands even a leading '-' to the name check.
+        let out = nx(&["user", "add", "--out", cred.to_str().unwrap(), "--config", &cfg, "--", bad]);
+        assert!(!out.status.success(), "user name {bad:?} must be refused: {}", text(&out));
+        assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty(), "{bad:?}: say why");
+        assert!(!cred.exists(), "{bad:?}: no credential may be written");
+    }
+    let list = nx(&["user", "list", "--config", &cfg]);
+    assert!(list.status.success(), "{}", text(&list));
+    assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 1, "no user was enrolled: {}", text(&list));
+    // The edges of the rule are accepted: exactly 64 characters, '.' and '-' inside a name.
+    let max = "b".repeat(64);
+    for good in [max.as_str(), "alice.smith-2"] {
+        let c = dir.path().join(format!("{}.cred", good.len()));
+        let out = nx(&["user", "add", good, "--out", c.to_str().unwrap(), "--config", &cfg]);
+        assert!(out.status.success(), "{good:?} is a fine name: {}", text(&out));
+    }
+}
+
+#[test]
+fn store_refuses_a_database_reached_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let real_cfg = write_store_config(dir.path(), "real.toml", "real/db.sqlite");
+    let alice = dir.path().join("alice.cred");
+    let out = nx(&["user", "add", "alice", "--out", alice.to_str().unwrap(), "--config", &real_cfg]);
+    assert!(out.status.success(), "{}", text(&out));
+    let real_db = dir.path().join("real/db.sqlite");
+    let link = dir.path().join("link.sqlite");
+    std::os::unix::fs::symlink(&real_db, &link).unwrap();
+    let link_cfg = write_store_config(dir.path(), "link.toml", "link.sqlite");
+    let real_dir = dir.path().join("real");
+    let dirs = [dir.path(), real_dir.as_path()];
+    let before = snapshot(&real_db, &dirs);
+    let paths = [link.display().to_string(), real_db.display().to_string()];
+    assert_store_refused(&link_cfg, dir.path(), &paths, &before, &real_db, &dirs, "symlinked database");
+    // Control: the same database at its real path is fine.
+    let list = nx(&["user", "list", "--config", &real_cfg]);
+    assert!(list.status.success() && text(&list).contains("alice"), "{}", text(&list));
+}
+
+#[test]
+fn store_refuses_a_database_owned_by_another_user() {
+    if !nxknock::lab::require_root("store_refuses_a_database_owned_by_another_user") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "none", "");
+    let alice = dir.path().join("alice.cred");
+    let out = nx(&["user", "add", "alice", "--out", alice.to_str().unwrap(), "--config", &cfg]);
+    assert!(out.status.success(), "{}", text(&out));
+    let db = dir.path().join("db.sqlite");
+    std::os::unix::fs::chown(&db, Some(65534), Some(65534)).unwrap();
+    let dirs = [dir.path()];
+    let before = snapshot(&db, &dirs);
+    assert_store_refused(&cfg, dir.path(), &[db.display().to_string()], &before, &db, &dirs, "database owned by uid 65534");
+    // Control: owned by us again, it opens.
+    std::os::unix::fs::chown(&db, Some(0), Some(0)).unwrap();
+    let list = nx(&["user", "list", "--config", &cfg]);
+    assert!(list.status.success() && text(&list).contains("alice"), "{}", text(&list));
+}
+
+#[test]
+fn store_refuses_a_database_directory_writable_by_others() {
+    for mode in [0o777, 0o770] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_store_config(dir.path(), "nxknock.toml", "state/db.sqlite");
+        let alice = dir.path().join("alice.cred");
+        let out = nx(&["user", "add", "alice", "--out", alice.to_str().unwrap(), "--config", &cfg]);
+        assert!(out.status.success(), "{}", text(&out));
+        let state = dir.path().join("state");
+        let db = state.join("db.sqlite");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(mode)).unwrap();
+        let dirs = [dir.path(), state.as_path()];
+        let before = snapshot(&db, &dirs);
+        // The directory's path is part of the database's, so either names it.
+        let what = format!("database directory mode {mode:o}");
+        assert_store_refused(&cfg, dir.path(), &[state.display().to_string()], &before, &db, &dirs, &what);
+        // Control: a private directory again, and it opens.
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let list = nx(&["user", "list", "--config", &cfg]);
+        assert!(list.status.success() && text(&list).contains("alice"), "{}", text(&list));
+    }
+}

@@ -44,11 +44,22 @@ pub struct Opts {
     pub services: String,
     /// DNS listen addresses (default: the server's IPv4 address, port 53).
     pub listen: Vec<String>,
+    /// Raw TOML lines added inside `[dns]` (e.g. `whoami = true`).
+    pub dns_extra: String,
+    /// Raw TOML appended after everything else (e.g. a `[token]` table).
+    pub extra: String,
 }
 
 impl Opts {
     pub fn new(backend: &'static str, open_seconds: u64) -> Opts {
-        Opts { backend, open_seconds, services: SSH_SERVICE.into(), listen: vec![format!("{SERVER}:53")] }
+        Opts {
+            backend,
+            open_seconds,
+            services: SSH_SERVICE.into(),
+            listen: vec![format!("{SERVER}:53")],
+            dns_extra: String::new(),
+            extra: String::new(),
+        }
     }
 }
 
@@ -57,12 +68,14 @@ pub fn config_text(dir: &Path, o: &Opts) -> String {
         r#"[dns]
 zone_file = "{zone}"
 listen = [{listen}]
+{dns_extra}
 [store]
 path = "{db}"
 [firewall]
 backend = "{backend}"
 open_seconds = {open_seconds}
 {services}
+{extra}
 "#,
         zone = Path::new(env!("CARGO_MANIFEST_DIR")).join("zones/knock.example.com.zone").display(),
         db = dir.join("nxknock.db").display(),
@@ -70,6 +83,8 @@ open_seconds = {open_seconds}
         backend = o.backend,
         open_seconds = o.open_seconds,
         services = o.services,
+        dns_extra = o.dns_extra,
+        extra = o.extra,
     )
 }
 
