@@ -380,8 +380,10 @@ fn ecs_from_untrusted_source_is_ignored() {
         return;
     }
     let mut o = Opts::new("nftables", 30);
-    // plain = "ecs" with the default ecs_from (empty): ECS is trusted from nobody.
-    o.extra = "[token]\nplain = \"ecs\"\n".into();
+    // plain = "ecs" believing only a resolver that takes no part here (an empty
+    // ecs_from with plain = "ecs" is a config error): ECS from the client or the
+    // attacker is trusted from nobody.
+    o.extra = format!("[token]\nplain = \"ecs\"\necs_from = [\"{RESOLVER}/32\"]\n");
     let s = Setup::with("atkecsun", o);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _svc6 = echo_service(&s.lab.server, &format!("[{SERVER6}]:22"));
@@ -392,7 +394,7 @@ fn ecs_from_untrusted_source_is_ignored() {
     // The attacker claims its own /32, then the client's: neither may count.
     plain_knock_raw(&s.lab.attacker, &names[0], Some((ip(ATTACKER), 32)), 0x6000);
     plain_knock_raw(&s.lab.attacker, &names[1], Some((ip(CLIENT), 32)), 0x6001);
-    // The client's own ECS is not trusted either (ecs_from is empty).
+    // The client's own ECS is not trusted either (it is not in ecs_from).
     plain_knock_raw(&s.lab.client, &names[2], Some((ip(CLIENT), 32)), 0x6002);
     std::thread::sleep(Duration::from_millis(400));
     attacker_shut_out(&s, "untrusted ECS");
