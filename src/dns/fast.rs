@@ -20,8 +20,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -34,18 +33,14 @@ use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::KnockHandler;
+use super::socket::{BATCH, Batch};
 use crate::knock::Via;
 
-/// Datagrams per `recvmmsg`/`sendmmsg`.
-const BATCH: usize = 32;
-/// What hickory's UDP stream receives per datagram (`hickory_net::udp::MAX_RECEIVE_BUFFER_SIZE`).
-const RECV_SIZE: usize = 4096;
 /// The fast path only sends answers that fit the plain-DNS UDP limit, so it never truncates.
-const MAX_FAST_ANSWER: usize = 512;
+pub(super) const MAX_FAST_ANSWER: usize = 512;
 const HEADER: usize = 12;
 const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
@@ -184,7 +179,7 @@ impl FastPath {
         loop {
             sock.readable().await?;
             loop {
-                let n = match sock.try_io(Interest::READABLE, || batch.recv(sock.as_raw_fd())) {
+                let n = match batch.try_recv(&sock) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(error) => {
@@ -212,14 +207,15 @@ impl FastPath {
             }
             *k = self.classify(batch.datagram(i));
             if let Some(k) = *k {
-                let (q, out) = (&batch.bufs[i * RECV_SIZE..i * RECV_SIZE + batch.lens[i]], &mut batch.out[i]);
+                let (q, out) = batch.datagram_and_answer(i);
                 self.answer(q, k, out);
                 answers += 1;
             }
         }
         if answers > 0 {
             self.handler.stats.knock_answers.fetch_add(answers, Ordering::Relaxed);
-            batch.send_answers(sock, &fast[..n]).await;
+            let which: Vec<bool> = fast[..n].iter().map(Option::is_some).collect();
+            batch.send_answers(sock, &which).await;
         }
         // Answers first, verification afterwards: nothing below changes what was sent.
         for (i, k) in fast.iter().enumerate().take(n) {
@@ -357,140 +353,6 @@ fn soa_after_label_of(handler: &KnockHandler, len: usize) -> Option<Vec<u8>> {
     fits.then(|| bytes[question_end..].to_vec())
 }
 
-
-/// Receive and send buffers for one socket's batches. The `mmsghdr`/`iovec`
-/// arrays that point into them are rebuilt on each call, so nothing here holds
-/// a raw pointer across an `.await` (and the serving future stays `Send`).
-struct Batch {
-    bufs: Vec<u8>,
-    lens: [usize; BATCH],
-    flags: [libc::c_int; BATCH],
-    addrs: Vec<libc::sockaddr_storage>,
-    addr_lens: [libc::socklen_t; BATCH],
-    out: Vec<Vec<u8>>,
-}
-
-impl Batch {
-    fn new() -> Batch {
-        Batch {
-            bufs: vec![0; BATCH * RECV_SIZE],
-            lens: [0; BATCH],
-            flags: [0; BATCH],
-            // SAFETY: sockaddr_storage is plain data; all zeroes is a valid (AF_UNSPEC) value.
-            addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
-            addr_lens: [0; BATCH],
-            out: (0..BATCH).map(|_| Vec::with_capacity(MAX_FAST_ANSWER)).collect(),
-        }
-    }
-
-    fn datagram(&self, i: usize) -> &[u8] {
-        &self.bufs[i * RECV_SIZE..i * RECV_SIZE + self.lens[i]]
-    }
-
-    fn truncated(&self, i: usize) -> bool {
-        self.flags[i] & libc::MSG_TRUNC != 0
-    }
-
-    /// Where datagram `i` came from, if an answer may go there (as hickory's
-    /// server checks: not port 0, not an unspecified or broadcast address; it
-    /// drops anything else unanswered).
-    fn source(&self, i: usize) -> Option<SocketAddr> {
-        let src = sockaddr_to_std(&self.addrs[i], self.addr_lens[i] as usize)?;
-        let ok = src.port() != 0
-            && match src.ip() {
-                IpAddr::V4(a) => !a.is_unspecified() && !a.is_broadcast(),
-                IpAddr::V6(a) => !a.is_unspecified(),
-            };
-        ok.then_some(src)
-    }
-
-    /// One `recvmmsg` without waiting: the number of datagrams received.
-    fn recv(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
-        let mut iovs: [libc::iovec; BATCH] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
-        // SAFETY: mmsghdr is plain data; all zeroes is valid, and the pointers are set below.
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (i, (chunk, addr)) in self.bufs.chunks_exact_mut(RECV_SIZE).zip(self.addrs.iter_mut()).enumerate() {
-            iovs[i] = libc::iovec { iov_base: chunk.as_mut_ptr().cast(), iov_len: RECV_SIZE };
-            hdrs[i].msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
-            hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
-            hdrs[i].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: `hdrs` holds BATCH valid headers whose buffers and address
-        // storage (in `self`, borrowed mutably) and iovecs (on this stack frame)
-        // outlive the call; MSG_DONTWAIT never blocks.
-        let n = unsafe { libc::recvmmsg(fd, hdrs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        for (i, h) in hdrs.iter().enumerate().take(n) {
-            self.lens[i] = (h.msg_len as usize).min(RECV_SIZE);
-            self.flags[i] = h.msg_hdr.msg_flags;
-            self.addr_lens[i] = h.msg_hdr.msg_namelen;
-        }
-        Ok(n)
-    }
-
-    /// Send `out[i]` to `addrs[i]` for every `i` marked in `which`, in as few
-    /// `sendmmsg` calls as the socket allows. A datagram the kernel refuses is
-    /// dropped, as a lost UDP answer would be.
-    async fn send_answers(&mut self, sock: &UdpSocket, which: &[Option<Knockish>]) {
-        let idx: Vec<usize> = which.iter().enumerate().filter(|(_, k)| k.is_some()).map(|(i, _)| i).collect();
-        let mut done = 0;
-        while done < idx.len() {
-            match sock.try_io(Interest::WRITABLE, || self.send(sock.as_raw_fd(), &idx[done..])) {
-                Ok(sent) => done += sent.max(1),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if sock.writable().await.is_err() {
-                        return;
-                    }
-                }
-                Err(error) => {
-                    // The first datagram failed (e.g. an unreachable address): skip it.
-                    tracing::debug!(%error, "sendmmsg");
-                    done += 1;
-                }
-            }
-        }
-    }
-
-    fn send(&mut self, fd: std::os::fd::RawFd, idx: &[usize]) -> io::Result<usize> {
-        let mut iovs: [libc::iovec; BATCH] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
-        // SAFETY: as in `recv`.
-        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (j, &i) in idx.iter().enumerate() {
-            iovs[j] = libc::iovec { iov_base: self.out[i].as_mut_ptr().cast(), iov_len: self.out[i].len() };
-            hdrs[j].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            hdrs[j].msg_hdr.msg_namelen = self.addr_lens[i];
-            hdrs[j].msg_hdr.msg_iov = &mut iovs[j];
-            hdrs[j].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: the first `idx.len()` headers point into `self.out`, `self.addrs`
-        // and `iovs`, all alive and unaliased for the call; MSG_DONTWAIT never blocks.
-        let n = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), idx.len() as libc::c_uint, libc::MSG_DONTWAIT) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-    }
-}
-
-/// A source address from what `recvmmsg` filled in.
-fn sockaddr_to_std(addr: &libc::sockaddr_storage, len: usize) -> Option<SocketAddr> {
-    match addr.ss_family as libc::c_int {
-        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family says this storage holds a sockaddr_in, and it is large enough.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(ip, u16::from_be(a.sin6_port), a.sin6_flowinfo, a.sin6_scope_id)))
-        }
-        _ => None,
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -671,15 +533,4 @@ mod tests {
         assert!(rx.try_recv().is_err());
     }
 
-    #[test]
-    fn sockaddrs_round_trip() {
-        let v4: SocketAddr = "198.18.0.2:5353".parse().unwrap();
-        let v6: SocketAddr = "[2001:db8::1]:53".parse().unwrap();
-        for a in [v4, v6] {
-            let s = socket2::SockAddr::from(a);
-            // SAFETY: SockAddr's storage is a sockaddr_storage.
-            let st = unsafe { *(s.as_ptr() as *const libc::sockaddr_storage) };
-            assert_eq!(sockaddr_to_std(&st, s.len() as usize), Some(a));
-        }
-    }
 }

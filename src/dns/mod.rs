@@ -37,6 +37,9 @@ use crate::token::{Token, ZoneId};
 use crate::whoami::KeyTable;
 
 pub mod fast;
+mod socket;
+
+use socket::udp_socket;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -342,10 +345,6 @@ pub fn bind(listen: &[SocketAddr], threads: usize) -> std::io::Result<Sockets> {
     Ok(out)
 }
 
-/// Receive buffer asked for each UDP socket (the kernel caps it at `net.core.rmem_max`
-/// unless we may force it, as root can).
-const UDP_RECV_BUFFER: usize = 4 << 20;
-
 /// DNS serving threads (and UDP sockets per listen address): one per core.
 /// `NXKNOCK_DNS_THREADS` overrides it (the benchmarks use it to show what they give).
 pub fn dns_threads() -> usize {
@@ -354,52 +353,7 @@ pub fn dns_threads() -> usize {
         .clamp(1, 64)
 }
 
-fn env_usize(key: &str) -> Option<usize> {
+pub(super) fn env_usize(key: &str) -> Option<usize> {
     std::env::var(key).ok().and_then(|v| v.parse().ok())
 }
 
-/// One nonblocking UDP socket bound to `addr` with `SO_REUSEPORT` and a big receive buffer.
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd;
-    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a c_int option value of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEPORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let rcvbuf = env_usize("NXKNOCK_UDP_RCVBUF").unwrap_or(UDP_RECV_BUFFER);
-    if rcvbuf > 0 {
-        set_recv_buffer(&sock, rcvbuf);
-    }
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    Ok(sock.into())
-}
-
-/// `SO_RCVBUFFORCE` (root, beyond `rmem_max`), else `SO_RCVBUF` (capped); best effort.
-fn set_recv_buffer(sock: &socket2::Socket, bytes: usize) {
-    use std::os::fd::AsRawFd;
-    let v = bytes.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: as above.
-    let forced = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
-        let _ = sock.set_recv_buffer_size(bytes);
-    }
-}
