@@ -11,11 +11,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::client::{self, KnockRequest, Target};
 use crate::config::Config;
-use crate::credential::{Credential, CredentialKeys};
+use crate::credential::Credential;
+use crate::enrol::{self, UserSpec};
 use crate::dns::Zone;
 use crate::netaddr::Prefix;
-use crate::store::{Enrolment, SqliteStore, Store, check_user_name};
-use crate::token::{Form, Seed, ZoneId};
+use crate::store::{SqliteStore, Store};
+use crate::token::{Form, ZoneId};
 
 #[derive(Parser, Debug)]
 #[command(name = "nxknock", version, about = "Port knocking through an authoritative DNS server")]
@@ -226,75 +227,22 @@ fn zone_id(cfg: &Config) -> anyhow::Result<ZoneId> {
     Ok(ZoneId::new(&zone.apex.to_ascii()))
 }
 
-/// A fresh seed (two chains), MAC key and the enrolment for them. The credential
-/// is made once the user's id is known ([`credential_for`]).
-struct NewChain {
-    seed: Seed,
-    mac_key: Vec<u8>,
-    enrol: Enrolment,
-}
-
-fn new_chain(name: &str, zone: &ZoneId, chain_len: u64) -> anyhow::Result<NewChain> {
-    if !(1..=10_000_000).contains(&chain_len) {
-        bail!("--chain-len must be between 1 and 10000000");
-    }
-    check_user_name(name)?;
-    let seed = Seed::random();
-    let mut mac_key = vec![0u8; 32];
-    rand::fill(&mut mac_key[..]);
-    let enrol = Enrolment {
-        name: name.to_owned(),
-        verifiers: Form::ALL.map(|form| seed.element(zone, form, chain_len)),
-        chain_len,
-        mac_key: mac_key.clone(),
-        services: vec![],
-        from: vec![],
-        max_open: None,
-    };
-    Ok(NewChain { seed, mac_key, enrol })
-}
-
-fn credential_for(c: &NewChain, id: i64, zone: &ZoneId, server: Option<String>, store: &mut dyn Store) -> anyhow::Result<Credential> {
-    let zone_key = store.zone_key()?;
-    let id = u32::try_from(id).context("user id does not fit the credential")?;
-    let keys = CredentialKeys { seed: &c.seed, mac_key: &c.mac_key, zone_key: &zone_key };
-    Ok(Credential::new(&c.enrol.name, id, zone, server, c.enrol.chain_len, keys))
-}
-
 fn user(cmd: UserCmd) -> anyhow::Result<()> {
     match cmd {
         UserCmd::Add { name, out, services, from, max_open, chain_len, server, config } => {
-            if max_open == Some(0) {
-                bail!("--max-open must be at least 1 second");
-            }
-            check_user_name(&name)?;
             let cfg = Config::load(&config.config)?;
             for s in &services {
                 if cfg.service(s).is_none() {
                     bail!("--service {s:?} is not a [[service]] in {}", config.config.display());
                 }
             }
-            let from: Vec<String> = from
+            let from = from
                 .iter()
-                .map(|f| f.parse::<Prefix>().map(|p| p.to_string()).map_err(|e| anyhow::anyhow!("--from {e}")))
-                .collect::<anyhow::Result<_>>()?;
-            if out.exists() {
-                bail!("{} already exists; refusing to overwrite a credential", out.display());
-            }
-            let zone = zone_id(&cfg)?;
-            let mut chain = new_chain(&name, &zone, chain_len)?;
-            chain.enrol.services = services;
-            chain.enrol.from = from;
-            chain.enrol.max_open = max_open;
+                .map(|f| f.parse::<Prefix>().map_err(|e| anyhow::anyhow!("--from {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let spec = UserSpec { name: name.clone(), services, from, max_open, chain_len, server };
             let mut store = SqliteStore::open(&cfg.store.path)?;
-            let id = store.add_user(&chain.enrol)?;
-            let enrol = chain.enrol.clone();
-            let written = credential_for(&chain, id, &zone, server, &mut store).and_then(|cred| Ok(cred.create(&out)?));
-            if let Err(e) = written {
-                // Do not leave a user nobody can knock as.
-                let _ = store.revoke(&name);
-                return Err(e).context("user was enrolled but the credential could not be written; the user is revoked");
-            }
+            let enrol = enrol::add(&mut store, &zone_id(&cfg)?, &spec, &out)?;
             println!(
                 "added user {name}: {chain_len} knocks, services {}, from {}; credential written to {} (mode 0600)",
                 list_or(&enrol.services, "all"),
@@ -333,20 +281,8 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Rekey { name, out, chain_len, server, config } => {
             let cfg = Config::load(&config.config)?;
-            if out.exists() {
-                bail!("{} already exists; refusing to overwrite a credential", out.display());
-            }
-            let zone = zone_id(&cfg)?;
-            let chain = new_chain(&name, &zone, chain_len)?;
             let mut store = SqliteStore::open(&cfg.store.path)?;
-            let id = store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.id);
-            let Some(id) = id else { bail!("no such user {name:?}") };
-            // Write the credential first: a rekey whose credential is lost would lock the user out.
-            credential_for(&chain, id, &zone, server, &mut store)?.create(&out)?;
-            if let Err(e) = store.rekey(&chain.enrol) {
-                let _ = std::fs::remove_file(&out);
-                return Err(e.into());
-            }
+            enrol::rekey(&mut store, &zone_id(&cfg)?, &name, chain_len, server, &out)?;
             println!("rekeyed {name}: {chain_len} knocks; credential written to {} (mode 0600)", out.display());
             Ok(())
         }

@@ -25,6 +25,7 @@ pub mod verify;
 pub mod whoami;
 pub mod dns;
 pub mod doors;
+pub mod enrol;
 pub mod server;
 pub mod credential;
 pub mod client;
