@@ -40,9 +40,10 @@ pub struct DnsConfig {
     /// `nxknock knock --ip auto` can learn its public address. Off by default.
     #[serde(default)]
     pub whoami: bool,
-    /// Well-formed knocks verified per second from one source (an IPv4 address or
-    /// IPv6 /64), bursts up to twice that; beyond it they are answered as always
-    /// but not verified, so a flood from one place cannot crowd out others. 0 = no limit.
+    /// Deep walks (knocks that are not a user's next element: random tokens, skipped
+    /// elements) per second for one source (an IPv4 address or IPv6 /64) and knock
+    /// form, bursts up to twice that; beyond it they are answered as always but not
+    /// walked. A next-element knock never needs one. 0 = no limit.
     #[serde(default = "default_knocks_per_source")]
     pub knocks_per_source: u32,
     /// Seconds an idle TCP connection may stay open.

@@ -1,23 +1,29 @@
-//! Per-source admission to the verify queue.
+//! Fair shares of the verifier's expensive work: the deep walks.
 //!
-//! Verifying a well-formed random token costs up to `window` hashes, so a flood
-//! of them from one place could fill the bounded verify queue and crowd out a
-//! legitimate knock from somewhere else. Every source network (an IPv4 address
-//! or an IPv6 /64, so one host cannot dodge the limit by rotating through its /64) gets
-//! a token bucket; a knock over its budget is answered exactly like any other
-//! (the answer has already gone) but is not verified, only counted.
+//! Every knock first gets the cheap check ([`crate::verify::Verifier::verify_quick`]:
+//! one hash finds a user's next element), which a flood cannot make expensive. Only
+//! what that check cannot decide — random tokens, or knocks that skipped elements —
+//! needs a walk of up to `window` hashes, and those wait in a [`DeepQueue`] served
+//! round-robin by source *lane* (source network and knock form), each lane with a
+//! token bucket. So a flood from one place, or through one resolver, shares only its
+//! own lane's budget, and never delays a next-element knock from anywhere.
+//!
+//! A source network is an IPv4 address or an IPv6 /64 (so one host cannot dodge the
+//! limit by rotating through its /64). Over-budget knocks were answered exactly like
+//! any other (the answer has already gone); they are only counted.
 //!
 //! The table is sharded to keep lock contention off the DNS hot path and
 //! bounded in size: when a shard is full, buckets that have refilled completely
 //! (idle sources) are forgotten first, and if none has, the shard is cleared —
 //! which can only ever *admit* more, never block a legitimate source for long.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::netaddr;
+use crate::token::Form;
 
 const SHARDS: usize = 16;
 const MAX_PER_SHARD: usize = 4096;
@@ -77,6 +83,81 @@ impl SourceLimiter {
     }
 }
 
+/// One lane of the deep queue: where knocks came from, and which form they are.
+type Lane = (IpAddr, Form);
+
+/// Knocks waiting for a deep walk, served one lane at a time in turn.
+pub struct DeepQueue<T> {
+    lanes: HashMap<Lane, VecDeque<T>>,
+    /// Lanes with waiting knocks, in serving order.
+    turn: VecDeque<Lane>,
+    len: usize,
+    /// Per lane: walks per second and burst; `None`: no budget (tests, benchmarks).
+    budget: Option<[SourceLimiter; 2]>,
+    max_len: usize,
+    max_per_lane: usize,
+}
+
+/// Why [`DeepQueue::push`] did not keep a knock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shed {
+    /// The lane spent its budget of walks.
+    OverBudget,
+    /// The lane, or the whole queue, is full.
+    Full,
+}
+
+impl<T> DeepQueue<T> {
+    /// `rate` walks per second per lane (bursts of twice that; 0 = no budget), at
+    /// most `max_len` knocks waiting, `max_per_lane` of them from one lane.
+    pub fn new(rate: u32, max_len: usize, max_per_lane: usize) -> DeepQueue<T> {
+        let budget = (rate > 0).then(|| [0, 1].map(|_| SourceLimiter::new(rate, rate.saturating_mul(2))));
+        DeepQueue { lanes: HashMap::new(), turn: VecDeque::new(), len: 0, budget, max_len, max_per_lane }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Queue a knock from `src` for a deep walk, if its lane has budget and room.
+    pub fn push(&mut self, src: IpAddr, form: Form, item: T, now: Instant) -> Result<(), Shed> {
+        if let Some(b) = &self.budget {
+            if !b[form.index()].admit(src, now) {
+                return Err(Shed::OverBudget);
+            }
+        }
+        let lane = (SourceLimiter::key(src), form);
+        let q = self.lanes.entry(lane).or_default();
+        if q.len() >= self.max_per_lane || self.len >= self.max_len {
+            return Err(Shed::Full);
+        }
+        if q.is_empty() {
+            self.turn.push_back(lane);
+        }
+        q.push_back(item);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The next knock, from the lane whose turn it is.
+    pub fn pop(&mut self) -> Option<T> {
+        let lane = self.turn.pop_front()?;
+        let q = self.lanes.get_mut(&lane)?;
+        let item = q.pop_front();
+        if q.is_empty() {
+            self.lanes.remove(&lane);
+        } else {
+            self.turn.push_back(lane);
+        }
+        self.len -= usize::from(item.is_some());
+        item
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +174,28 @@ mod tests {
         // Refills at `rate`.
         let later = t + Duration::from_millis(500);
         assert_eq!((0..100).filter(|_| l.admit(flood, later)).count(), 5);
+    }
+
+    #[test]
+    fn the_deep_queue_serves_lanes_in_turn_within_their_budgets() {
+        let t = Instant::now();
+        let flood: IpAddr = "198.18.0.4".parse().unwrap();
+        let user: IpAddr = "198.18.0.2".parse().unwrap();
+        let mut q = DeepQueue::new(10, 1000, 50);
+        let shed = (0..100).filter(|i| q.push(flood, Form::Plain, *i, t).is_err()).count();
+        assert_eq!(shed, 80, "a burst of 20, then over budget");
+        q.push(user, Form::Plain, 1000, t).unwrap();
+        // The same resolver's bound lane is its own lane.
+        q.push(flood, Form::Bound, 2000, t).unwrap();
+        assert_eq!(q.len(), 22);
+        assert_eq!((q.pop(), q.pop(), q.pop()), (Some(0), Some(1000), Some(2000)), "one from each lane in turn");
+        assert_eq!(std::iter::from_fn(|| q.pop()).count(), 19);
+        assert!(q.is_empty());
+        let mut small = DeepQueue::new(0, 3, 2);
+        assert!(small.push(flood, Form::Plain, 1, t).is_ok() && small.push(flood, Form::Plain, 2, t).is_ok());
+        assert_eq!(small.push(flood, Form::Plain, 3, t), Err(Shed::Full));
+        assert!(small.push(user, Form::Plain, 4, t).is_ok());
+        assert_eq!(small.push(user, Form::Bound, 5, t), Err(Shed::Full));
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! On SIGTERM/SIGINT the listeners stop and the guard stays in place (fail closed).
 
 use std::sync::Arc;
-use std::sync::mpsc::sync_channel;
-use std::time::Duration;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError, sync_channel};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -16,13 +16,18 @@ use crate::dns::fast::FastPath;
 use crate::dns::{DnsStats, KnockHandler, SharedHandler, Zone};
 use crate::doors::Doors;
 use crate::knock::Knock;
+use crate::limit::DeepQueue;
 use crate::store::SqliteStore;
 use crate::token::ZoneId;
 use crate::verify::Verifier;
 
-/// Knocks waiting for verification. Beyond this the listener drops knocks (and
-/// counts them) rather than let a flood grow memory without bound.
+/// Knocks waiting for the cheap check. Beyond this the listener drops knocks (and
+/// counts them) rather than let a flood grow memory without bound; at one hash a
+/// knock the verifier drains it far faster than a network can fill it.
 const VERIFY_QUEUE: usize = 4096;
+/// Knocks waiting for a deep walk, in all and from one lane (see [`DeepQueue`]).
+const DEEP_QUEUE: usize = 4096;
+const DEEP_QUEUE_PER_LANE: usize = 256;
 
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
@@ -46,10 +51,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(adopted, removed, "doors reconciled");
 
     let (tx, rx) = sync_channel::<Knock>(VERIFY_QUEUE);
+    let deep = DeepQueue::new(cfg.dns.knocks_per_source, DEEP_QUEUE, DEEP_QUEUE_PER_LANE);
     let users = verifier.active_users();
     std::thread::Builder::new()
         .name("verify".into())
-        .spawn(move || verify_loop(verifier, doors, rx))
+        .spawn(move || verify_loop(verifier, doors, rx, deep))
         .context("spawn verifier thread")?;
 
     // One single-threaded runtime per core, each serving its own SO_REUSEPORT
@@ -62,16 +68,13 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let tcp_timeout = Duration::from_secs(cfg.dns.tcp_timeout_seconds);
     let stats = Arc::new(DnsStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // One handler (zone, limiter, queue sender) shared by every serving thread:
+    // One handler (zone, admission key, queue sender) shared by every serving thread:
     // the knock path reads it only, so there is nothing to gain from a copy per thread.
     let mut handler = KnockHandler::new(zone, tx, stats);
     if cfg.dns.whoami {
         handler = handler.with_whoami(whoami_keys, zone_key.to_vec());
     }
-    if cfg.dns.knocks_per_source > 0 {
-        let rate = cfg.dns.knocks_per_source;
-        handler = handler.with_limiter(Arc::new(crate::limit::SourceLimiter::new(rate, rate.saturating_mul(2))));
-    }
+    handler = handler.with_admission(crate::token::ZoneKey::new(&zone_key, &zone_id));
     let handler = Arc::new(handler);
     let mut udp = sockets.udp.into_iter();
     let main_udp = udp.next().unwrap_or_default();
@@ -155,20 +158,50 @@ pub fn claim_firewall(backend: &str) -> anyhow::Result<std::os::unix::net::UnixL
 /// a revoked user's doors close within this time, not at the next knock.
 const REFRESH_EVERY: Duration = Duration::from_millis(200);
 
-fn verify_loop(mut verifier: Verifier, doors: Doors, rx: std::sync::mpsc::Receiver<Knock>) {
-    use std::sync::mpsc::RecvTimeoutError;
+/// The verifier's thread: every queued knock gets the cheap check at once; what
+/// it cannot decide waits in the fair [`DeepQueue`] for a full walk, done only
+/// when no knock is waiting for its cheap check. Between knocks (and at least every
+/// [`REFRESH_EVERY`]) it re-reads the store, so revocations close doors promptly.
+fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut deep: DeepQueue<Knock>) {
+    let mut shed = 0u64;
     loop {
-        match rx.recv_timeout(REFRESH_EVERY) {
-            Ok(knock) => {
-                let decision = verifier.verify(&knock);
-                doors.apply(&knock, &decision, verifier.store_mut());
+        let next = if deep.is_empty() {
+            match rx.recv_timeout(REFRESH_EVERY) {
+                Ok(k) => Some(k),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if let Err(error) = verifier.refresh() {
-                    tracing::error!(%error, "cannot re-read the store");
+        } else {
+            match rx.try_recv() {
+                Ok(k) => Some(k),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        };
+        match next {
+            Some(knock) => match verifier.verify_quick(&knock) {
+                Some(decision) => doors.apply(&knock, &decision, verifier.store_mut()),
+                None => {
+                    let (src, form) = (knock.seen_from, knock.token.form());
+                    if let Err(why) = deep.push(src, form, knock, Instant::now()) {
+                        shed += 1;
+                        if shed.is_power_of_two() {
+                            tracing::debug!(%src, ?why, shed, "knock shed before its deep walk");
+                        }
+                    }
                 }
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
+            },
+            None => match deep.pop() {
+                Some(knock) => {
+                    let decision = verifier.verify(&knock);
+                    doors.apply(&knock, &decision, verifier.store_mut());
+                }
+                None => {
+                    if let Err(error) = verifier.refresh() {
+                        tracing::error!(%error, "cannot re-read the store");
+                    }
+                }
+            },
         }
         let revoked = verifier.take_revoked();
         if !revoked.is_empty() {

@@ -251,29 +251,54 @@ impl Verifier {
         std::mem::take(&mut self.revoked)
     }
 
-    /// Verify one knock. On `Open`/`Close` the advance is durable in the store.
+    /// Verify one knock, walking the whole window. On `Open`/`Close` the advance is
+    /// durable in the store.
     pub fn verify(&mut self, knock: &Knock) -> Decision {
         self.verify_at(knock, unix_now(), Instant::now())
     }
 
+    /// The cheap case first: decide the knock if it is the *next* element of a chain
+    /// (one hash), a repeat, or refusable without hashing; `None` means only a deeper
+    /// walk can tell, which the caller does with [`Verifier::verify`] when it has
+    /// time to spare. A flood of random tokens thus costs one hash each, and a user's
+    /// next knock never waits behind it.
+    pub fn verify_quick(&mut self, knock: &Knock) -> Option<Decision> {
+        self.verify_depth(knock, unix_now(), Instant::now(), 1)
+    }
+
     fn verify_at(&mut self, knock: &Knock, now_unix: u64, now: Instant) -> Decision {
+        let window = self.window;
+        self.verify_depth(knock, now_unix, now, window).expect("a full-window walk always decides")
+    }
+
+    /// Verification with a forward walk of at most `depth` steps; `None` if the walk
+    /// found nothing but a longer one (up to `window`) might.
+    fn verify_depth(&mut self, knock: &Knock, now_unix: u64, now: Instant, depth: u32) -> Option<Decision> {
         if let Err(e) = self.refresh() {
-            return reject(None, Reject::Store(e.to_string()));
+            return Some(reject(None, Reject::Store(e.to_string())));
         }
         let form = knock.token.form();
         let element = *knock.token.element();
-        // Look-alikes cost one keyed hash here, never a chain walk.
+        // Look-alikes cost one keyed hash here, never a chain walk (the DNS listener
+        // already drops them; this keeps the verifier safe on its own).
         if let Token::Bound(b) = &knock.token {
             if b.check_admission(&self.zone_key).is_err() {
-                return reject(None, Reject::LookAlike);
+                return Some(reject(None, Reject::LookAlike));
             }
         }
         if let Some(d) = self.already_accepted(&element, form, now_unix, now) {
-            return d;
+            return Some(d);
         }
-        let Some((chain, k)) = self.find(&element, form) else {
-            return reject(None, Reject::Unknown);
+        let Some((chain, k)) = self.find(&element, form, depth) else {
+            return (depth >= self.window).then(|| reject(None, Reject::Unknown));
         };
+        Some(self.decide(knock, chain, k, now_unix, now))
+    }
+
+    /// The walk found `chain` `k` steps ahead: check everything, then spend.
+    fn decide(&mut self, knock: &Knock, chain: ChainRef, k: u64, now_unix: u64, now: Instant) -> Decision {
+        let form = knock.token.form();
+        let element = *knock.token.element();
         let user = &self.users[&chain.user];
         if chain.form != form {
             return reject(Some(&user.record), Reject::WrongForm);
@@ -329,9 +354,9 @@ impl Verifier {
     /// hash equals a verifier if the user skipped k-1 elements (lost knocks, unused
     /// printed names). A hit on the other form's verifier is returned too, so it can
     /// be refused by name.
-    fn find(&self, element: &Element, form: Form) -> Option<(ChainRef, u64)> {
+    fn find(&self, element: &Element, form: Form, depth: u32) -> Option<(ChainRef, u64)> {
         let mut h = *element;
-        for k in 1..=u64::from(self.window) {
+        for k in 1..=u64::from(depth.min(self.window)) {
             h = chain::step(&self.zone, form, &h);
             if let Some(&c) = self.index.get(&h) {
                 return Some((c, k));
@@ -533,6 +558,24 @@ port = 443
         let mut s = SqliteStore::open(&f.path).unwrap();
         let u = &s.active_users().unwrap()[0];
         assert_eq!((u.chain(Form::Plain).counter, u.chain(Form::Bound).counter), (2, 0));
+    }
+
+    #[test]
+    fn the_quick_check_decides_the_next_element_and_defers_the_rest() {
+        let mut f = fixture(vec![], vec![]);
+        // A random plain token and a skipped-ahead one both need the deep walk.
+        let random = Token::Plain(Element([0x5a; crate::token::ELEMENT_LEN]));
+        assert_eq!(f.v.verify_quick(&knock(random.clone())), None);
+        assert_eq!(why(f.v.verify(&knock(random))), Reject::Unknown);
+        assert_eq!(f.v.verify_quick(&knock(f.plain(N - 3))), None);
+        // The next element is decided by one hash, for either form.
+        assert!(matches!(f.v.verify_quick(&knock(f.plain(N - 1))), Some(Decision::Open { .. })));
+        assert!(matches!(f.v.verify_quick(&knock(f.bound(N - 1, "198.18.0.2", 0))), Some(Decision::Open { .. })));
+        // Repeats are decided without a walk.
+        assert_eq!(f.v.verify_quick(&knock(f.plain(N - 1))), Some(Decision::Repeat));
+        // The deferred knock two ahead now is the next one.
+        assert!(matches!(f.v.verify_quick(&knock(f.plain(N - 3))), None));
+        assert!(matches!(f.v.verify(&knock(f.plain(N - 3))), Decision::Open { .. }));
     }
 
     #[test]

@@ -32,8 +32,7 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, ZoneType};
 
 use crate::knock::{Knock, Via};
-use crate::limit::SourceLimiter;
-use crate::token::{Token, ZoneId};
+use crate::token::{Token, ZoneId, ZoneKey};
 use crate::whoami::KeyTable;
 
 pub mod fast;
@@ -119,8 +118,8 @@ pub struct DnsStats {
     pub knocks_queued: AtomicU64,
     /// Knocks dropped because the verifier queue was full (overload).
     pub knocks_dropped: AtomicU64,
-    /// Knocks not verified because their source was over its per-source budget.
-    pub knocks_limited: AtomicU64,
+    /// Bound labels without the zone's admission tag: look-alikes, never queued.
+    pub lookalikes: AtomicU64,
     pub not_tokens: AtomicU64,
 }
 
@@ -137,15 +136,15 @@ pub struct KnockHandler {
     zone: Zone,
     /// `<question>.whoami.<zone>`, when the operator enabled it.
     whoami: Option<Whoami>,
-    /// Per-source admission to the verify queue (shared by every DNS thread).
-    limiter: Option<Arc<SourceLimiter>>,
+    /// The zone key that bound labels must carry an admission tag under.
+    admission: Option<ZoneKey>,
     knocks: SyncSender<Knock>,
     pub stats: Arc<DnsStats>,
 }
 
 impl KnockHandler {
     pub fn new(zone: Zone, knocks: SyncSender<Knock>, stats: Arc<DnsStats>) -> KnockHandler {
-        KnockHandler { zone, whoami: None, limiter: None, knocks, stats }
+        KnockHandler { zone, whoami: None, admission: None, knocks, stats }
     }
 
     /// Answer whoami questions ([`crate::whoami`]) with the querier's address under
@@ -157,9 +156,11 @@ impl KnockHandler {
         self
     }
 
-    /// Verify at most the limiter's budget of knocks per source network.
-    pub fn with_limiter(mut self, limiter: Arc<SourceLimiter>) -> KnockHandler {
-        self.limiter = Some(limiter);
+    /// Drop bound labels without the zone's admission tag here, on the DNS threads
+    /// (one keyed hash each, spread over every core), so a look-alike flood never
+    /// reaches the verifier's queue, whichever resolver relays it.
+    pub fn with_admission(mut self, zone_key: ZoneKey) -> KnockHandler {
+        self.admission = Some(zone_key);
         self
     }
 
@@ -205,9 +206,9 @@ impl KnockHandler {
                 return;
             }
         };
-        if let Some(l) = &self.limiter {
-            if !l.admit(seen_from, received) {
-                self.stats.knocks_limited.fetch_add(1, Ordering::Relaxed);
+        if let (Token::Bound(b), Some(key)) = (&token, &self.admission) {
+            if b.check_admission(key).is_err() {
+                self.stats.lookalikes.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
