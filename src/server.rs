@@ -70,7 +70,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // One handler (zone, admission key, queue sender) shared by every serving thread:
     // the knock path reads it only, so there is nothing to gain from a copy per thread.
-    let mut handler = KnockHandler::new(zone, tx, stats);
+    let mut handler = KnockHandler::new(zone, tx, stats.clone());
     if cfg.dns.whoami {
         handler = handler.with_whoami(whoami_keys, zone_key.to_vec());
     }
@@ -131,6 +131,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     let _ = stop_tx.send(true);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        knock_answers = load(&stats.knock_answers),
+        knocks_queued = load(&stats.knocks_queued),
+        knocks_dropped = load(&stats.knocks_dropped),
+        lookalikes = load(&stats.lookalikes),
+        not_tokens = load(&stats.not_tokens),
+        "dns totals"
+    );
     for w in workers {
         let _ = w.join();
     }
