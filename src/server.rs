@@ -37,7 +37,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut verifier = Verifier::new(Box::new(store), zone_id.clone(), &cfg)?;
     let whoami_keys = Arc::new(crate::whoami::KeyTable::default());
     if cfg.dns.whoami {
-        verifier.publish_keys(whoami_keys.clone());
+        verifier.publish_keys(whoami_keys.clone())?;
     }
     let doors = Doors::from_config(&cfg);
     let _owner = match cfg.firewall.backend {

@@ -133,6 +133,11 @@ pub trait Store: Send {
     fn revoked_users(&mut self) -> Result<Vec<String>, StoreError> {
         Ok(self.list_users()?.into_iter().filter(|u| u.revoked).map(|u| u.name).collect())
     }
+    /// Call `f(user, form, verifier)` for every chain of every active user (the
+    /// verifier index is built from this at start-up and after outside changes).
+    fn active_verifiers(&mut self, f: &mut dyn FnMut(i64, Form, Element)) -> Result<(), StoreError>;
+    /// One user by id, revoked or not.
+    fn user(&mut self, id: i64) -> Result<Option<UserRecord>, StoreError>;
     /// The zone-wide admission key (created with the database).
     fn zone_key(&mut self) -> Result<[u8; ZONE_KEY_LEN], StoreError>;
     /// Set `user`'s `form` chain to `new` and `counter` only if its verifier is still

@@ -108,15 +108,18 @@ impl SqliteStore {
         self.conn.pragma_query_value(None, "data_version", |r| r.get(0)).map_err(|e| self.err(e))
     }
 
-    fn query_users(&self, only_active: bool) -> Result<Vec<UserRecord>, StoreError> {
-        let sql = format!(
-            "SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open FROM users {} ORDER BY name",
-            if only_active { "WHERE revoked = 0" } else { "" }
-        );
+    fn query_users(&self, which: Which) -> Result<Vec<UserRecord>, StoreError> {
+        let (users_where, chains_where, id) = match which {
+            Which::All => ("", "", 0),
+            Which::Active => ("WHERE revoked = 0", "", 0),
+            Which::Id(id) => ("WHERE id = ?1", "WHERE user_id = ?1", id),
+        };
+        let sql = format!("SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open FROM users {users_where} ORDER BY name");
+        let params: &[&dyn rusqlite::ToSql] = if matches!(which, Which::Id(_)) { &[&id] } else { &[] };
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let unset = ChainState { verifier: Element([0; crate::token::ELEMENT_LEN]), counter: 0, updated: 0 };
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(params, |r| {
                 Ok(UserRecord {
                     id: r.get(0)?,
                     name: r.get(1)?,
@@ -139,10 +142,10 @@ impl SqliteStore {
         }
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT user_id, form, verifier, counter, updated FROM chains")
+            .prepare_cached(&format!("SELECT user_id, form, verifier, counter, updated FROM chains {chains_where}"))
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(params, |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
             })
             .map_err(|e| self.err(e))?;
@@ -174,6 +177,14 @@ impl SqliteStore {
     fn invalid(&self, detail: String) -> StoreError {
         StoreError::Invalid { path: self.path.clone(), detail }
     }
+}
+
+/// Which users a query reads.
+#[derive(Clone, Copy)]
+enum Which {
+    All,
+    Active,
+    Id(i64),
 }
 
 /// The database's directory: a real directory (not a symlink), ours, and not
@@ -272,11 +283,44 @@ fn insert_user(tx: &rusqlite::Transaction, e: &Enrolment, now: i64) -> Result<i6
 
 impl Store for SqliteStore {
     fn active_users(&mut self) -> Result<Vec<UserRecord>, StoreError> {
-        self.query_users(true)
+        self.query_users(Which::Active)
     }
 
     fn list_users(&mut self) -> Result<Vec<UserRecord>, StoreError> {
-        self.query_users(false)
+        self.query_users(Which::All)
+    }
+
+    fn user(&mut self, id: i64) -> Result<Option<UserRecord>, StoreError> {
+        Ok(self.query_users(Which::Id(id))?.pop())
+    }
+
+    fn revoked_users(&mut self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT name FROM users WHERE revoked != 0 ORDER BY name").map_err(|e| self.err(e))?;
+        let names = stmt.query_map([], |r| r.get(0)).map_err(|e| self.err(e))?.collect::<Result<Vec<String>, _>>();
+        names.map_err(|e| self.err(e))
+    }
+
+    fn active_verifiers(&mut self, f: &mut dyn FnMut(i64, Form, Element)) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT c.user_id, c.form, c.verifier FROM chains c JOIN users u ON u.id = c.user_id WHERE u.revoked = 0")
+            .map_err(|e| self.err(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })? {
+            let sq = |e| StoreError::Sqlite { path: self.path.clone(), source: e };
+            let (user, form): (i64, i64) = (r.get(0).map_err(sq)?, r.get(1).map_err(sq)?);
+            let form = match form {
+                0 => Form::Plain,
+                1 => Form::Bound,
+                _ => continue,
+            };
+            let blob = r.get_ref(2).map_err(sq)?.as_blob().map_err(|e| sq(e.into()))?;
+            // A malformed verifier is skipped: it can match nothing anyway.
+            if let Some(v) = Element::from_slice(blob) {
+                f(user, form, v);
+            }
+        }
+        Ok(())
     }
 
     fn zone_key(&mut self) -> Result<[u8; ZONE_KEY_LEN], StoreError> {

@@ -12,7 +12,9 @@
 //! (from the wrong address, as the wrong form, with a forged ECS) cannot use up
 //! the element the user's own knock needs. See ARCHITECTURE.md, "Verification".
 
-use std::collections::HashMap;
+mod index;
+
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use crate::netaddr::{DoorSizeError, Prefix};
 use crate::store::{Store, StoreError, UserRecord};
 use crate::token::{Element, Form, Token, TokenError, ZoneId, ZoneKey, chain, service_id};
 use crate::whoami::KeyTable;
+use index::{ChainRef, Index};
 
 /// What the door stage should do for a knock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,19 +126,6 @@ fn reject(user: Option<&UserRecord>, why: Reject) -> Decision {
     Decision::Reject { user: user.map(|u| u.name.clone()), why }
 }
 
-/// A user as the verifier needs it: the record plus its `--from` networks, parsed once.
-struct UserState {
-    record: UserRecord,
-    from: Vec<Prefix>,
-}
-
-/// Which chain of which user a verifier belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ChainRef {
-    user: i64,
-    form: Form,
-}
-
 /// What a knock asks for, once its address is settled.
 struct Target {
     door: Prefix,
@@ -144,7 +134,12 @@ struct Target {
     close: bool,
 }
 
-/// The in-memory verifier index over a [`Store`].
+/// Replays remembered so a replayed element costs no database read twice.
+const STALE_CACHE: usize = 4096;
+
+/// The verifier over a [`Store`]: a compact in-memory index of every active
+/// chain's verifier (see [`index`]); everything else about a user is read from the
+/// store only when a knock hits that user's chain, which random tokens never do.
 pub struct Verifier {
     store: Box<dyn Store>,
     zone: ZoneId,
@@ -155,12 +150,16 @@ pub struct Verifier {
     plain: PlainPolicy,
     ecs_from: Vec<Prefix>,
     services: Vec<ServiceConfig>,
-    users: HashMap<i64, UserState>,
     /// Current verifier -> the chain it ends.
-    index: HashMap<Element, ChainRef>,
+    index: Index,
+    users: usize,
     /// Recently accepted elements, so resolver retries are silent no-ops.
     recent: HashMap<Element, (Form, Instant)>,
-    /// Users that stopped being active since the last [`Verifier::take_revoked`].
+    /// Elements found replayed after the grace period (bounded).
+    stale: HashMap<Element, Instant>,
+    /// Revoked users as of the last load, to notice new revocations.
+    revoked_names: HashSet<String>,
+    /// Users revoked since the last [`Verifier::take_revoked`].
     revoked: Vec<String>,
     /// Where the DNS listener finds MAC keys to answer whoami, if enabled.
     whoami_keys: Option<Arc<KeyTable>>,
@@ -169,6 +168,7 @@ pub struct Verifier {
 impl Verifier {
     pub fn new(mut store: Box<dyn Store>, zone: ZoneId, cfg: &Config) -> Result<Verifier, StoreError> {
         let zone_key = ZoneKey::new(&store.zone_key()?, &zone);
+        let revoked_names = store.revoked_users()?.into_iter().collect();
         let mut v = Verifier {
             store,
             zone,
@@ -179,9 +179,11 @@ impl Verifier {
             plain: cfg.token.plain,
             ecs_from: cfg.token.ecs_from.clone(),
             services: cfg.services.clone(),
-            users: HashMap::new(),
-            index: HashMap::new(),
+            index: Index::with_capacity(0),
+            users: 0,
             recent: HashMap::new(),
+            stale: HashMap::new(),
+            revoked_names,
             revoked: Vec::new(),
             whoami_keys: None,
         };
@@ -190,15 +192,18 @@ impl Verifier {
     }
 
     /// Keep `table` filled with the active users' MAC keys, for whoami answers.
-    pub fn publish_keys(&mut self, table: Arc<KeyTable>) {
+    /// (Only with `[dns] whoami`: it costs the keys' memory.)
+    pub fn publish_keys(&mut self, table: Arc<KeyTable>) -> Result<(), StoreError> {
         self.whoami_keys = Some(table);
-        self.publish();
+        self.publish()
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) -> Result<(), StoreError> {
         if let Some(t) = &self.whoami_keys {
-            t.replace(self.users.values().filter_map(|u| Some((u32::try_from(u.record.id).ok()?, u.record.mac_key.clone()))).collect());
+            let users = self.store.active_users()?;
+            t.replace(users.into_iter().filter_map(|u| Some((u32::try_from(u.id).ok()?, u.mac_key))).collect());
         }
+        Ok(())
     }
 
     /// The durable store, shared with the door stage on the same thread and
@@ -209,30 +214,35 @@ impl Verifier {
 
     /// Number of users that can knock.
     pub fn active_users(&self) -> usize {
-        self.users.len()
+        self.users
+    }
+
+    /// Bytes of RAM the verifier index holds (what grows with the number of users).
+    pub fn index_bytes(&self) -> usize {
+        self.index.bytes()
     }
 
     fn reload(&mut self) -> Result<(), StoreError> {
-        let users = self.store.active_users()?;
-        let before: Vec<String> = self.users.values().map(|u| u.record.name.clone()).collect();
-        self.index.clear();
-        for u in &users {
-            for form in Form::ALL {
-                self.index.insert(u.chain(form).verifier, ChainRef { user: u.id, form });
+        let mut pairs = Vec::new();
+        let mut users = HashSet::new();
+        self.store.active_verifiers(&mut |user, form, verifier| {
+            if ChainRef::fits(user) {
+                pairs.push((verifier, ChainRef { user, form }));
+                users.insert(user);
             }
+        })?;
+        let mut index = Index::with_capacity(pairs.len());
+        for (v, c) in pairs {
+            index.insert(v, c);
         }
-        self.users = users
-            .into_iter()
-            .map(|u| {
-                // Stored CIDRs were checked at enrolment; one that no longer parses admits nothing.
-                let from = u.from.iter().filter_map(|c| c.parse().ok()).collect();
-                (u.id, UserState { record: u, from })
-            })
-            .collect();
-        let active: std::collections::HashSet<&str> = self.users.values().map(|u| u.record.name.as_str()).collect();
-        self.revoked.extend(before.into_iter().filter(|n| !active.contains(n.as_str())));
-        self.publish();
-        tracing::debug!(users = self.users.len(), "verifier index loaded");
+        self.index = index;
+        self.users = users.len();
+        let now_revoked: HashSet<String> = self.store.revoked_users()?.into_iter().collect();
+        self.revoked.extend(now_revoked.difference(&self.revoked_names).cloned());
+        self.revoked_names = now_revoked;
+        self.stale.clear();
+        self.publish()?;
+        tracing::debug!(users = self.users, index_bytes = self.index.bytes(), "verifier index loaded");
         Ok(())
     }
 
@@ -246,9 +256,22 @@ impl Verifier {
         Ok(())
     }
 
-    /// Names of users revoked (or removed) since the last call.
+    /// Names of users revoked since the last call.
     pub fn take_revoked(&mut self) -> Vec<String> {
         std::mem::take(&mut self.revoked)
+    }
+
+    /// The user a chain belongs to, from the store; `None` if gone or revoked
+    /// meanwhile (the index is then stale: reload it).
+    fn load_user(&mut self, id: i64) -> Result<Option<UserRecord>, Reject> {
+        match self.store.user(id) {
+            Ok(Some(u)) if !u.revoked => Ok(Some(u)),
+            Ok(_) => {
+                let _ = self.reload();
+                Ok(None)
+            }
+            Err(e) => Err(Reject::Store(e.to_string())),
+        }
     }
 
     /// Verify one knock, walking the whole window. On `Open`/`Close` the advance is
@@ -289,77 +312,99 @@ impl Verifier {
         if let Some(d) = self.already_accepted(&element, form, now_unix, now) {
             return Some(d);
         }
-        let Some((chain, k)) = self.find(&element, form, depth) else {
+        let Some((chain, found, k)) = self.find(&element, form, depth) else {
             return (depth >= self.window).then(|| reject(None, Reject::Unknown));
         };
-        Some(self.decide(knock, chain, k, now_unix, now))
+        Some(self.decide(knock, chain, found, k, now_unix, now))
     }
 
-    /// The walk found `chain` `k` steps ahead: check everything, then spend.
-    fn decide(&mut self, knock: &Knock, chain: ChainRef, k: u64, now_unix: u64, now: Instant) -> Decision {
+    /// The walk found `chain`'s verifier `found`, `k` steps ahead: check
+    /// everything, then spend.
+    fn decide(&mut self, knock: &Knock, chain: ChainRef, found: Element, k: u64, now_unix: u64, now: Instant) -> Decision {
         let form = knock.token.form();
         let element = *knock.token.element();
-        let user = &self.users[&chain.user];
         if chain.form != form {
-            return reject(Some(&user.record), Reject::WrongForm);
+            return reject(None, Reject::WrongForm);
         }
-        let state = *user.record.chain(form);
-        if state.counter + k > user.record.chain_len {
-            return reject(Some(&user.record), Reject::Exhausted);
-        }
-        let target = match self.target(knock, user, now_unix) {
-            Ok(t) => t,
-            Err(why) => return reject(Some(&user.record), why),
+        let user = match self.load_user(chain.user) {
+            Ok(Some(u)) => u,
+            Ok(None) => return reject(None, Reject::Unknown),
+            Err(why) => return reject(None, why),
         };
-        if !user.from.is_empty() && !user.from.iter().any(|net| net.contains_prefix(&target.door)) {
-            return reject(Some(&user.record), Reject::OutsideFrom { door: target.door });
+        let state = *user.chain(form);
+        if state.verifier != found {
+            // Another nameserver advanced this chain: our index is behind.
+            let _ = self.reload();
+            return reject(Some(&user), Reject::Lost);
         }
-        let services = self.permitted(&user.record, target.service);
+        if state.counter + k > user.chain_len {
+            return reject(Some(&user), Reject::Exhausted);
+        }
+        let target = match self.target(knock, &user, now_unix) {
+            Ok(t) => t,
+            Err(why) => return reject(Some(&user), why),
+        };
+        // Stored CIDRs were checked at enrolment; one that no longer parses admits nothing.
+        let from: Vec<Prefix> = user.from.iter().filter_map(|c| c.parse().ok()).collect();
+        if !user.from.is_empty() && !from.iter().any(|net| net.contains_prefix(&target.door)) {
+            return reject(Some(&user), Reject::OutsideFrom { door: target.door });
+        }
+        let services = self.permitted(&user, target.service);
         if services.is_empty() {
-            return reject(Some(&user.record), Reject::NoService);
+            return reject(Some(&user), Reject::NoService);
         }
         // Every check passed: commit the advance; only a committed advance may open a door.
-        if let Err(why) = self.spend(chain, &state.verifier, element, state.counter + k, now_unix, now) {
-            return reject(Some(&self.users[&chain.user].record), why);
+        if let Err(why) = self.spend(chain, &state.verifier, element, state.counter + k, now) {
+            return reject(Some(&user), why);
         }
-        let user = &self.users[&chain.user].record;
         if target.close {
-            Decision::Close { user: user.name.clone(), door: target.door, services }
+            Decision::Close { user: user.name, door: target.door, services }
         } else {
-            Decision::Open { user: user.name.clone(), door: target.door, services, max_open: user.max_open }
+            Decision::Open { user: user.name, door: target.door, services, max_open: user.max_open }
         }
     }
 
     /// Is this element one we accepted already? Within the grace period that is a
     /// resolver's retry (or a second nameserver's copy, or us before a restart);
     /// later it is a replay. The wrong form is never a repeat.
-    fn already_accepted(&self, element: &Element, form: Form, now_unix: u64, now: Instant) -> Option<Decision> {
+    fn already_accepted(&mut self, element: &Element, form: Form, now_unix: u64, now: Instant) -> Option<Decision> {
         if let Some((f, at)) = self.recent.get(element) {
             if now.duration_since(*at) <= self.grace {
                 return Some(if *f == form { Decision::Repeat } else { reject(None, Reject::WrongForm) });
             }
         }
         let chain = self.index.get(element)?;
-        let user = &self.users[&chain.user].record;
         if chain.form != form {
-            return Some(reject(Some(user), Reject::WrongForm));
+            return Some(reject(None, Reject::WrongForm));
         }
+        if self.stale.contains_key(element) {
+            return Some(reject(None, Reject::Replay));
+        }
+        let user = match self.load_user(chain.user) {
+            Ok(Some(u)) => u,
+            Ok(None) => return Some(reject(None, Reject::Unknown)),
+            Err(why) => return Some(reject(None, why)),
+        };
         if now_unix.saturating_sub(user.chain(form).updated) <= self.grace.as_secs() {
             return Some(Decision::Repeat);
         }
-        Some(reject(Some(user), Reject::Replay))
+        if self.stale.len() >= STALE_CACHE {
+            self.stale.clear();
+        }
+        self.stale.insert(*element, now);
+        Some(reject(Some(&user), Reject::Replay))
     }
 
     /// Walk forward from the revealed element with `form`'s step function: the k-th
     /// hash equals a verifier if the user skipped k-1 elements (lost knocks, unused
     /// printed names). A hit on the other form's verifier is returned too, so it can
     /// be refused by name.
-    fn find(&self, element: &Element, form: Form, depth: u32) -> Option<(ChainRef, u64)> {
+    fn find(&self, element: &Element, form: Form, depth: u32) -> Option<(ChainRef, Element, u64)> {
         let mut h = *element;
         for k in 1..=u64::from(depth.min(self.window)) {
             h = chain::step(&self.zone, form, &h);
-            if let Some(&c) = self.index.get(&h) {
-                return Some((c, k));
+            if let Some(c) = self.index.get(&h) {
+                return Some((c, h, k));
             }
         }
         None
@@ -367,10 +412,10 @@ impl Verifier {
 
     /// The door a knock asks for: the embedded address of a bound knock (after its
     /// MAC and age), or for a plain knock what `[token] plain` allows.
-    fn target(&self, knock: &Knock, user: &UserState, now_unix: u64) -> Result<Target, Reject> {
+    fn target(&self, knock: &Knock, user: &UserRecord, now_unix: u64) -> Result<Target, Reject> {
         match &knock.token {
             Token::Bound(b) => {
-                b.verify_mac(&user.record.mac_key, &self.zone).map_err(|_| Reject::BadMac)?;
+                b.verify_mac(&user.mac_key, &self.zone).map_err(|_| Reject::BadMac)?;
                 if let Err(TokenError::TooOld(delta)) = b.check_age(now_unix, self.max_age) {
                     return Err(Reject::TooOld { delta });
                 }
@@ -416,7 +461,7 @@ impl Verifier {
     }
 
     /// Commit `element` as the chain's new verifier, then update the index.
-    fn spend(&mut self, chain: ChainRef, old: &Element, element: Element, counter: u64, now_unix: u64, now: Instant) -> Result<(), Reject> {
+    fn spend(&mut self, chain: ChainRef, old: &Element, element: Element, counter: u64, now: Instant) -> Result<(), Reject> {
         match self.store.advance(chain.user, chain.form, old, &element, counter) {
             Ok(true) => {}
             Ok(false) => {
@@ -428,8 +473,6 @@ impl Verifier {
         }
         self.index.remove(old);
         self.index.insert(element, chain);
-        let user = self.users.get_mut(&chain.user).expect("user present");
-        *user.record.chain_mut(chain.form) = crate::store::ChainState { verifier: element, counter, updated: now_unix };
         let grace = self.grace;
         if self.recent.len() >= 4096 {
             self.recent.retain(|_, (_, at)| now.duration_since(*at) <= grace);
