@@ -167,13 +167,23 @@ impl Doors {
     }
 
     /// Record, then open: a door that exists in the kernel always has its record, so
-    /// `doors` can name it and a restart adopts it.
+    /// `doors` can name it and a restart adopts it. A kernel door is one element per
+    /// (address, proto, port) shared by every user who opened it, so it is (re)set to
+    /// the latest expiry among their live records: one user's short door never cuts
+    /// another's long one.
     #[allow(clippy::too_many_arguments)]
     fn open(&self, user: &str, door: Prefix, services: &[String], open_for: Duration, via: &str, from: IpAddr, knock: &Knock, store: &mut dyn Store) {
         let t = now();
+        let live = match store.live_doors(t) {
+            Ok(live) => live,
+            Err(error) => {
+                tracing::error!(%user, %error, "cannot read door records; opening none (fail closed)");
+                return;
+            }
+        };
         let planned: Vec<(&ServiceConfig, Door, DoorRecord)> = self
             .doors_for(door, services, open_for)
-            .map(|(svc, d)| {
+            .map(|(svc, mut d)| {
                 let record = DoorRecord {
                     user: user.to_owned(),
                     service: svc.name.clone(),
@@ -186,13 +196,24 @@ impl Doors {
                     opened_at: t,
                     expires_at: t + open_for.as_secs(),
                 };
+                let others = live.iter().filter(|r| r.is_key(door.addr(), door.len(), svc.proto.as_str(), svc.port));
+                if let Some(latest) = others.map(|r| r.expires_at).max() {
+                    d.open_for = d.open_for.max(Duration::from_secs(latest.saturating_sub(t)));
+                }
                 (svc, d, record)
             })
             .collect();
         let records: Vec<DoorRecord> = planned.iter().map(|(_, _, r)| r.clone()).collect();
-        if let Err(error) = store.record_doors(&records) {
-            tracing::error!(%user, %error, "could not record the doors; opening none (fail closed)");
-            return;
+        match store.record_doors(&records) {
+            Ok(n) if n == records.len() => {}
+            Ok(_) => {
+                tracing::info!(%user, "user revoked while the knock was verified; opening nothing");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%user, %error, "could not record the doors; opening none (fail closed)");
+                return;
+            }
         }
         for (svc, d, _) in planned {
             match self.backend.open(&d) {
@@ -242,13 +263,32 @@ impl Doors {
         }
     }
 
-    /// After users were revoked: remove every kernel door that no live record
-    /// accounts for (revocation closes the user's records in the same transaction).
-    pub fn close_revoked(&self, users: &[String], store: &mut dyn Store) {
-        match self.reconcile(store) {
-            Ok((_, removed)) => tracing::info!(users = %users.join(","), doors_closed = removed, "user revoked: doors closed"),
-            Err(error) => tracing::error!(%error, users = %users.join(","), "user revoked but its doors could not be closed; they expire by themselves"),
+    /// After another process changed the store (`user revoke`, `rekey`, …): remove
+    /// every kernel door that no live record accounts for. Revoke and rekey close the
+    /// user's records in the same transaction, so their doors go at once, even when
+    /// both happen between two looks at the store.
+    pub fn sync(&self, revoked: &[String], store: &mut dyn Store) {
+        match self.reconcile_quietly(store) {
+            Ok(0) if revoked.is_empty() => {}
+            Ok(removed) => tracing::info!(revoked = %revoked.join(","), doors_closed = removed, "store changed: doors without a live record closed"),
+            Err(error) => tracing::error!(%error, "store changed but doors could not be checked; they expire by themselves"),
         }
+    }
+
+    /// Remove kernel doors without a live record; returns how many.
+    fn reconcile_quietly(&self, store: &mut dyn Store) -> Result<usize, FirewallError> {
+        let records = store.live_doors(now()).unwrap_or_default();
+        let mut removed = 0;
+        for d in self.backend.list()? {
+            if records.iter().any(|r| same_door(r, &d)) {
+                continue;
+            }
+            let door = Door { addr: d.addr, prefix_len: d.prefix_len, proto: d.proto, port: d.port, open_for: Duration::from_secs(1), single_use: d.single_use };
+            self.backend.close(&door)?;
+            removed += 1;
+            tracing::info!(addr = %format_args!("{}/{}", d.addr, d.prefix_len), proto = %d.proto, port = d.port, "closed a door no live record accounts for");
+        }
+        Ok(removed)
     }
 
     fn hook(&self, svc: &ServiceConfig, event: &'static str, user: &str, door: &Door, via: &str) {

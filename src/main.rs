@@ -6,9 +6,12 @@ fn main() -> std::process::ExitCode {
     let cli = nxknock::cli::Cli::parse();
     // hickory logs every query name at info, and a query name is a knock token:
     // keep its crates at warn unless the operator names them explicitly.
+    // Each crate stays at warn unless the operator names that very crate.
     let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
-    if !filter.contains("hickory") {
-        filter.push_str(",hickory_server=warn,hickory_net=warn,hickory_proto=warn");
+    for krate in ["hickory_server", "hickory_net", "hickory_proto"] {
+        if !filter.contains(krate) {
+            filter.push_str(&format!(",{krate}=warn"));
+        }
     }
     let filter = tracing_subscriber::EnvFilter::new(filter);
     use std::io::IsTerminal;

@@ -9,9 +9,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-/// The widest IPv6 door: a site's /56 (an ECS prefix may name one). Bound and
-/// source-address doors are /64; IPv4 doors are always one address.
-pub const WIDEST_V6_DOOR: u8 = 56;
+/// The widest IPv6 door: one /64, the prefix a host's privacy addresses rotate in.
+/// Every IPv6 door is exactly a /64 (an ECS or bound prefix longer than that widens
+/// to it, a shorter one is refused), so doors in the kernel's interval set never
+/// overlap; IPv4 doors are always one address.
+pub const WIDEST_V6_DOOR: u8 = 64;
 
 /// A network: address with host bits cleared, and its length. Parsed once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -25,9 +27,9 @@ pub struct Prefix {
 pub enum DoorSizeError {
     #[error("an IPv4 door admits exactly one address (/32)")]
     V4NotHost,
-    #[error("an IPv6 door is at most a /56")]
+    #[error("an IPv6 door is at most a /64")]
     V6TooWide,
-    #[error("IPv4-mapped, unspecified, loopback or multicast addresses never get a door")]
+    #[error("IPv4-mapped, Teredo, unspecified, loopback, reserved or multicast addresses never get a door")]
     Reserved,
 }
 
@@ -49,22 +51,27 @@ impl Prefix {
         }
     }
 
-    /// Check that this prefix may be a door: one IPv4 address, or an IPv6 prefix of
-    /// /56 to /64 (longer ones widen to the /64) outside the reserved ranges.
+    /// Check that this prefix may be a door: one IPv4 address, or an IPv6 /64 (longer
+    /// prefixes widen to their /64), outside the ranges where one address stands for
+    /// many hosts or for none.
     pub fn door(self) -> Result<Prefix, DoorSizeError> {
         match self.addr {
             IpAddr::V4(a) => {
                 if self.len != 32 {
                     return Err(DoorSizeError::V4NotHost);
                 }
-                if a.is_unspecified() || a.is_multicast() || a.is_broadcast() {
+                // 0/8 "this network", 127/8 loopback, 224/4 multicast, 240/4 reserved and broadcast.
+                let first = a.octets()[0];
+                if first == 0 || first == 127 || first >= 224 {
                     return Err(DoorSizeError::Reserved);
                 }
                 Ok(self)
             }
             IpAddr::V6(a) => {
-                // ::/8 holds mapped, compatible, loopback and unspecified addresses.
-                if a.octets()[0] == 0 || a.is_multicast() {
+                // ::/8 holds mapped, compatible, loopback and unspecified addresses;
+                // a Teredo (2001::/32) /64 is every client of one Teredo server.
+                let o = a.octets();
+                if o[0] == 0 || a.is_multicast() || o[..4] == [0x20, 0x01, 0, 0] {
                     return Err(DoorSizeError::Reserved);
                 }
                 if self.len < WIDEST_V6_DOOR {
@@ -176,12 +183,18 @@ mod tests {
         assert_eq!(p("0.0.0.0/0").door(), Err(DoorSizeError::V4NotHost));
         assert_eq!(p("2000::/3").door(), Err(DoorSizeError::V6TooWide));
         assert_eq!(p("2001:db8:18::/55").door(), Err(DoorSizeError::V6TooWide));
-        assert_eq!(p("2001:db8:18::/56").door(), Ok(p("2001:db8:18::/56")));
+        assert_eq!(p("2001:db8:18::/56").door(), Err(DoorSizeError::V6TooWide));
+        assert_eq!(p("2001:db8:18::/63").door(), Err(DoorSizeError::V6TooWide));
+        assert_eq!(p("2001:db8:18::/64").door(), Ok(p("2001:db8:18::/64")));
         assert_eq!(p("2001:db8:18::77/128").door(), Ok(p("2001:db8:18::/64")));
         assert_eq!(p("::ffff:198.18.0.3/128").door(), Err(DoorSizeError::Reserved));
         assert_eq!(p("::ffff:0.0.0.0/96").door(), Err(DoorSizeError::Reserved));
         assert_eq!(p("::/64").door(), Err(DoorSizeError::Reserved));
         assert_eq!(p("ff02::1/64").door(), Err(DoorSizeError::Reserved));
+        assert_eq!(p("2001:0:4136:e378:8000:63bf:3fff:fdd2/128").door(), Err(DoorSizeError::Reserved), "Teredo");
+        for v4 in ["127.0.0.1", "0.1.2.3", "240.0.0.1", "255.255.255.255", "224.0.0.1"] {
+            assert_eq!(p(v4).door(), Err(DoorSizeError::Reserved), "{v4}");
+        }
         assert_eq!(Prefix::source_door(ip("::ffff:198.18.0.2")), p("198.18.0.2/32"));
         assert_eq!(Prefix::source_door(ip("2001:db8:18::2")), p("2001:db8:18::/64"));
         assert!(p("198.18.0.0/15").contains_ip(ip("::ffff:198.19.0.1")));

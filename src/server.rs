@@ -212,9 +212,8 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
                 }
             },
         }
-        let revoked = verifier.take_revoked();
-        if !revoked.is_empty() {
-            doors.close_revoked(&revoked, verifier.store_mut());
+        if let Some(revoked) = verifier.take_changes() {
+            doors.sync(&revoked, verifier.store_mut());
         }
     }
 }

@@ -17,7 +17,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use data_encoding::HEXLOWER;
 use hmac::{Hmac, KeyInit, Mac};
@@ -84,6 +85,14 @@ pub fn parse_label(label: &[u8], zone_key: &[u8], zone: &ZoneId) -> Option<([u8;
     Some((nonce, u32::from_be_bytes([enc[0] ^ p[0], enc[1] ^ p[1], enc[2] ^ p[2], enc[3] ^ p[3]])))
 }
 
+/// Server: answers for questions it will not vouch for (an unknown user, or a nonce
+/// already answered) have the same shape as genuine ones, with a tag under a
+/// secret only this process knows: no client accepts them, and nobody learns
+/// which user numbers exist or that a question was replayed.
+pub fn decoy(secret: &[u8], zone: &ZoneId, nonce: &[u8; NONCE_LEN], seen: IpAddr) -> [String; 2] {
+    answer(secret, zone, nonce, seen)
+}
+
 /// Server: the TXT strings that answer `nonce` for a user with `mac_key`.
 pub fn answer(mac_key: &[u8], zone: &ZoneId, nonce: &[u8; NONCE_LEN], seen: IpAddr) -> [String; 2] {
     let addr = seen.to_canonical().to_string();
@@ -113,6 +122,40 @@ pub fn check(mac_key: &[u8], zone: &ZoneId, q: &Question, strings: &[String]) ->
     addr.parse().map_err(|_| WhoamiError::BadAddress(addr.clone()))
 }
 
+/// Nonces answered recently, so each question gets one genuine answer: a copy
+/// relayed from another address after the original gets a decoy.
+pub struct Nonces {
+    seen: Mutex<HashMap<[u8; NONCE_LEN], Instant>>,
+    keep: Duration,
+    max: usize,
+}
+
+impl Nonces {
+    pub fn new(keep: Duration, max: usize) -> Nonces {
+        Nonces { seen: Mutex::new(HashMap::new()), keep, max }
+    }
+
+    /// True the first time `nonce` is offered within `keep`.
+    pub fn first(&self, nonce: &[u8; NONCE_LEN], now: Instant) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= self.max {
+            let keep = self.keep;
+            seen.retain(|_, at| now.duration_since(*at) < keep);
+            if seen.len() >= self.max {
+                // Full of fresh nonces (a flood): refuse new ones rather than forget old ones.
+                return false;
+            }
+        }
+        match seen.get(nonce) {
+            Some(at) if now.duration_since(*at) < self.keep => false,
+            _ => {
+                seen.insert(*nonce, now);
+                true
+            }
+        }
+    }
+}
+
 /// The MAC keys the DNS listener needs to answer whoami, by user number.
 /// Written by the verifier when it (re)loads users; read by the DNS threads.
 #[derive(Default)]
@@ -133,6 +176,18 @@ impl KeyTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_nonce_is_answered_once_within_its_time() {
+        let n = Nonces::new(Duration::from_secs(60), 3);
+        let t = Instant::now();
+        assert!(n.first(&[1; NONCE_LEN], t));
+        assert!(!n.first(&[1; NONCE_LEN], t), "the same question again");
+        assert!(n.first(&[2; NONCE_LEN], t) && n.first(&[3; NONCE_LEN], t));
+        assert!(!n.first(&[4; NONCE_LEN], t), "full of fresh nonces: refuse");
+        let later = t + Duration::from_secs(61);
+        assert!(n.first(&[4; NONCE_LEN], later), "old ones are forgotten");
+    }
 
     fn zone() -> ZoneId {
         ZoneId::new("knock.example.com")
@@ -158,6 +213,10 @@ mod tests {
         // A genuine answer to another question is a replay.
         let q2 = question(&zk, &zone(), 42);
         assert_eq!(check(b"alice-key", &zone(), &q2, &a), Err(WhoamiError::BadTag));
+        // A decoy looks like an answer but never checks.
+        let d = decoy(b"process secret", &zone(), &nonce, seen);
+        assert_eq!((d[0].as_str(), d[1].len()), ("198.18.0.2", 32));
+        assert_eq!(check(b"alice-key", &zone(), &q, &d), Err(WhoamiError::BadTag));
         // Without the zone key the id is not recoverable.
         assert_ne!(parse_label(q.label.as_bytes(), &[4u8; 16], &zone()).map(|x| x.1), Some(42));
     }

@@ -96,11 +96,11 @@ fn door_admits(net: IpAddr, len: u8, ip: IpAddr) -> bool {
     }
 }
 
-/// No door wider than one IPv4 address or an IPv6 /56, and none admitting any of `never`.
+/// No door wider than one IPv4 address or an IPv6 /64, and none admitting any of `never`.
 fn assert_doors_narrow_and_not_for(s: &Setup, never: &[&str], when: &str) {
     for d in doors(s) {
         let (net, len) = door_net(&d);
-        let min = if net.is_ipv4() { 32 } else { 56 };
+        let min = if net.is_ipv4() { 32 } else { 64 };
         assert!(len >= min, "{when}: door {net}/{len} is wider than /{min}: {d}");
         for ip in never {
             let ip: IpAddr = ip.parse().unwrap();
@@ -319,7 +319,7 @@ fn bound_v6_substrings_never_open_as_plain() {
 }
 
 // ---------------------------------------------------------------------------
-// 2. EDNS Client Subnet: never wider than /32 or /56, only from trusted sources.
+// 2. EDNS Client Subnet: never wider than /32 or /64, only from trusted sources.
 
 /// The attacker cannot connect over IPv4 nor IPv6.
 fn attacker_shut_out(s: &Setup, when: &str) {
@@ -736,4 +736,28 @@ fn revoke_closes_the_users_doors_at_once() {
     let open = doors(&s);
     assert!(open.iter().all(|d| d["user"] != "alice"), "{open:?}");
     assert!(open.iter().any(|d| d["user"] == "bob"), "{open:?}");
+}
+
+/// Another enrolled user (bob, whose doors last at most 1 s) knocks for alice's
+/// address: the kernel keeps one element per address and port, and it must keep
+/// the latest expiry of the users who opened it, so bob cannot cut alice's door short.
+#[test]
+fn another_users_short_door_does_not_cut_a_longer_one() {
+    if !require_root("another_users_short_door_does_not_cut_a_longer_one") {
+        return;
+    }
+    let s = Setup::new("atkshort", "nftables", 30);
+    let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let alice = s.add_user("alice", &[]);
+    let bob = s.add_user("bob", &["--max-open", "1"]);
+    let out = s.knock(&s.lab.client, &alice, &["--ip", CLIENT]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    connect_soon(&s.lab.client, ssh_addr()).expect("alice's door opens");
+    let out = s.knock(&s.lab.attacker, &bob, &["--ip", CLIENT]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    assert!(wait_log(&s, "user=bob", Duration::from_secs(2)), "{}", s.daemon.log_text());
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut conn = try_connect(&s.lab.client, ssh_addr()).expect("alice's 30 s door outlives bob's 1 s one");
+    assert!(echo_works(&mut conn));
+    assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "bob's knock was for alice's address, not his");
 }

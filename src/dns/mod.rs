@@ -33,7 +33,7 @@ use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, 
 
 use crate::knock::{Knock, Via};
 use crate::token::{Token, ZoneId, ZoneKey};
-use crate::whoami::KeyTable;
+use crate::whoami::{KeyTable, Nonces};
 
 pub mod fast;
 mod socket;
@@ -129,6 +129,9 @@ struct Whoami {
     keys: Arc<KeyTable>,
     zone_key: Vec<u8>,
     zone: ZoneId,
+    nonces: Nonces,
+    /// Key for decoy answers; random per process.
+    secret: [u8; 32],
 }
 
 /// hickory request handler: knock names here, everything else to the catalog.
@@ -152,7 +155,10 @@ impl KnockHandler {
     pub fn with_whoami(mut self, keys: Arc<KeyTable>, zone_key: Vec<u8>) -> KnockHandler {
         let name = Name::from_ascii("whoami").expect("static label").append_domain(&self.zone.apex);
         let zone = ZoneId::new(&self.zone.apex.to_ascii());
-        self.whoami = name.ok().map(|n| Whoami { name: LowerName::new(&n), keys, zone_key, zone });
+        let mut secret = [0u8; 32];
+        rand::fill(&mut secret);
+        let nonces = Nonces::new(std::time::Duration::from_secs(300), 65_536);
+        self.whoami = name.ok().map(|n| Whoami { name: LowerName::new(&n), keys, zone_key, zone, nonces, secret });
         self
     }
 
@@ -171,11 +177,16 @@ impl KnockHandler {
         // `whoami.<zone>` itself exists (it has names below it): NOERROR, no data.
         let strings = match q.name().iter().next() {
             Some(label) if q.name() != &who.name => match crate::whoami::parse_label(label, &who.zone_key, &who.zone) {
-                Some((nonce, id)) => match who.keys.get(id) {
-                    Some(key) => Some(crate::whoami::answer(&key, &who.zone, &nonce, request.src().ip()).to_vec()),
-                    // No such user: the bare address, which no client accepts.
-                    None => Some(vec![request.src().ip().to_canonical().to_string()]),
-                },
+                Some((nonce, id)) => {
+                    let seen = request.src().ip();
+                    match who.keys.get(id) {
+                        Some(key) if who.nonces.first(&nonce, Instant::now()) => {
+                            Some(crate::whoami::answer(&key, &who.zone, &nonce, seen).to_vec())
+                        }
+                        // No such user, or a question already answered: a decoy.
+                        _ => Some(crate::whoami::decoy(&who.secret, &who.zone, &nonce, seen).to_vec()),
+                    }
+                }
                 None => None,
             },
             _ => None,

@@ -151,13 +151,15 @@ pub trait Store: Send {
     /// Revoke by name and close the user's door records, in one transaction; returns
     /// false if the user was already revoked.
     fn revoke(&mut self, name: &str) -> Result<bool, StoreError>;
-    /// Replace a user's chains and MAC key (and un-revoke); returns the user's id.
+    /// Replace a user's chains and MAC key (and un-revoke), closing the door records
+    /// of the old credential in the same transaction; returns the user's id.
     fn rekey(&mut self, e: &Enrolment) -> Result<i64, StoreError>;
     /// True if another process changed the data since the last call (cheap; no disk I/O
     /// in WAL mode), so the verifier can reload its index after `user add`/`revoke`.
     fn changed_elsewhere(&mut self) -> Result<bool, StoreError>;
-    /// Record doors about to open (one transaction).
-    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<(), StoreError>;
+    /// Record doors about to open (one transaction), only for users not revoked:
+    /// returns how many were recorded, and the caller opens only those.
+    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError>;
     /// Doors recorded as open whose expiry is after `now` (unix seconds), newest first.
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError>;
     /// Mark `user`'s recorded doors for this key closed (close knock).

@@ -403,6 +403,8 @@ impl Store for SqliteStore {
         )
         .map_err(err)?;
         tx.execute("DELETE FROM chains WHERE user_id = ?1", [id]).map_err(err)?;
+        // The old credential may be why the user is rekeyed: its doors close too.
+        tx.execute("UPDATE doors SET closed = 1 WHERE user_name = ?1 AND closed = 0", [&e.name]).map_err(err)?;
         for form in Form::ALL {
             tx.execute(ADD_CHAIN, params![id, form as i64, &e.verifiers[form.index()].0[..], now]).map_err(err)?;
         }
@@ -417,19 +419,23 @@ impl Store for SqliteStore {
         Ok(changed)
     }
 
-    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<(), StoreError> {
+    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite { path: path.clone(), source };
         let tx = self.conn.transaction().map_err(err)?;
+        let mut recorded = 0;
         {
+            // A revocation may have committed since the knock was verified: its
+            // doors are not recorded, so they are not opened.
             let mut stmt = tx
                 .prepare_cached(
                     "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
+                     WHERE EXISTS (SELECT 1 FROM users WHERE name = ?1 AND revoked = 0)",
                 )
                 .map_err(err)?;
             for d in doors {
-                stmt.execute(params![
+                recorded += stmt.execute(params![
                     d.user,
                     d.service,
                     d.addr.to_string(),
@@ -446,7 +452,8 @@ impl Store for SqliteStore {
             // Keep the table small: forget doors that expired a day ago.
             tx.execute("DELETE FROM doors WHERE expires_at < ?1", [now() - 86_400]).map_err(err)?;
         }
-        tx.commit().map_err(err)
+        tx.commit().map_err(err)?;
+        Ok(recorded)
     }
 
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError> {
@@ -558,8 +565,9 @@ mod tests {
             opened_at: t,
             expires_at: t + 30,
         };
-        s.record_doors(&[door("bob"), door("carol")]).unwrap();
+        assert_eq!(s.record_doors(&[door("bob"), door("carol")]).unwrap(), 2);
         assert!(s.revoke("bob").unwrap());
+        assert_eq!(s.record_doors(&[door("bob")]).unwrap(), 0, "no door is recorded for a revoked user");
         assert!(!s.revoke("bob").unwrap());
         assert!(matches!(s.revoke("nobody"), Err(StoreError::NoSuchUser(_))));
         assert_eq!(s.active_users().unwrap().len(), 1);
@@ -570,6 +578,10 @@ mod tests {
         // Rekey brings bob back with fresh chains, same id.
         assert_eq!(s.rekey(&enrol("bob", 7)).unwrap(), id);
         assert!(s.advance(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1).unwrap());
+        // ... and a rekey closes the doors of the old credential.
+        assert_eq!(s.record_doors(&[door("bob")]).unwrap(), 1);
+        s.rekey(&enrol("bob", 9)).unwrap();
+        assert_eq!(s.live_doors(t).unwrap(), vec![door("carol")]);
     }
 
     #[test]
@@ -690,7 +702,8 @@ mod tests {
         };
         let old = DoorRecord { expires_at: t - 1, ..d.clone() };
         let bobs = DoorRecord { user: "bob".into(), ..d.clone() };
-        s.record_doors(&[d.clone(), old, bobs.clone()]).unwrap();
+        s.add_users(&[enrol("alice", 1), enrol("bob", 2)]).unwrap();
+        assert_eq!(s.record_doors(&[d.clone(), old, bobs.clone()]).unwrap(), 3);
         assert_eq!(s.live_doors(t).unwrap(), vec![bobs.clone(), d.clone()]);
         s.close_door("bob", d.addr, 64, "tcp", 22).unwrap();
         assert_eq!(s.live_doors(t).unwrap(), vec![d.clone()], "closing bob's door leaves alice's");

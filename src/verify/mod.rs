@@ -159,8 +159,10 @@ pub struct Verifier {
     stale: HashMap<Element, Instant>,
     /// Revoked users as of the last load, to notice new revocations.
     revoked_names: HashSet<String>,
-    /// Users revoked since the last [`Verifier::take_revoked`].
+    /// Users revoked since the last [`Verifier::take_changes`].
     revoked: Vec<String>,
+    /// Another process changed the store since the last [`Verifier::take_changes`].
+    changed: bool,
     /// Where the DNS listener finds MAC keys to answer whoami, if enabled.
     whoami_keys: Option<Arc<KeyTable>>,
 }
@@ -185,6 +187,7 @@ impl Verifier {
             stale: HashMap::new(),
             revoked_names,
             revoked: Vec::new(),
+            changed: false,
             whoami_keys: None,
         };
         v.reload()?;
@@ -251,14 +254,16 @@ impl Verifier {
     /// so a revocation closes doors at once and not at the next knock.
     pub fn refresh(&mut self) -> Result<(), StoreError> {
         if self.store.changed_elsewhere()? {
+            self.changed = true;
             self.reload()?;
         }
         Ok(())
     }
 
-    /// Names of users revoked since the last call.
-    pub fn take_revoked(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.revoked)
+    /// `Some(users revoked meanwhile)` if another process changed the store since the
+    /// last call: the door stage then re-checks its doors against their records.
+    pub fn take_changes(&mut self) -> Option<Vec<String>> {
+        std::mem::take(&mut self.changed).then(|| std::mem::take(&mut self.revoked))
     }
 
     /// The user a chain belongs to, from the store; `None` if gone or revoked
@@ -724,10 +729,12 @@ port = 443
         for (ecs, len) in [("::ffff:198.18.0.3", 128), ("::ffff:0.0.0.0", 96)] {
             assert_eq!(why(f.v.verify(&with_ecs("198.18.0.4", Some((ecs, len))))), Reject::DoorSize(DoorSizeError::Reserved), "{ecs}/{len}");
         }
+        // A /56 is a whole site: wider than a door.
+        assert_eq!(why(f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1200::", 56))))), Reject::DoorSize(DoorSizeError::V6TooWide));
         // Refusals spent nothing: the same element opens as the trusted resolver's ECS says.
         assert_eq!(
-            f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1200::", 56)))),
-            Decision::Open { user: "alice".into(), door: p("2001:db8:77:1200::/56"), services: vec!["ssh".into(), "web".into()], max_open: None }
+            f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1234::", 64)))),
+            Decision::Open { user: "alice".into(), door: p("2001:db8:77:1234::/64"), services: vec!["ssh".into(), "web".into()], max_open: None }
         );
         let t2 = f.plain(N - 2);
         let mut k = knock_from(t2, "198.18.0.4");
@@ -749,8 +756,8 @@ port = 443
         let mut f = fixture(vec![], vec![]);
         SqliteStore::open(&f.path).unwrap().revoke("alice").unwrap();
         f.v.refresh().unwrap();
-        assert_eq!(f.v.take_revoked(), vec!["alice".to_owned()]);
-        assert!(f.v.take_revoked().is_empty());
+        assert_eq!(f.v.take_changes(), Some(vec!["alice".to_owned()]));
+        assert_eq!(f.v.take_changes(), None);
         assert_eq!(why(f.v.verify(&knock(f.plain(N - 1)))), Reject::Unknown);
     }
 
