@@ -86,6 +86,8 @@ impl Prefix {
         self.addr
     }
 
+    /// The prefix length (named for the `a/len` notation; a prefix is never "empty").
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u8 {
         self.len
     }

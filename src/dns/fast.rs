@@ -8,7 +8,7 @@
 //! (cheap check before parse), builds the answer by copying (header bits, the
 //! question verbatim, a pre-encoded SOA) and sends the batch's answers in one
 //! `sendmmsg`. Only then are the labels decoded and queued, exactly as the
-//! hickory path does ([`KnockHandler::enqueue`]).
+//! hickory path does (`KnockHandler::enqueue`).
 //!
 //! Anything the cheap check does not recognise — static names, `whoami`,
 //! malformed packets, EDNS with options (ECS), TSIG, other opcodes — is handed

@@ -138,7 +138,7 @@ struct Target {
 const STALE_CACHE: usize = 4096;
 
 /// The verifier over a [`Store`]: a compact in-memory index of every active
-/// chain's verifier (see [`index`]); everything else about a user is read from the
+/// chain's verifier (see `index.rs`); everything else about a user is read from the
 /// store only when a knock hits that user's chain, which random tokens never do.
 pub struct Verifier {
     store: Box<dyn Store>,
@@ -622,7 +622,7 @@ port = 443
         // Repeats are decided without a walk.
         assert_eq!(f.v.verify_quick(&knock(f.plain(N - 1))), Some(Decision::Repeat));
         // The deferred knock two ahead now is the next one.
-        assert!(matches!(f.v.verify_quick(&knock(f.plain(N - 3))), None));
+        assert!(f.v.verify_quick(&knock(f.plain(N - 3))).is_none());
         assert!(matches!(f.v.verify(&knock(f.plain(N - 3))), Decision::Open { .. }));
     }
 
