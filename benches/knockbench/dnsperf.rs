@@ -39,7 +39,14 @@ impl Bench {
     }
 
     /// dnsperf from `ns` at full rate.
-    pub(crate) fn dnsperf(&self, ns: &Netns, server: Ipv4Addr, file: &Path, secs: u64, extra: &[&str]) -> Result<Dnsperf> {
+    pub(crate) fn dnsperf(
+        &self,
+        ns: &Netns,
+        server: Ipv4Addr,
+        file: &Path,
+        secs: u64,
+        extra: &[&str],
+    ) -> Result<Dnsperf> {
         let s = server.to_string();
         let l = secs.to_string();
         let mut args = vec!["dnsperf", "-s", &s, "-d", file.to_str().unwrap(), "-c", DNSPERF_CLIENTS, "-l", &l];

@@ -192,7 +192,12 @@ impl Bench {
     }
 
     /// One knock trial: run the client in the client namespace, then connect until open.
-    pub(crate) fn trial(&self, sniffer: &Sniffer, cmd: impl Fn() -> Command + Sync, pkt: (u8, Ipv4Addr, u16)) -> Result<Trial> {
+    pub(crate) fn trial(
+        &self,
+        sniffer: &Sniffer,
+        cmd: impl Fn() -> Command + Sync,
+        pkt: (u8, Ipv4Addr, u16),
+    ) -> Result<Trial> {
         let target = SocketAddr::new(SERVER.into(), SSH_PORT);
         let (t0, done, ok) = self.cli().enter(|| -> Result<(i128, i128, Option<i128>)> {
             let t0 = now_ns();

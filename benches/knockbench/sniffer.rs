@@ -67,7 +67,12 @@ impl Sniffer {
     }
 
     /// The first captured packet (proto, dst, dport) at or after `t0`, waiting up to `wait` for the capture thread.
-    pub(crate) fn first_after(&self, t0: i128, (proto, dst, dport): (u8, Ipv4Addr, u16), wait: Duration) -> Option<i128> {
+    pub(crate) fn first_after(
+        &self,
+        t0: i128,
+        (proto, dst, dport): (u8, Ipv4Addr, u16),
+        wait: Duration,
+    ) -> Option<i128> {
         let until = Instant::now() + wait;
         loop {
             let found = {
