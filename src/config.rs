@@ -4,17 +4,23 @@
 //! silently ignored), and every error names the file, the key and what was
 //! expected. Relative paths are resolved against the config file's directory so
 //! the daemon behaves the same from any working directory.
+//!
+//! The types also serialize back to TOML, so harnesses (`nxknock demo`, the tests,
+//! the benchmark: see [`crate::lab::config`]) build configs as typed values and
+//! a new key is one edit here. Paths are written as they are held: a config that was
+//! loaded has absolute paths and means the same wherever it is written; relative ones
+//! are resolved against the directory of the file they are written to.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::firewall::{BackendKind, Proto};
 use crate::netaddr::Prefix;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub dns: DnsConfig,
@@ -26,13 +32,13 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// Zone file (SOA, NS, glue, static records) served with AA.
     pub zone_file: PathBuf,
     /// Zone apex; if absent, the zone file's `$ORIGIN` is used.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
     /// UDP and TCP listen addresses.
     pub listen: Vec<SocketAddr>,
@@ -51,13 +57,13 @@ pub struct DnsConfig {
     pub tcp_timeout_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirewallConfig {
     pub backend: BackendKind,
@@ -66,7 +72,7 @@ pub struct FirewallConfig {
     pub open_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// How many chain elements a knock may skip ahead (lost knocks, unused OTP names).
@@ -88,7 +94,7 @@ pub struct TokenConfig {
 }
 
 /// Where a plain knock's door goes. Bound knocks always open for their embedded address.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PlainPolicy {
     /// The address the query came from: the client's, or its resolver's (COK behaviour;
@@ -113,7 +119,7 @@ impl Default for TokenConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -125,11 +131,46 @@ pub struct ServiceConfig {
     /// Program (absolute path) and arguments run when a door of this service opens
     /// or is closed by a close knock; never through a shell. Placeholders in the
     /// arguments: {event} {user} {service} {addr} {prefix} {proto} {port} {seconds} {via}.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<Vec<String>>,
     /// The hook is killed after this many seconds.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_seconds: u64,
+}
+
+impl DnsConfig {
+    /// Serve `zone_file` on `listen`; every other key at its default.
+    pub fn new(zone_file: impl Into<PathBuf>, listen: Vec<SocketAddr>) -> DnsConfig {
+        DnsConfig {
+            zone_file: zone_file.into(),
+            zone: None,
+            listen,
+            whoami: false,
+            knocks_per_source: default_knocks_per_source(),
+            tcp_timeout_seconds: default_tcp_timeout(),
+        }
+    }
+}
+
+impl FirewallConfig {
+    /// `backend` with the default door time.
+    pub fn new(backend: BackendKind) -> FirewallConfig {
+        FirewallConfig { backend, open_seconds: default_open_seconds() }
+    }
+}
+
+impl ServiceConfig {
+    /// Guard `proto/port` as `name`; no single use, no hook.
+    pub fn new(name: &str, proto: Proto, port: u16) -> ServiceConfig {
+        ServiceConfig {
+            name: name.to_owned(),
+            proto,
+            port,
+            single_use: false,
+            hook: None,
+            hook_timeout_seconds: default_hook_timeout(),
+        }
+    }
 }
 
 fn default_tcp_timeout() -> u64 {
@@ -307,6 +348,21 @@ port = 22
         assert!(e.contains("token.ecs_from"), "{e}");
         let e = err(&format!("{GOOD}\n[token]\necs_from = [\"192.0.2.0/33\"]\n"));
         assert!(e.contains("ecs_from") && e.contains("192.0.2.0/33"), "{e}");
+    }
+
+    #[test]
+    fn written_config_reads_back_the_same() {
+        let mut c = Config::parse(GOOD, Path::new("/etc/nxknock/nxknock.toml")).unwrap();
+        c.token.plain = PlainPolicy::Ecs;
+        c.token.ecs_from = vec!["192.0.2.53/32".parse().unwrap(), "2001:db8::/48".parse().unwrap()];
+        c.services[0].hook = Some(vec!["/bin/true".into(), "{event}".into()]);
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(Config::parse(&text, Path::new("/elsewhere/x.toml")).unwrap(), c, "{text}");
+        // The constructors' defaults are the parser's.
+        let parsed = Config::parse(&GOOD.replace("open_seconds = 10\n", ""), Path::new("/c.toml")).unwrap();
+        assert_eq!(DnsConfig::new(parsed.dns.zone_file.clone(), parsed.dns.listen.clone()), parsed.dns);
+        assert_eq!(FirewallConfig::new(BackendKind::Nftables), parsed.firewall);
+        assert_eq!(ServiceConfig::new("ssh", Proto::Tcp, 22), parsed.services[0]);
     }
 
     #[test]

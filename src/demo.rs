@@ -3,42 +3,23 @@
 //! Server, client and attacker hosts on one bridge; the real daemon with the
 //! nftables backend; a knock with real `dig`; real TCP connections. Everything
 //! lives in namespaces created here and removed by Drop guards — also on error
-//! and on Ctrl-C (the signal only sets a flag; every step checks it).
+//! and on Ctrl-C (see [`crate::lab::interrupt`]). The stage is the one the tests
+//! and the benchmark use: [`crate::lab`].
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::firewall::BackendKind;
+use crate::lab::config::ConfigBuilder;
+use crate::lab::daemon::Serve;
+use crate::lab::dig::Dig;
+use crate::lab::interrupt::{self, check};
 use crate::lab::{ATTACKER_V4, CLIENT_V4, Lab, Netns, SERVER_V4};
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-const ZONE_FILE: &str = include_str!("../zones/knock.example.com.zone");
 const OPEN_SECONDS: u64 = 5;
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; tearing down");
-    }
-    Ok(())
-}
-
-/// Kills the daemon when the demo ends, however it ends.
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn step(n: u32, text: &str) {
     println!("\n\x1b[1m[{n}] {text}\x1b[0m");
@@ -48,10 +29,7 @@ pub fn run() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo needs root: it creates network namespaces and firewall rules (run: sudo ./scripts/demo)");
     }
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    interrupt::catch_signals();
     let exe = std::env::current_exe().context("own path")?;
     let tmp = TempDir::new()?;
     let dir = tmp.0.as_path();
@@ -60,16 +38,8 @@ pub fn run() -> anyhow::Result<()> {
     let lab = Lab::new("nxdemo").context("create namespaces")?;
     check()?;
 
-    std::fs::write(dir.join("zone"), ZONE_FILE)?;
-    std::fs::write(
-        dir.join("nxknock.toml"),
-        format!(
-            "[dns]\nzone_file = \"zone\"\nlisten = [\"{SERVER_V4}:53\"]\n[store]\npath = \"nxknock.db\"\n\
-             [firewall]\nbackend = \"nftables\"\nopen_seconds = {OPEN_SECONDS}\n\
-             [[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 22\n"
-        ),
-    )?;
     let config = dir.join("nxknock.toml");
+    ConfigBuilder::new(BackendKind::Nftables).open_seconds(OPEN_SECONDS).write(&config)?;
     let cfg = config.to_str().context("utf-8 path")?;
 
     step(2, "Start an SSH-like service on the server's port 22, and nxknock serve (nftables backend)");
@@ -79,17 +49,10 @@ pub fn run() -> anyhow::Result<()> {
             std::thread::spawn(move || banner(s));
         }
     });
-    let log = dir.join("serve.log");
-    let child = lab
-        .server
-        .cmd(exe.to_str().context("utf-8 path")?)
-        .args(["serve", "--config", cfg])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
+    let daemon = Serve::new(&exe, &config, dir.join("serve.log"))
+        .ready_within(Duration::from_secs(15))
+        .start(&lab.server)
         .context("start nxknock serve")?;
-    let _daemon = Daemon(child);
-    wait_for(&log, "nxknock serving", Duration::from_secs(15))?;
     println!("    nxknock is answering for knock.example.com on {SERVER_V4}:53");
 
     let ssh = SocketAddr::new(SERVER_V4.into(), 22);
@@ -158,10 +121,11 @@ pub fn run() -> anyhow::Result<()> {
     println!("    the connection made during the window still echoes: {:?}", String::from_utf8_lossy(&buf).trim());
 
     step(9, "What the daemon logged (no token appears in it)");
-    for l in std::fs::read_to_string(&log)?.lines().filter(|l| l.contains("door") || l.contains("serving")) {
+    for l in daemon.log_text().lines().filter(|l| l.contains("door") || l.contains("serving")) {
         println!("    {l}");
     }
     println!("\nDone; removing the namespaces.");
+    drop(daemon);
     drop(lab);
     Ok(())
 }
@@ -192,23 +156,11 @@ fn show_connect(ns: &Netns, who: &str, addr: SocketAddr) {
 }
 
 fn dig(ns: &Netns, name: &str) -> anyhow::Result<()> {
-    let out = ns.cmd("dig").args([&format!("@{SERVER_V4}"), "+norec", "+time=2", "+tries=2", name]).output().context("run dig")?;
-    for l in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("status:") || l.starts_with(";; flags")) {
+    let d = Dig::run(ns, &[&format!("@{SERVER_V4}"), "+norec", name]).context("run dig")?;
+    for l in d.header() {
         println!("    {}", l.trim_start_matches(";; "));
     }
     Ok(())
-}
-
-fn wait_for(log: &Path, what: &str, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        check()?;
-        if std::fs::read_to_string(log).unwrap_or_default().contains(what) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nxknock serve did not start:\n{}", std::fs::read_to_string(log).unwrap_or_default())
 }
 
 /// A private temporary directory (0700), removed on drop.

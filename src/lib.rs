@@ -11,7 +11,7 @@
 //! * [`firewall`] backends turn a door request into a kernel set element with a timeout.
 //!
 //! [`client`] is the user side (`otp`, `knock`), [`config`] the operator's TOML, and
-//! [`lab`] the network-namespace harness shared by `nxknock demo` and the tests.
+//! [`lab`] the network-namespace harness shared by `nxknock demo`, the tests and the benchmark.
 
 pub mod firewall;
 pub mod lab;

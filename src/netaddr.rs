@@ -137,6 +137,13 @@ impl<'de> serde::Deserialize<'de> for Prefix {
     }
 }
 
+/// Written as its [`Display`](fmt::Display) form, which [`FromStr`] reads back.
+impl serde::Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// `ip` with every bit past `len` cleared. `len` is clamped to the family's width.
 pub fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {

@@ -240,10 +240,8 @@ fn plain_candidates(label: &str) -> Vec<String> {
 }
 
 fn bound_substrings_story(prefix: &str, backend: &'static str, bound_for: &str) {
-    let mut o = Opts::new(backend, 30);
     // Every probe must be verified, not shed by the per-source limiter.
-    o.dns_extra = "knocks_per_source = 0\n".into();
-    o.extra = "[token]\nplain = \"source\"\n".into();
+    let o = config(backend, 30).knocks_per_source(0).plain(PlainPolicy::Source);
     let s = Setup::with(prefix, o);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _svc6 = echo_service(&s.lab.server, &format!("[{SERVER6}]:22"));
@@ -333,9 +331,9 @@ fn ecs_cannot_widen_a_door() {
     if !require_root("ecs_cannot_widen_a_door") {
         return;
     }
-    let mut o = Opts::new("nftables", 30);
     // The worst case: the attacker is a trusted ECS source (a resolver it controls).
-    o.extra = format!("[token]\nplain = \"ecs\"\necs_from = [\"{CLIENT}/32\", \"{ATTACKER}/32\"]\n");
+    let trusted = [CLIENT, ATTACKER].map(|a| format!("{a}/32").parse().unwrap());
+    let o = config("nftables", 30).plain(PlainPolicy::Ecs).ecs_from(trusted);
     let s = Setup::with("atkecs", o);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _svc6 = echo_service(&s.lab.server, &format!("[{SERVER6}]:22"));
@@ -379,11 +377,10 @@ fn ecs_from_untrusted_source_is_ignored() {
     if !require_root("ecs_from_untrusted_source_is_ignored") {
         return;
     }
-    let mut o = Opts::new("nftables", 30);
     // plain = "ecs" believing only a resolver that takes no part here (an empty
     // ecs_from with plain = "ecs" is a config error): ECS from the client or the
     // attacker is trusted from nobody.
-    o.extra = format!("[token]\nplain = \"ecs\"\necs_from = [\"{RESOLVER}/32\"]\n");
+    let o = config("nftables", 30).plain(PlainPolicy::Ecs).ecs_from([format!("{RESOLVER}/32").parse().unwrap()]);
     let s = Setup::with("atkecsun", o);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _svc6 = echo_service(&s.lab.server, &format!("[{SERVER6}]:22"));
@@ -616,9 +613,7 @@ fn forged_whoami_answer_is_refused() {
     if !require_root("forged_whoami_answer_is_refused") {
         return;
     }
-    let mut o = Opts::new("nftables", 30);
-    o.dns_extra = "whoami = true\n".into();
-    let s = Setup::with("atkwho", o);
+    let s = Setup::with("atkwho", config("nftables", 30).whoami(true));
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let alice = s.add_user("alice", &[]);
     let fake = FakeDns::start(&s.lab.attacker, FakeMode::Capture);

@@ -4,6 +4,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use nxknock::firewall::BackendKind;
+use nxknock::lab::config::ConfigBuilder;
+
 const BIN: &str = env!("CARGO_BIN_EXE_nxknock");
 
 fn nx(args: &[&str]) -> Output {
@@ -14,24 +17,22 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-fn write_config(dir: &Path, backend: &str, extra: &str) -> String {
-    let zone = Path::new(env!("CARGO_MANIFEST_DIR")).join("zones/knock.example.com.zone");
+/// `nxknock.toml` in `dir`: `backend`, listening on 127.0.0.1:0, database `db.sqlite`,
+/// with `raw` TOML merged over it (see `ConfigBuilder::raw`).
+fn write_config(dir: &Path, backend: BackendKind, raw: &str) -> String {
     let cfg = dir.join("nxknock.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[dns]\nzone_file = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n[store]\npath = \"db.sqlite\"\n[firewall]\nbackend = \"{backend}\"\n{extra}\n[[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 22\n",
-            zone.display()
-        ),
-    )
-    .unwrap();
+    local_config(backend, "db.sqlite").raw(raw).write(&cfg).unwrap();
     cfg.to_str().unwrap().to_owned()
+}
+
+fn local_config(backend: BackendKind, store: &str) -> ConfigBuilder {
+    ConfigBuilder::new(backend).listen(["127.0.0.1:0".parse().unwrap()]).store(store)
 }
 
 #[test]
 fn unknown_config_key_is_named_and_serve_refuses() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "none", "open_secs = 5");
+    let cfg = write_config(dir.path(), BackendKind::None, "[firewall]\nopen_secs = 5");
     let out = nx(&["serve", "--config", &cfg]);
     assert!(!out.status.success());
     let t = text(&out);
@@ -41,7 +42,7 @@ fn unknown_config_key_is_named_and_serve_refuses() {
 #[test]
 fn serve_refuses_to_start_when_the_firewall_cannot_be_set_up() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "nftables", "");
+    let cfg = write_config(dir.path(), BackendKind::Nftables, "");
     let out = Command::new(BIN)
         .args(["serve", "--config", &cfg])
         .env("PATH", dir.path()) // no nft here
@@ -57,7 +58,7 @@ fn serve_refuses_to_start_when_the_firewall_cannot_be_set_up() {
 #[test]
 fn user_add_writes_a_private_credential_and_prints_no_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "none", "");
+    let cfg = write_config(dir.path(), BackendKind::None, "");
     let cred = dir.path().join("alice.cred");
     let out = nx(&["user", "add", "alice", "--out", cred.to_str().unwrap(), "--config", &cfg, "--from", "198.18.0.0/15"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -88,7 +89,7 @@ fn user_add_writes_a_private_credential_and_prints_no_secret() {
 #[test]
 fn otp_never_hands_out_a_name_twice_and_refuses_readable_credentials() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "none", "");
+    let cfg = write_config(dir.path(), BackendKind::None, "");
     let cred = dir.path().join("c");
     let c = cred.to_str().unwrap();
     assert!(nx(&["user", "add", "alice", "--out", c, "--config", &cfg, "--chain-len", "5"]).status.success());
@@ -112,7 +113,7 @@ fn otp_never_hands_out_a_name_twice_and_refuses_readable_credentials() {
 #[test]
 fn knock_without_an_address_says_what_to_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "none", "");
+    let cfg = write_config(dir.path(), BackendKind::None, "");
     let cred = dir.path().join("c");
     assert!(nx(&["user", "add", "alice", "--out", cred.to_str().unwrap(), "--config", &cfg]).status.success());
     let out = nx(&["knock", "--credential", cred.to_str().unwrap(), "--server", "127.0.0.1"]);
@@ -122,7 +123,7 @@ fn knock_without_an_address_says_what_to_pass() {
 #[test]
 fn corrupt_database_is_refused_and_not_modified() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "none", "");
+    let cfg = write_config(dir.path(), BackendKind::None, "");
     let db = dir.path().join("db.sqlite");
     let junk = vec![0x5au8; 8192];
     std::fs::write(&db, &junk).unwrap();
@@ -135,16 +136,8 @@ fn corrupt_database_is_refused_and_not_modified() {
 
 /// A config like [`write_config`]'s, in file `cfg_name`, with the database at `store` (relative to `dir`).
 fn write_store_config(dir: &Path, cfg_name: &str, store: &str) -> String {
-    let zone = Path::new(env!("CARGO_MANIFEST_DIR")).join("zones/knock.example.com.zone");
     let cfg = dir.join(cfg_name);
-    std::fs::write(
-        &cfg,
-        format!(
-            "[dns]\nzone_file = \"{}\"\nlisten = [\"127.0.0.1:0\"]\n[store]\npath = \"{store}\"\n[firewall]\nbackend = \"none\"\n[[service]]\nname = \"ssh\"\nproto = \"tcp\"\nport = 22\n",
-            zone.display()
-        ),
-    )
-    .unwrap();
+    local_config(BackendKind::None, store).write(&cfg).unwrap();
     cfg.to_str().unwrap().to_owned()
 }
 
@@ -191,7 +184,7 @@ fn assert_store_refused(cfg: &str, dir: &Path, paths: &[String], before: &Snapsh
 #[test]
 fn user_add_refuses_unsafe_names() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "none", "");
+    let cfg = write_config(dir.path(), BackendKind::None, "");
     let long = "a".repeat(65);
     let cred = dir.path().join("bad.cred");
     for bad in ["-alice", "--", ".alice", "..", ".", "a/b", "../evil", "/abs", "al ice", " alice", "alice ", "", long.as_str()] {
@@ -240,7 +233,7 @@ fn store_refuses_a_database_owned_by_another_user() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "none", "");
+    let cfg = write_config(dir.path(), BackendKind::None, "");
     let alice = dir.path().join("alice.cred");
     let out = nx(&["user", "add", "alice", "--out", alice.to_str().unwrap(), "--config", &cfg]);
     assert!(out.status.success(), "{}", text(&out));

@@ -121,10 +121,8 @@ fn second_daemon_refuses_to_share_the_table() {
     }
     let s = Setup::new("dtwo", "nftables", 30);
     let dir = tempfile::tempdir().unwrap();
-    let mut o = Opts::new("nftables", 30);
-    o.listen = vec![format!("{SERVER}:5353")];
     let cfg = dir.path().join("second.toml");
-    std::fs::write(&cfg, config_text(dir.path(), &o)).unwrap();
+    config("nftables", 30).listen([format!("{SERVER}:5353").parse().unwrap()]).write(&cfg).unwrap();
     let out = s
         .lab
         .server
@@ -147,7 +145,7 @@ fn sigterm_keeps_the_guard_and_uninstall_removes_it() {
     // Refused while the daemon runs: it would leave the daemon guarding nothing.
     let out = s.nx_server(&["uninstall-firewall"]);
     assert!(!out.status.success() && out_text(&out).contains("stop `nxknock serve` first"), "{}", out_text(&out));
-    let st = s.daemon.terminate();
+    let st = s.daemon.terminate(Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(st.success(), "clean exit on SIGTERM: {st}");
     assert!(s.lab.server.run(&["nft", "list", "table", "inet", "nxknock"]).is_ok(), "guard table stays");
     assert!(try_connect(&s.lab.client, ssh_addr()).is_err(), "guard still drops after SIGTERM");
@@ -163,8 +161,7 @@ fn single_use_door_admits_one_connection() {
         return;
     }
     for (prefix, backend) in [("donceN", "nftables"), ("donceI", "iptables")] {
-        let mut o = Opts::new(backend, 30);
-        o.services = format!("{SSH_SERVICE}single_use = true\n");
+        let o = config(backend, 30).services([ServiceConfig { single_use: true, ..ssh() }]);
         let s = Setup::with(prefix, o);
         let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
         let cred = s.add_user("alice", &[]);
@@ -212,8 +209,7 @@ fn policy_refusals_open_nothing() {
     if !require_root("policy_refusals_open_nothing") {
         return;
     }
-    let mut o = Opts::new("nftables", 30);
-    o.services = format!("{SSH_SERVICE}[[service]]\nname = \"web\"\nproto = \"tcp\"\nport = 80\n");
+    let o = config("nftables", 30).service(ServiceConfig::new("web", Proto::Tcp, 80));
     let s = Setup::with("dpolicy", o);
     let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _web = echo_service(&s.lab.server, &format!("{SERVER}:80"));
@@ -251,8 +247,7 @@ fn ipv6_knocks_open_ipv6_doors() {
     let server6 = "2001:db8:18::1";
     let ssh6: SocketAddr = format!("[{server6}]:22").parse().unwrap();
     for (prefix, backend) in [("dv6nft", "nftables"), ("dv6ipt", "iptables")] {
-        let mut o = Opts::new(backend, 30);
-        o.listen.push(format!("[{server6}]:53"));
+        let o = config(backend, 30).also_listen(format!("[{server6}]:53").parse().unwrap());
         let s = Setup::with(prefix, o);
         let _svc = echo_service(&s.lab.server, &format!("[{server6}]:22"));
         // An attacker address in another /64.
@@ -311,13 +306,18 @@ fn hooks_run_with_the_doors_fields_and_failures_change_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("hook.out");
-    let mut o = Opts::new("nftables", 30);
-    o.services = format!(
-        "{SSH_SERVICE}hook = [\"/bin/sh\", \"-c\", \"echo \\\"$0 $NXKNOCK_USER $NXKNOCK_VIA\\\" >> {}\", \"{{event}} {{addr}}/{{prefix}} {{service}} {{proto}} {{port}} {{seconds}}\"]\n\
-         [[service]]\nname = \"web\"\nproto = \"tcp\"\nport = 80\nhook = [\"/bin/false\"]\n\
-         [[service]]\nname = \"alt\"\nproto = \"tcp\"\nport = 8080\nhook = [\"/bin/sleep\", \"60\"]\nhook_timeout_seconds = 1\n",
-        out_file.display()
-    );
+    let hook = |args: &[&str]| Some(args.iter().map(|a| a.to_string()).collect());
+    let echo = format!("echo \"$0 $NXKNOCK_USER $NXKNOCK_VIA\" >> {}", out_file.display());
+    let fields = "{event} {addr}/{prefix} {service} {proto} {port} {seconds}";
+    let o = config("nftables", 30).services([
+        ServiceConfig { hook: hook(&["/bin/sh", "-c", &echo, fields]), ..ssh() },
+        ServiceConfig { hook: hook(&["/bin/false"]), ..ServiceConfig::new("web", Proto::Tcp, 80) },
+        ServiceConfig {
+            hook: hook(&["/bin/sleep", "60"]),
+            hook_timeout_seconds: 1,
+            ..ServiceConfig::new("alt", Proto::Tcp, 8080)
+        },
+    ]);
     let s = Setup::with("dhook", o);
     let _a = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _b = echo_service(&s.lab.server, &format!("{SERVER}:80"));

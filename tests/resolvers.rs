@@ -32,12 +32,10 @@ fn wait_count(s: &Setup, needle: &str, n: usize) -> bool {
 }
 
 /// Lab with a resolver host (198.18.0.4) running unbound; client DNS only via it.
-fn resolver_setup(prefix: &str, open_seconds: u64, extra_token: &str, uo: &UnboundOpts) -> (Setup, Unbound) {
-    let mut o = Opts::new("nftables", open_seconds);
-    o.services = format!("{SSH_SERVICE}{extra_token}");
-    let mut s = Setup::with(prefix, o);
+fn resolver_setup(prefix: &str, open_seconds: u64, uo: &UnboundOpts) -> (Setup, Unbound) {
+    let mut s = Setup::new(prefix, "nftables", open_seconds);
     s.lab.add_host("res", RESOLVER.parse().unwrap(), "2001:db8:18::4".parse().unwrap()).unwrap();
-    let u = Unbound::start(s.lab.host("res").unwrap(), RESOLVER, uo);
+    let u = s.unbound("res", RESOLVER, uo);
     block_direct_dns(&s.lab.client);
     (s, u)
 }
@@ -47,7 +45,7 @@ fn resolver_ns(s: &Setup) -> &Netns {
 }
 
 fn bound_through_resolver(prefix: &str, uo: UnboundOpts) {
-    let (s, _u) = resolver_setup(prefix, 2, "", &uo);
+    let (s, _u) = resolver_setup(prefix, 2, &uo);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     // The client really cannot reach the server's DNS itself.
@@ -93,7 +91,7 @@ fn plain_knock_opens_for_the_resolver_by_default() {
     if !require_root("plain_knock_opens_for_the_resolver_by_default") {
         return;
     }
-    let (s, _u) = resolver_setup("rsource", 30, "", &UnboundOpts { qname_minimisation: true, caps_for_id: true, ..Default::default() });
+    let (s, _u) = resolver_setup("rsource", 30, &UnboundOpts { qname_minimisation: true, caps_for_id: true, ..Default::default() });
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let names = s.otp(&cred, 2);
@@ -113,12 +111,9 @@ fn plain_knock_with_ecs_opens_for_the_client_subnet() {
     if !require_root("plain_knock_with_ecs_opens_for_the_client_subnet") {
         return;
     }
-    let (s, _u) = resolver_setup("recs", 30, "", &UnboundOpts { ecs: true, caps_for_id: true, ..Default::default() });
-    // `plain` lives in [token]; the setup wrote none, so append it and restart.
-    let mut s = s;
-    let cfg = std::fs::read_to_string(&s.daemon.config).unwrap();
-    std::fs::write(&s.daemon.config, format!("{cfg}\n[token]\nplain = \"ecs\"\necs_from = [\"{RESOLVER}/32\"]\n")).unwrap();
-    s.restart();
+    let (mut s, _u) = resolver_setup("recs", 30, &UnboundOpts { ecs: true, caps_for_id: true, ..Default::default() });
+    // `plain` lives in [token]; the setup wrote the default, so change it and restart.
+    s.reconfigure(|c| c.plain(PlainPolicy::Ecs).ecs_from([format!("{RESOLVER}/32").parse().unwrap()]));
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let names = s.otp(&cred, 2);
@@ -138,10 +133,8 @@ fn plain_off_opens_nothing_but_bound_still_works() {
     if !require_root("plain_off_opens_nothing_but_bound_still_works") {
         return;
     }
-    let (mut s, _u) = resolver_setup("roff", 30, "", &UnboundOpts::default());
-    let cfg = std::fs::read_to_string(&s.daemon.config).unwrap();
-    std::fs::write(&s.daemon.config, format!("{cfg}\n[token]\nplain = \"off\"\n")).unwrap();
-    s.restart();
+    let (mut s, _u) = resolver_setup("roff", 30, &UnboundOpts::default());
+    s.reconfigure(|c| c.plain(PlainPolicy::Off));
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let name = s.otp(&cred, 1).remove(0);
@@ -162,9 +155,9 @@ fn the_same_knock_twice_opens_once_and_raises_no_alarm() {
         return;
     }
     // Two resolvers (two egress addresses) relaying one name, as resolvers that retry do.
-    let (mut s, _u) = resolver_setup("rtwice", 30, "", &UnboundOpts { caps_for_id: true, ..Default::default() });
+    let (mut s, _u) = resolver_setup("rtwice", 30, &UnboundOpts { caps_for_id: true, ..Default::default() });
     s.lab.add_host("res2", RESOLVER2.parse().unwrap(), "2001:db8:18::5".parse().unwrap()).unwrap();
-    let _u2 = Unbound::start(s.lab.host("res2").unwrap(), RESOLVER2, &UnboundOpts::default());
+    let _u2 = s.unbound("res2", RESOLVER2, &UnboundOpts::default());
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let out = nx(&["otp", "--credential", cred.to_str().unwrap(), "--ip", CLIENT], &[]);
@@ -193,10 +186,9 @@ fn two_nameservers_sharing_one_database_open_once() {
     let ns2_addr = "198.18.0.6";
     s.lab.add_host("ns2", ns2_addr.parse().unwrap(), "2001:db8:18::6".parse().unwrap()).unwrap();
     // The second nameserver: same zone, same database file, its own listen address.
-    let cfg2 = s.daemon.dir.join("ns2.toml");
-    let text = std::fs::read_to_string(&s.daemon.config).unwrap().replace(&format!("\"{SERVER}:53\""), &format!("\"{ns2_addr}:53\""));
-    std::fs::write(&cfg2, text).unwrap();
-    let second = Daemon::start(s.lab.host("ns2").unwrap(), &s.daemon.dir.clone(), &cfg2);
+    let cfg2 = s.dir.join("ns2.toml");
+    s.config.clone().listen([format!("{ns2_addr}:53").parse().unwrap()]).write(&cfg2).unwrap();
+    let second = start_daemon(s.lab.host("ns2").unwrap(), &s.dir, &cfg2);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let out = nx(&["otp", "--credential", cred.to_str().unwrap(), "--ip", CLIENT], &[]);
@@ -224,7 +216,7 @@ fn knocks_over_tcp_work_through_the_resolver_and_directly() {
     if !require_root("knocks_over_tcp_work_through_the_resolver_and_directly") {
         return;
     }
-    let (s, _u) = resolver_setup("rtcp", 2, "", &UnboundOpts { tcp_upstream: true, ..Default::default() });
+    let (s, _u) = resolver_setup("rtcp", 2, &UnboundOpts { tcp_upstream: true, ..Default::default() });
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let out = s.knock(&s.lab.client, &cred, &["--resolver", RESOLVER, "--ip", CLIENT]);
@@ -244,9 +236,7 @@ fn ip_auto_learns_the_address_from_whoami() {
     if !require_root("ip_auto_learns_the_address_from_whoami") {
         return;
     }
-    let mut o = Opts::new("nftables", 30);
-    o.services = SSH_SERVICE.into();
-    let mut s = Setup::with("rauto", o);
+    let mut s = Setup::new("rauto", "nftables", 30);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     // whoami is off by default: --ip auto must say what to pass instead.
@@ -256,9 +246,7 @@ fn ip_auto_learns_the_address_from_whoami() {
     let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &format!("whoami.{ZONE}"), "TXT"]);
     assert_eq!(d.status, "NXDOMAIN", "whoami is an ordinary knock name when off");
 
-    let cfg = std::fs::read_to_string(&s.daemon.config).unwrap().replace("[dns]\n", "[dns]\nwhoami = true\n");
-    std::fs::write(&s.daemon.config, cfg).unwrap();
-    s.restart();
+    s.reconfigure(|c| c.whoami(true));
     // whoami.<zone> exists (questions live below it) but gives nobody an unauthenticated address.
     let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &format!("whoami.{ZONE}"), "TXT"]);
     assert!(d.status == "NOERROR" && d.aa && !d.text.contains(&format!("\"{CLIENT}\"")), "{}", d.text);
@@ -300,7 +288,7 @@ fn resolver_system_reads_resolv_conf() {
     if !require_root("resolver_system_reads_resolv_conf") {
         return;
     }
-    let (s, _u) = resolver_setup("rsys", 30, "", &UnboundOpts { qname_minimisation: true, ..Default::default() });
+    let (s, _u) = resolver_setup("rsys", 30, &UnboundOpts { qname_minimisation: true, ..Default::default() });
     let _conf = NetnsResolvConf::new(&s.lab.client, RESOLVER);
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);

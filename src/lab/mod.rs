@@ -15,6 +15,20 @@
 //! the door backends need no namespace awareness at all.
 //!
 //! All of this needs root; [`require_root`] decides whether a test skips or fails.
+//!
+//! What runs on the stage is here too, once for the demo, the tests and the
+//! benchmark: [`config`] builds the daemon's config as typed values,
+//! [`daemon`] runs the real `nxknock serve` on a host, [`unbound`] a real
+//! recursive resolver, [`process`] what every such daemon has in common (log,
+//! readiness, killed on drop), [`dig`] asks with the stock tool, and
+//! [`interrupt`] lets Ctrl-C tear it all down through the Drop guards.
+
+pub mod config;
+pub mod daemon;
+pub mod dig;
+pub mod interrupt;
+pub mod process;
+pub mod unbound;
 
 use std::fs::File;
 use std::io;

@@ -1,0 +1,113 @@
+//! Section 4, `attack`: legitimate bound knocks, each followed by the connect
+//! loop, while the attacker host floods the server with dnsperf at full rate.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nxknock::lab::interrupt;
+
+use crate::dnsperf::{DNSPERF_CLIENTS, Dnsperf};
+use crate::exec::{run_in, wait_bounded};
+use crate::knock_to_open::{accept_and_drop, brief};
+use crate::report::{fmt_k, fmt_ms};
+use crate::sniffer::Sniffer;
+use crate::stats::summarize;
+use crate::{BIN, Bench, CLIENT, SERVER, SSH_PORT};
+
+impl Bench {
+    pub(crate) fn attack(&mut self) -> Result<()> {
+        let o = self.opts.clone();
+        let _door = self.srv().tcp_listen(SocketAddr::new(SERVER.into(), SSH_PORT));
+        if let Ok(l) = &_door {
+            let l = l.try_clone()?;
+            std::thread::spawn(move || accept_and_drop(l));
+        }
+        let sniffer = Sniffer::open(self.cli())?;
+        let (random, wellformed) = self.query_files()?;
+        let mut t = format!(
+            "### 4. Under attack\n\n\
+             The attacker host floods the server with dnsperf at full rate (`-c 4`, no rate limit, {}s) while the client \
+             makes legitimate bound knocks (`nxknock knock --server`), one at a time, each followed by the connect loop \
+             (up to 2 s). \"opened\" counts knocks whose door opened within 2 s; the latency is knock packet → connect.\n\n\
+             | flood | flood q/s answered | flood lost | legit knocks opened | p50 | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|\n",
+            o.attack_secs
+        );
+        for (label, file) in [("none (baseline)", None), ("random labels", Some(&random)), ("well-formed random tokens", Some(&wellformed))] {
+            interrupt::check()?;
+            let db = self.dir.join("attack.db");
+            let _ = std::fs::remove_file(&db);
+            let cfg = self.nx_config("attack", &db)?;
+            let cred = self.user_add(&cfg, &format!("legit{}", label.len()))?;
+            let mut d = self.start_nxknock(&cfg, "nxknock-attack.log", &[])?;
+            let mut flood = None;
+            if let Some(f) = file {
+                let s = SERVER.to_string();
+                let l = o.attack_secs.to_string();
+                flood = Some(
+                    self.lab
+                        .attacker
+                        .cmd("dnsperf")
+                        .args(["-s", &s, "-d", f.to_str().unwrap(), "-c", DNSPERF_CLIENTS, "-l", &l])
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()?,
+                );
+                interrupt::nap(Duration::from_secs(1))?;
+            }
+            let t_end = Instant::now() + Duration::from_secs(o.attack_secs.saturating_sub(2));
+            let mut v = Vec::new();
+            let mut peak = 0;
+            while v.len() < o.attack_trials && (flood.is_none() || Instant::now() < t_end) {
+                interrupt::check()?;
+                run_in(self.srv(), &["nft", "flush", "set", "inet", "nxknock", "doors4"], Duration::from_secs(5))?;
+                v.push(self.trial(
+                    &sniffer,
+                    || {
+                        let mut c = Command::new(BIN);
+                        c.args(["knock", "--credential", cred.to_str().unwrap(), "--server", &SERVER.to_string(), "--ip", &CLIENT.to_string()]);
+                        c
+                    },
+                    (17, SERVER, 53),
+                )?);
+                peak = peak.max(d.memory().0);
+                if flood.is_some() {
+                    interrupt::nap(Duration::from_millis(50))?;
+                }
+            }
+            let fr = match flood.take() {
+                Some(mut c) => Some(Dnsperf::parse(&String::from_utf8_lossy(&wait_bounded(&mut c, Duration::from_secs(o.attack_secs + 30))?.stdout))?),
+                None => None,
+            };
+            let hwm = d.memory().1;
+            d.stop();
+            let ok: Vec<f64> = v.iter().filter_map(|t| t.packet_ms).collect();
+            let s = summarize(&ok);
+            eprintln!("  flood {label}: {}", brief(&v));
+            let _ = writeln!(
+                t,
+                "| {label} | {} | {} | {}/{} ({:.0}%) | {} | {} | {} |",
+                fr.as_ref().map(|r| fmt_k(r.qps)).unwrap_or_else(|| "–".into()),
+                fr.as_ref().map(|r| r.lost.to_string()).unwrap_or_else(|| "–".into()),
+                ok.len(),
+                v.len(),
+                100.0 * ok.len() as f64 / v.len().max(1) as f64,
+                fmt_ms(s.p50),
+                fmt_ms(s.p99),
+                fmt_ms(s.max),
+            );
+            if file.is_some() {
+                self.cdf.insert(format!("nxknock knock under flood ({label})"), (ok.clone(), v.len()));
+                self.notes.push(format!("nxknock resident memory under the {label} flood: {:.1} MiB now, {:.1} MiB peak.", peak as f64 / 1024.0, hwm as f64 / 1024.0));
+            }
+            let _ = run_in(self.srv(), &[BIN, "uninstall-firewall", "--config", cfg.to_str().unwrap()], Duration::from_secs(10));
+        }
+        sniffer.stop();
+        t.push('\n');
+        eprint!("{t}");
+        self.report.push_str(&t);
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! Kernel timestamps of the client's outgoing packets (AF_PACKET with
+//! SO_TIMESTAMPNS): when a knock really left, whatever its client program does
+//! before sending.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nxknock::lab::Netns;
+
+use crate::SSH_PORT;
+
+/// One outgoing packet: (kernel timestamp in ns, IP protocol, destination, destination port).
+type Packet = (i128, u8, Ipv4Addr, u16);
+/// Packets seen so far, shared with the sniffer thread.
+type Packets = Arc<Mutex<Vec<Packet>>>;
+
+/// Outgoing IPv4 packets on the client's `eth0`, with kernel timestamps (AF_PACKET, SO_TIMESTAMPNS).
+pub(crate) struct Sniffer {
+    packets: Packets,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Sniffer {
+    pub(crate) fn open(ns: &Netns) -> Result<Sniffer> {
+        let fd = ns.try_enter(|| -> std::io::Result<OwnedFd> {
+            // ETH_P_ALL: outgoing packets reach only the "all protocols" taps.
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, proto as libc::c_int) };
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: raw is a fresh, valid fd.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let ifname = std::ffi::CString::new("eth0").unwrap();
+            // SAFETY: a valid C string.
+            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+            // SAFETY: sockaddr_ll is plain data.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = ifindex as i32;
+            let one: libc::c_int = 1;
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+            let buf: libc::c_int = 8 << 20;
+            // SAFETY: valid fd, properly sized option values and address.
+            unsafe {
+                if libc::bind(raw, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, (&one as *const libc::c_int).cast(), 4);
+                libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+                libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&buf as *const libc::c_int).cast(), 4);
+            }
+            Ok(fd)
+        })??;
+        let packets = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (packets.clone(), stop.clone());
+        let thread = std::thread::spawn(move || sniff(fd, p, s));
+        Ok(Sniffer { packets, stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// The first captured packet (proto, dst, dport) at or after `t0`, waiting up to `wait` for the capture thread.
+    pub(crate) fn first_after(
+        &self,
+        t0: i128,
+        (proto, dst, dport): (u8, Ipv4Addr, u16),
+        wait: Duration,
+    ) -> Option<i128> {
+        let until = Instant::now() + wait;
+        loop {
+            let found = {
+                let mut p = self.packets.lock().unwrap();
+                let hit = p.iter().find(|(ts, pr, d, port)| *ts >= t0 && *pr == proto && *d == dst && *port == dport).map(|x| x.0);
+                // Keep the list short: nothing before t0 is needed again.
+                p.retain(|(ts, ..)| *ts >= t0);
+                hit
+            };
+            if found.is_some() || Instant::now() >= until {
+                if found.is_none() && std::env::var_os("KB_DEBUG").is_some() {
+                    eprintln!("no packet {proto}/{dst}/{dport} after {t0}: {:?}", self.packets.lock().unwrap().iter().take(5).collect::<Vec<_>>());
+                }
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn sniff(fd: OwnedFd, packets: Packets, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 256];
+    let mut ctrl = [0u64; 16];
+    while !stop.load(Ordering::SeqCst) {
+        // SAFETY: zeroed plain-data structs pointing at live local buffers.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut sll as *mut libc::sockaddr_ll).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = ctrl.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&ctrl);
+        // SAFETY: msg describes valid buffers for the duration of the call.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
+        if n < 20 || sll.sll_pkttype != libc::PACKET_OUTGOING || sll.sll_protocol != (libc::ETH_P_IP as u16).to_be() {
+            continue;
+        }
+        let mut ts = None;
+        // SAFETY: walking the control messages the kernel wrote into `ctrl`.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let t = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::timespec);
+                    ts = Some(t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128);
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        let Some(ts) = ts else { continue };
+        if buf[0] >> 4 != 4 {
+            continue;
+        }
+        let ihl = ((buf[0] & 15) as usize) * 4;
+        let proto = buf[9];
+        let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
+        if (proto != 6 && proto != 17) || ihl + 4 > (n as usize).min(buf.len()) {
+            continue;
+        }
+        let dport = u16::from_be_bytes([buf[ihl + 2], buf[ihl + 3]]);
+        if proto == 6 && dport == SSH_PORT {
+            continue; // the connect loop itself
+        }
+        packets.lock().unwrap().push((ts, proto, dst, dport));
+    }
+}
