@@ -80,7 +80,7 @@ fn knocks_open_through_a_flooded_shared_resolver_and_a_direct_flood() {
     }
     let mut s = Setup::new("flood", "nftables", 2);
     s.lab.add_host("res", RESOLVER.parse().unwrap(), "2001:db8:18::4".parse().unwrap()).unwrap();
-    let _u = Unbound::start(s.lab.host("res").unwrap(), RESOLVER, &UnboundOpts::default());
+    let _u = s.unbound("res", RESOLVER, &UnboundOpts::default());
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let plain_names = s.otp(&cred, 1);
@@ -130,7 +130,7 @@ fn knocks_open_through_a_flooded_shared_resolver_and_a_direct_flood() {
     for f in floods {
         f.join().unwrap();
     }
-    let status = s.daemon.terminate();
+    let status = s.daemon.terminate(Duration::from_secs(10)).expect("the daemon stops on SIGTERM");
     assert!(status.success(), "{status}");
     let log = s.daemon.log_text();
     let totals = log.lines().find(|l| l.contains("dns totals")).unwrap_or_else(|| panic!("no totals:\n{log}"));
