@@ -1,5 +1,7 @@
 //! Section 4, `attack`: legitimate bound knocks, each followed by the connect
-//! loop, while the attacker host floods the server with dnsperf at full rate.
+//! loop, while the attacker host floods the server with dnsperf at full rate —
+//! directly, or through the recursive resolver the user knocks through (then the
+//! server sees one source for both).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -15,7 +17,7 @@ use crate::knock_to_open::{accept_and_drop, brief};
 use crate::report::{fmt_k, fmt_ms};
 use crate::sniffer::Sniffer;
 use crate::stats::summarize;
-use crate::{BIN, Bench, CLIENT, SERVER, SSH_PORT};
+use crate::{BIN, Bench, CLIENT, RESOLVER, SERVER, SSH_PORT};
 
 impl Bench {
     pub(crate) fn attack(&mut self) -> Result<()> {
@@ -27,15 +29,27 @@ impl Bench {
         }
         let sniffer = Sniffer::open(self.cli())?;
         let (random, wellformed) = self.query_files()?;
+        let lookalikes = self.lookalike_file()?;
+        let _unbound = self.start_unbound()?;
         let mut t = format!(
             "### 4. Under attack\n\n\
              The attacker host floods the server with dnsperf at full rate (`-c 4`, no rate limit, {}s) while the client \
              makes legitimate bound knocks (`nxknock knock --server`), one at a time, each followed by the connect loop \
-             (up to 2 s). \"opened\" counts knocks whose door opened within 2 s; the latency is knock packet → connect.\n\n\
-             | flood | flood q/s answered | flood lost | legit knocks opened | p50 | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|\n",
+             (up to 2 s). In the last row the flood (look-alikes of bound knocks: valid kind byte, random content) goes \
+             through the recursive resolver (unbound) and so do the user's knocks (`--resolver`): the server sees one \
+             source for both. \"opened\" counts knocks whose door opened within 2 s; the latency is knock packet → \
+             connect, and from the client command's start.\n\n\
+             | flood | flood q/s answered | flood lost | legit knocks opened | p50 | p99 | max | p50 from command |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
             o.attack_secs
         );
-        for (label, file) in [("none (baseline)", None), ("random labels", Some(&random)), ("well-formed random tokens", Some(&wellformed))] {
+        let rows = [
+            ("none (baseline)", None, false),
+            ("random labels", Some(&random), false),
+            ("well-formed random tokens", Some(&wellformed), false),
+            ("look-alikes via the shared resolver", Some(&lookalikes), true),
+        ];
+        for (label, file, via_resolver) in rows {
             interrupt::check()?;
             let db = self.dir.join("attack.db");
             let _ = std::fs::remove_file(&db);
@@ -44,7 +58,7 @@ impl Bench {
             let mut d = self.start_nxknock(&cfg, "nxknock-attack.log", &[])?;
             let mut flood = None;
             if let Some(f) = file {
-                let s = SERVER.to_string();
+                let s = if via_resolver { RESOLVER.to_string() } else { SERVER.to_string() };
                 let l = o.attack_secs.to_string();
                 flood = Some(
                     self.lab
@@ -67,10 +81,11 @@ impl Bench {
                     &sniffer,
                     || {
                         let mut c = Command::new(BIN);
-                        c.args(["knock", "--credential", cred.to_str().unwrap(), "--server", &SERVER.to_string(), "--ip", &CLIENT.to_string()]);
+                        let (how, to) = if via_resolver { ("--resolver", RESOLVER) } else { ("--server", SERVER) };
+                        c.args(["knock", "--credential", cred.to_str().unwrap(), how, &to.to_string(), "--ip", &CLIENT.to_string()]);
                         c
                     },
-                    (17, SERVER, 53),
+                    (17, if via_resolver { RESOLVER } else { SERVER }, 53),
                 )?);
                 peak = peak.max(d.memory().0);
                 if flood.is_some() {
@@ -85,10 +100,11 @@ impl Bench {
             d.stop();
             let ok: Vec<f64> = v.iter().filter_map(|t| t.packet_ms).collect();
             let s = summarize(&ok);
+            let from_cmd = summarize(&v.iter().filter_map(|t| t.command_ms).collect::<Vec<_>>());
             eprintln!("  flood {label}: {}", brief(&v));
             let _ = writeln!(
                 t,
-                "| {label} | {} | {} | {}/{} ({:.0}%) | {} | {} | {} |",
+                "| {label} | {} | {} | {}/{} ({:.0}%) | {} | {} | {} | {} |",
                 fr.as_ref().map(|r| fmt_k(r.qps)).unwrap_or_else(|| "–".into()),
                 fr.as_ref().map(|r| r.lost.to_string()).unwrap_or_else(|| "–".into()),
                 ok.len(),
@@ -97,6 +113,7 @@ impl Bench {
                 fmt_ms(s.p50),
                 fmt_ms(s.p99),
                 fmt_ms(s.max),
+                fmt_ms(from_cmd.p50),
             );
             if file.is_some() {
                 self.cdf.insert(format!("nxknock knock under flood ({label})"), (ok.clone(), v.len()));

@@ -38,6 +38,16 @@ impl Bench {
         Ok((random, wellformed))
     }
 
+    /// Look-alikes of bound knocks (format-2 kind byte, random content), for the
+    /// flood relayed through the shared resolver.
+    pub(crate) fn lookalike_file(&self) -> Result<PathBuf> {
+        let f = self.dir.join("q-lookalike.txt");
+        if !f.exists() {
+            write_queries(&f, (0..QUERY_LINES).map(|_| lookalike_label()))?;
+        }
+        Ok(f)
+    }
+
     /// dnsperf from `ns` at full rate.
     pub(crate) fn dnsperf(
         &self,
@@ -101,6 +111,14 @@ pub(crate) fn wellformed_label() -> String {
         b.extend_from_slice(&r[1..35]);
         data_encoding::BASE32_NOPAD.encode(&b).to_ascii_lowercase()
     }
+}
+
+/// A bound-IPv4-shaped label with a valid kind byte and random content.
+pub(crate) fn lookalike_label() -> String {
+    let r = random_bytes(35);
+    let mut b = vec![0x21u8];
+    b.extend_from_slice(&r[1..35]);
+    data_encoding::BASE32_NOPAD.encode(&b).to_ascii_lowercase()
 }
 
 pub(crate) fn write_queries(path: &Path, labels: impl Iterator<Item = String>) -> Result<()> {
