@@ -1,5 +1,6 @@
--- nxknock database, schema 2 (PRAGMA user_version = 2).
--- Portable SQL on purpose: the PostgreSQL store will share it.
+-- nxknock database, schema 2 (PRAGMA user_version = 2): users and their chains.
+-- Portable SQL on purpose: the PostgreSQL store will share it. Door records are
+-- in doors.sql (unchanged since schema 1, so an upgrade keeps them).
 
 -- One row per enrolled user. The server holds no seed: only each chain's verifier.
 CREATE TABLE users (
@@ -31,19 +32,3 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
-
-CREATE TABLE doors (
-    id         INTEGER PRIMARY KEY,
-    user_name  TEXT NOT NULL,
-    service    TEXT NOT NULL,
-    addr       TEXT NOT NULL,
-    prefix_len INTEGER NOT NULL,
-    proto      TEXT NOT NULL,
-    port       INTEGER NOT NULL,
-    via        TEXT NOT NULL,
-    single_use INTEGER NOT NULL,
-    opened_at  INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    closed     INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX doors_expiry ON doors(expires_at);

@@ -17,6 +17,7 @@ use crate::token::{Element, Form, ZONE_KEY_LEN};
 
 const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = include_str!("schema.sql");
+const DOORS: &str = include_str!("doors.sql");
 const UPGRADE_V1: &str = include_str!("upgrade_v1.sql");
 
 /// The embedded SQLite store.
@@ -67,7 +68,10 @@ impl SqliteStore {
             let mut stmt = tx.prepare("SELECT name FROM users ORDER BY name").map_err(sq)?;
             stmt.query_map([], |r| r.get(0)).map_err(sq)?.collect::<Result<_, _>>().map_err(sq)?
         };
+        tx.execute_batch("DROP INDEX users_verifier; ALTER TABLE users RENAME TO users_v1;").map_err(sq)?;
+        tx.execute_batch(SCHEMA).map_err(sq)?;
         tx.execute_batch(UPGRADE_V1).map_err(sq)?;
+        tx.execute_batch("DROP TABLE users_v1;").map_err(sq)?;
         tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]]).map_err(sq)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
         tx.commit().map_err(sq)?;
@@ -91,6 +95,7 @@ impl SqliteStore {
                 let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
                 let sq = |source| StoreError::Sqlite { path: self.path.clone(), source };
                 tx.execute_batch(SCHEMA).map_err(sq)?;
+                tx.execute_batch(DOORS).map_err(sq)?;
                 tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]]).map_err(sq)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
                 tx.commit().map_err(sq)
