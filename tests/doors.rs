@@ -354,13 +354,27 @@ fn hooks_run_with_the_doors_fields_and_failures_change_nothing() {
     assert!(try_connect(&s.lab.client, format!("{SERVER}:8080").parse().unwrap()).is_ok(), "slow hook changes nothing");
 }
 
-/// The median of the `latency_us` fields of the daemon's "door opened" lines
-/// (packet receipt → door in the kernel), and how many there were.
-fn open_latencies(log: &str) -> Vec<u64> {
+/// The `field` (`latency_us`: packet receipt → door in the kernel;
+/// `firewall_us`: the backend's share) of each "door opened" line that has it.
+fn open_field(log: &str, field: &str) -> Vec<u64> {
+    let key = format!("{field}=");
     log.lines()
-        .filter(|l| l.contains("door opened") && l.contains("latency_us="))
-        .filter_map(|l| l.split("latency_us=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .filter(|l| l.contains("door opened"))
+        .filter_map(|l| l.split(&key).nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
         .collect()
+}
+
+fn open_latencies(log: &str) -> Vec<u64> {
+    open_field(log, "latency_us")
+}
+
+/// "median m (min a, max b)" of `v`, or "-" if empty.
+fn spread(mut v: Vec<u64>) -> String {
+    v.sort_unstable();
+    match (v.first(), v.last()) {
+        (Some(lo), Some(hi)) => format!("median {} (min {lo}, max {hi})", v[v.len() / 2]),
+        _ => "-".into(),
+    }
 }
 
 /// Knocks `KNOCKS` times with fresh names and checks that the daemon ran no
@@ -383,10 +397,13 @@ fn knocks_spawn_nothing(prefix: &str, backend: &'static str) {
         }
     }
     let log = s.daemon.log_text();
-    let mut lat = open_latencies(&log);
+    let lat = open_latencies(&log);
     assert_eq!(lat.len(), KNOCKS, "{log}");
-    lat.sort_unstable();
-    eprintln!("{backend}: knock-to-open latency_us over {KNOCKS} knocks: median {}, min {}, max {}", lat[KNOCKS / 2], lat[0], lat[KNOCKS - 1]);
+    eprintln!(
+        "{backend}: {KNOCKS} knocks: latency_us {}; firewall_us {}",
+        spread(lat),
+        spread(open_field(&log, "firewall_us"))
+    );
     let (start_up, serving) = log.split_once("nxknock serving").expect("serving line");
     assert!(start_up.contains("firewall command"), "the exec module's debug log is not in the daemon log:\n{log}");
     let spawned: Vec<&str> = serving.lines().filter(|l| l.contains("firewall command")).collect();
