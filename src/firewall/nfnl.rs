@@ -120,7 +120,15 @@ impl Conn {
         let mut buf = Vec::with_capacity(RECV_BUF);
         while waiting > 0 {
             buf.clear();
-            let n = self.sock.recv(&mut buf, 0)?;
+            let n = match self.sock.recv(&mut buf, 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let msg = format!("no answer from the kernel within {ANSWER_TIMEOUT:?}");
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
+                }
+                Err(e) => return Err(e),
+            };
             let mut at = 0;
             while at < n.min(buf.len()) {
                 let bad = |e: DecodeError| io::Error::new(io::ErrorKind::InvalidData, format!("netlink answer: {e}"));
