@@ -216,12 +216,15 @@ impl Doors {
             }
         }
         for (svc, d, _) in planned {
+            // latency_us: packet receipt to door in the kernel; firewall_us: the backend's share.
+            let asked = std::time::Instant::now();
             match self.backend.open(&d) {
                 Ok(()) => {
                     tracing::info!(
                         %user, %door, service = %svc.name, %via, %from,
                         open_seconds = open_for.as_secs(), single_use = d.single_use,
-                        latency_us = knock.received.elapsed().as_micros() as u64, "door opened"
+                        latency_us = knock.received.elapsed().as_micros() as u64,
+                        firewall_us = asked.elapsed().as_micros() as u64, "door opened"
                     );
                     self.hook(svc, "open", user, &d, via);
                 }

@@ -105,6 +105,71 @@ fn nft_footprint(ns: &Netns) -> Vec<String> {
     }
 }
 
+/// The doors as the firewall's own tool lists them (`nft list set`, `ipset
+/// list`): `("addr[/len] proto port", seconds left)`, an independent view of
+/// what the backend put into the kernel.
+type ToolDoors = fn(&Netns) -> Vec<(String, Duration)>;
+
+/// An nft duration as `nft list` prints it: `1m29s992ms`, `30s`, `1h`.
+fn nft_duration(text: &str) -> Duration {
+    let (mut total, mut num) = (0u64, String::new());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = std::mem::take(&mut num).parse().unwrap_or_else(|_| panic!("nft duration {text:?}"));
+        total += match c {
+            'd' => n * 86_400_000,
+            'h' => n * 3_600_000,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                n
+            }
+            'm' => n * 60_000,
+            's' => n * 1000,
+            _ => panic!("nft duration {text:?}"),
+        };
+    }
+    Duration::from_millis(total)
+}
+
+fn nft_tool_doors(ns: &Netns) -> Vec<(String, Duration)> {
+    let mut doors = Vec::new();
+    for set in ["doors4", "doors6", "doors6host", "once4", "once6host", "once6net"] {
+        let text = ns.run(&["nft", "list", "set", "inet", "nxknock", set]).unwrap();
+        let Some((_, elems)) = text.split_once("elements = {") else {
+            continue;
+        };
+        let elems = elems.split('}').next().unwrap();
+        for e in elems.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            // "198.18.0.2 . tcp . 22 timeout 30s expires 29s992ms"
+            let w: Vec<&str> = e.split_whitespace().collect();
+            let at = w.iter().position(|&x| x == "expires").unwrap_or_else(|| panic!("{set}: {e}"));
+            doors.push((format!("{} {} {}", w[0], w[2], w[4]), nft_duration(w[at + 1])));
+        }
+    }
+    doors
+}
+
+fn ipset_tool_doors(ns: &Netns) -> Vec<(String, Duration)> {
+    let mut doors = Vec::new();
+    for set in ["nxknock-doors4", "nxknock-once4", "nxknock-doors6", "nxknock-once6host", "nxknock-once6"] {
+        let text = ns.run(&["ipset", "list", set]).unwrap();
+        let members = text.split_once("Members:\n").map_or("", |(_, m)| m);
+        for line in members.lines().filter(|l| !l.trim().is_empty()) {
+            // "198.18.0.2,tcp:22 timeout 29"
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let (addr, service) = w[0].split_once(',').unwrap();
+            let (proto, port) = service.split_once(':').unwrap();
+            assert_eq!(w[1], "timeout", "{set}: {line}");
+            doors.push((format!("{addr} {proto} {port}"), Duration::from_secs(w[2].parse().unwrap())));
+        }
+    }
+    doors
+}
+
 fn iptables_footprint(ns: &Netns) -> Vec<String> {
     let mut lines = Vec::new();
     for tool in ["iptables", "ip6tables"] {
@@ -131,11 +196,12 @@ struct Rig {
     lab: Lab,
     backend: Box<dyn DoorBackend>,
     footprint: Footprint,
+    tool_doors: ToolDoors,
     _listeners: Vec<TcpListener>,
 }
 
 impl Rig {
-    fn new(prefix: &str, backend: Box<dyn DoorBackend>, footprint: Footprint) -> Rig {
+    fn new(prefix: &str, backend: Box<dyn DoorBackend>, (footprint, tool_doors): (Footprint, ToolDoors)) -> Rig {
         let lab = Lab::new(prefix).expect("lab");
         // The whole battery relies on this: a child spawned from an entered
         // thread lives in that namespace. If it did not, the backend would
@@ -169,6 +235,7 @@ impl Rig {
             lab,
             backend,
             footprint,
+            tool_doors,
             _listeners: listeners,
         }
     }
@@ -194,6 +261,13 @@ impl Rig {
 
     fn footprint(&self) -> Vec<String> {
         (self.footprint)(&self.lab.server)
+    }
+
+    /// The doors as `nft`/`ipset` list them, sorted.
+    fn tool_doors(&self) -> Vec<(String, Duration)> {
+        let mut doors = (self.tool_doors)(&self.lab.server);
+        doors.sort();
+        doors
     }
 
     /// Tries one TCP handshake from `host` (optionally from a given source
@@ -678,6 +752,54 @@ fn udp_guard_and_door(rig: &Rig) {
     assert!(probe.lost(&client(), b"tcp door"));
 }
 
+/// Doors go into the kernel over netlink; the firewall's own tool must see
+/// exactly them, each with the timeout it was opened for, and see them go
+/// when the kernel expires them (no daemon, no backend call involved).
+fn doors_show_in_the_tools_listing_and_expire_there(rig: &Rig) {
+    rig.install(&ssh());
+    assert_eq!(rig.tool_doors(), vec![]);
+    let cli2 = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x99);
+    rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
+    rig.open(&door(v6(CLIENT_V6), 64, Proto::Udp, 53, LONG));
+    rig.open(&once(v6(cli2), 128, Proto::Tcp, SSH, LONG));
+    rig.open(&door(v4(ATTACKER_V4), 32, Proto::Udp, 53, SHORT));
+    let listed = rig.tool_doors();
+    let names: Vec<&str> = listed.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["198.18.0.2 tcp 22", "198.18.0.3 udp 53", "2001:db8:18::/64 udp 53", "2001:db8:18::99 tcp 22"],
+        "{listed:?}"
+    );
+    for (d, left) in &listed {
+        let window = if d.starts_with("198.18.0.3") { SHORT } else { LONG };
+        assert!(*left <= window && *left + Duration::from_secs(3) > window, "{d}: {left:?} left of {window:?}");
+    }
+    // The short door leaves the kernel's set by itself.
+    let start = std::time::Instant::now();
+    while rig.tool_doors().len() == 4 {
+        assert!(start.elapsed() < SHORT * 3, "the kernel kept a {SHORT:?} door: {:?}", rig.tool_doors());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rig.tool_doors().len(), 3, "{:?}", rig.tool_doors());
+    assert_eq!(rig.list().len(), 3);
+}
+
+/// Without the guard our sets do not exist: opening or closing a door is a
+/// typed netlink error naming the set and the kernel's errno, not a silent
+/// no-op.
+fn door_without_sets_is_a_netlink_error(rig: &Rig) {
+    let d = door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG);
+    for (what, res) in [("open", rig.fw(|b| b.open(&d))), ("close", rig.fw(|b| b.close(&d)))] {
+        match res {
+            Err(FirewallError::Netlink { ref set, errno, .. })
+                if errno == libc::ENOENT && set.ends_with("doors4") => {}
+            other => panic!("{what} without the guard: {other:?}"),
+        }
+    }
+    let msg = rig.fw(|b| b.open(&d)).unwrap_err().to_string();
+    assert!(msg.contains("doors4") && msg.contains("errno 2"), "{msg}");
+}
+
 // ------------------------------------------------- single-use doors (Doorman)
 
 fn single_use_door_admits_one_connection(rig: &Rig) {
@@ -898,8 +1020,8 @@ fn stray_segment_does_not_spend_a_single_use_door(rig: &Rig) {
 
 // ------------------------------------------------------------ instantiation
 
-/// `battery!(module, "tag", constructor, footprint)` makes one `#[test]` per
-/// battery function, each in its own lab `nx<tag>-<short>`.
+/// `battery!(module, "tag", constructor, (footprint, tool listing))` makes
+/// one `#[test]` per battery function, each in its own lab `nx<tag>-<short>`.
 macro_rules! battery {
     ($module:ident, $tag:literal, $make:expr, $footprint:expr) => {
         mod $module {
@@ -917,6 +1039,8 @@ macro_rules! battery {
                 operator_rules_still_decide "op",
                 ipv6_prefix_door_admits_the_whole_64 "p6",
                 udp_guard_and_door "ud",
+                doors_show_in_the_tools_listing_and_expire_there "tl",
+                door_without_sets_is_a_netlink_error "ne",
                 single_use_door_admits_one_connection "o1",
                 unused_single_use_door_expires "oe",
                 single_use_ipv6_doors "o6",
@@ -940,8 +1064,8 @@ macro_rules! battery {
     };
 }
 
-battery!(nftables, "nf", NftablesBackend::new(), nft_footprint);
-battery!(iptables, "ip", IptablesBackend::new(), iptables_footprint);
+battery!(nftables, "nf", NftablesBackend::new(), (nft_footprint, nft_tool_doors));
+battery!(iptables, "ip", IptablesBackend::new(), (iptables_footprint, ipset_tool_doors));
 
 /// An `inet nxknock` table with another layout (an older nxknock, or a hand
 /// edit) cannot be kept; install_guard replaces it whole instead of failing.
@@ -950,7 +1074,7 @@ fn nftables_install_replaces_a_foreign_layout() {
     if !require_root("nftables_install_replaces_a_foreign_layout") {
         return;
     }
-    let rig = Rig::new("nxnf-fl", Box::new(NftablesBackend::new()), nft_footprint);
+    let rig = Rig::new("nxnf-fl", Box::new(NftablesBackend::new()), (nft_footprint, nft_tool_doors));
     let old = "table inet nxknock {\n\
                \tset doors4 { type ipv4_addr . inet_service; flags timeout; }\n\
                \tchain input { type filter hook input priority 0; policy accept; }\n\
@@ -975,4 +1099,40 @@ fn nftables_install_replaces_a_foreign_layout() {
     rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
     rig.assert_admitted(&rig.lab.client, None, v4(SERVER_V4), SSH);
+}
+
+/// One backend object, called from two namespaces: each door lands in the
+/// namespace of the calling thread, as it did when each call spawned a tool
+/// there (the netlink socket is replaced when the caller's namespace changes).
+fn doors_follow_the_callers_namespace(tag: &str, backend: Box<dyn DoorBackend>, tool_doors: ToolDoors) {
+    let a = Lab::new(&format!("nx{tag}-nsa")).expect("lab");
+    let b = Lab::new(&format!("nx{tag}-nsb")).expect("lab");
+    let backend = &*backend;
+    for lab in [&a, &b] {
+        lab.server.enter(|| backend.install_guard(&ssh())).expect("install");
+    }
+    a.server.enter(|| backend.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG))).expect("open in a");
+    b.server.enter(|| backend.open(&door(v4(ATTACKER_V4), 32, Proto::Tcp, SSH, LONG))).expect("open in b");
+    a.server.enter(|| backend.open(&door(v4(CLIENT_V4), 32, Proto::Udp, 53, LONG))).expect("open in a again");
+    let names = |lab: &Lab| tool_doors(&lab.server).into_iter().map(|(d, _)| d).collect::<Vec<_>>();
+    let mut in_a = names(&a);
+    in_a.sort();
+    assert_eq!(in_a, vec!["198.18.0.2 tcp 22", "198.18.0.2 udp 53"]);
+    assert_eq!(names(&b), vec!["198.18.0.3 tcp 22"]);
+}
+
+#[test]
+fn nftables_doors_follow_the_callers_namespace() {
+    if !require_root("nftables_doors_follow_the_callers_namespace") {
+        return;
+    }
+    doors_follow_the_callers_namespace("nf", Box::new(NftablesBackend::new()), nft_tool_doors);
+}
+
+#[test]
+fn iptables_doors_follow_the_callers_namespace() {
+    if !require_root("iptables_doors_follow_the_callers_namespace") {
+        return;
+    }
+    doors_follow_the_callers_namespace("ip", Box::new(IptablesBackend::new()), ipset_tool_doors);
 }

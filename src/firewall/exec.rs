@@ -1,9 +1,12 @@
 //! Running firewall tools as child processes.
 //!
-//! Every backend in this module shells out (`nft`, `iptables`, `ipset`): the
-//! tools are what operators already trust and debug with, and a failing call
-//! can be reproduced by hand from the logged command line. The cost is a few
-//! milliseconds per call (measured in BENCHMARKS.md), acceptable until netlink lands.
+//! The backends run the tools (`nft`, `iptables`, `ipset`) for everything but
+//! doors: installing the guard, listing, uninstalling. The tools are what
+//! operators already trust and debug with, and a failing call can be
+//! reproduced by hand from the logged command line. The cost is a few
+//! milliseconds per call (measured in BENCHMARKS.md), too much per knock:
+//! opening and closing doors goes over netlink instead (`nfnl.rs`), so no
+//! process is spawned per knock.
 //!
 //! A child inherits the network namespace of the *thread* that spawns it, so
 //! the tests (and `nxknock demo`) run backends inside a namespace simply by

@@ -1,5 +1,8 @@
 //! iptables backend: chain `NXKNOCK` in table `filter` (IPv4 and IPv6), doors
-//! in ipsets with per-entry timeouts.
+//! in ipsets with per-entry timeouts. The chains and sets are made, listed and
+//! removed with the `iptables`/`ipset` tools; doors are added and deleted over
+//! netlink from inside the process (`ipset_netlink.rs`), with the messages
+//! `ipset add -exist`/`ipset del -exist` would send.
 //!
 //! ```text
 //! INPUT:   -j NXKNOCK                          (one rule, inserted at the top)
@@ -66,6 +69,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::exec;
+use super::ipset_netlink::{self, Command, Entry};
+use super::nfnl::NfnlSocket;
 use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto, by_kind};
 
 const CHAIN: &str = "NXKNOCK";
@@ -126,34 +131,50 @@ const FAMILIES: [Family; 2] = [
     },
 ];
 
-/// Where a door lives: an ipset and the entry (`addr[/len],proto:port`).
+/// Where a door lives: an ipset, the entry as ipset writes it
+/// (`addr[/len],proto:port`, for logs), and the entry as netlink carries it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Slot {
     set: &'static str,
     entry: String,
+    nl: Entry,
 }
 
 /// The `NXKNOCK` chains and `nxknock-doors*` ipsets.
 #[derive(Clone, Debug, Default)]
 pub struct IptablesBackend {
-    _private: (),
+    /// For adding and deleting doors; see `nfnl.rs` on namespaces.
+    nl: NfnlSocket,
 }
 
 impl IptablesBackend {
     pub fn new() -> Self {
-        IptablesBackend { _private: () }
+        IptablesBackend {
+            nl: NfnlSocket::new(),
+        }
     }
 
     /// The ipsets that may hold `door`, with its entry in each: the one for
     /// an ordinary door, and the one for a single-use door if it can be one.
     fn slots(door: &Door) -> Result<(Slot, Option<Slot>), FirewallError> {
         let (addr, len) = door.checked()?;
-        let tail = format!("{}:{}", door.proto, door.port);
-        let slot = |set, entry| Slot { set, entry };
+        let (proto, port) = (door.proto, door.port);
+        let tail = format!("{proto}:{port}");
+        // `cidr` for the hash:net,port sets, none for hash:ip,port.
+        let slot = |set, entry, cidr| Slot {
+            set,
+            entry,
+            nl: Entry {
+                addr,
+                cidr,
+                proto,
+                port,
+            },
+        };
         Ok(match addr {
             IpAddr::V4(a) if len == 32 => (
-                slot(SET4, format!("{a},{tail}")),
-                Some(slot(ONCE4, format!("{a},{tail}"))),
+                slot(SET4, format!("{a},{tail}"), None),
+                Some(slot(ONCE4, format!("{a},{tail}"), None)),
             ),
             IpAddr::V4(a) => {
                 return Err(FirewallError::Unsupported(format!(
@@ -161,10 +182,10 @@ impl IptablesBackend {
                 )));
             }
             IpAddr::V6(a) => (
-                slot(SET6, format!("{a}/{len},{tail}")),
+                slot(SET6, format!("{a}/{len},{tail}"), Some(len)),
                 match len {
-                    128 => Some(slot(ONCE6HOST, format!("{a},{tail}"))),
-                    64 => Some(slot(ONCE6, format!("{a}/{len},{tail}"))),
+                    128 => Some(slot(ONCE6HOST, format!("{a},{tail}"), None)),
+                    64 => Some(slot(ONCE6, format!("{a}/{len},{tail}"), Some(len))),
                     _ => None,
                 },
             ),
@@ -253,17 +274,16 @@ impl DoorBackend for IptablesBackend {
     /// for; between the two calls it is briefly in both, never in neither.
     fn open(&self, door: &Door) -> Result<(), FirewallError> {
         let (plain, once) = Self::slots(door)?;
-        let (Slot { set, entry }, other) = by_kind(door, plain, once)?;
-        let secs = ipset_timeout(door.open_for).to_string();
-        exec::run(
-            IPSET,
-            &["add", "-exist", set, &entry, "timeout", &secs],
-            None,
-        )?;
+        let (to, other) = by_kind(door, plain, once)?;
+        let secs = ipset_timeout(door.open_for);
+        let add = Command::Add {
+            timeout_secs: u32::try_from(secs).unwrap_or(u32::MAX),
+        };
+        ipset_netlink::apply(&self.nl, add, to.set, &to.nl)?;
         if let Some(other) = other {
-            exec::run(IPSET, &["del", "-exist", other.set, &other.entry], None)?;
+            ipset_netlink::apply(&self.nl, Command::Del, other.set, &other.nl)?;
         }
-        tracing::debug!(%entry, set, open_for_s = %secs, "door opened");
+        tracing::debug!(entry = %to.entry, set = to.set, open_for_s = secs, "door opened");
         Ok(())
     }
 
@@ -271,8 +291,8 @@ impl DoorBackend for IptablesBackend {
     /// expired (or consumed) door a no-op rather than an error.
     fn close(&self, door: &Door) -> Result<(), FirewallError> {
         let (plain, once) = Self::slots(door)?;
-        for Slot { set, entry } in std::iter::once(&plain).chain(&once) {
-            exec::run(IPSET, &["del", "-exist", set, entry], None)?;
+        for Slot { set, nl, .. } in std::iter::once(&plain).chain(&once) {
+            ipset_netlink::apply(&self.nl, Command::Del, set, nl)?;
         }
         tracing::debug!(entry = %plain.entry, "door closed");
         Ok(())

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 mod exec;
 mod iptables;
+mod ipset_netlink;
+mod nfnl;
+mod nft_netlink;
 mod nftables;
 mod none;
 
@@ -145,7 +148,8 @@ pub struct OpenDoor {
 }
 
 /// Errors from a door backend. The message names the command that failed and
-/// what it printed, because the usual cause is a missing tool or privilege.
+/// what it printed, because the usual cause is a missing tool or privilege;
+/// a netlink failure names the set and the kernel's errno.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FirewallError {
@@ -163,6 +167,24 @@ pub enum FirewallError {
     },
     #[error("unexpected output from `{cmd}`: {detail}")]
     Parse { cmd: String, detail: String },
+    /// The kernel refused a door change sent over netlink. `errno` is its
+    /// answer: an errno, or one of ipset's own codes (above 4096).
+    #[error("kernel refused to {op} in set `{set}`: {reason} (errno {errno})")]
+    Netlink {
+        op: &'static str,
+        set: String,
+        errno: i32,
+        reason: String,
+    },
+    /// The netlink socket failed (cannot be opened, send or receive failed,
+    /// no answer in time), so whether the change was made is unknown.
+    #[error("netlink socket failed to {op} in set `{set}`: {source}")]
+    NetlinkSocket {
+        op: &'static str,
+        set: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("door not supported by this backend: {0}")]
     Unsupported(String),
     /// The door itself makes no sense (zero timeout, bad prefix length); a

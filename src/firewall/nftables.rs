@@ -1,4 +1,7 @@
-//! nftables backend: one table, `inet nxknock`, driven through the `nft` binary.
+//! nftables backend: one table, `inet nxknock`. The guard, listings and
+//! uninstall go through the `nft` binary; doors are opened and closed over
+//! netlink from inside the process (`nft_netlink.rs`), with exactly the
+//! messages `nft` would send for the same script, one transaction each.
 //!
 //! Layout (see ARCHITECTURE.md, "Doors", for why the guard must live in our own table):
 //!
@@ -90,6 +93,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::exec;
+use super::nfnl::NfnlSocket;
+use super::nft_netlink::{self, Change, Element};
 use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto, by_kind};
 
 const NFT: &str = "nft";
@@ -98,17 +103,21 @@ const DEFAULT_TABLE: &str = "nxknock";
 /// The part of an IPv6 address that names its /64; see the module docs.
 const MASK64: &str = "ffff:ffff:ffff:ffff::";
 
-/// Where a door lives: a set and the element key nft understands.
+/// Where a door lives: a set, the element key as nft writes it (for logs),
+/// and the element as netlink carries it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Slot {
     set: &'static str,
     key: String,
+    elem: Element,
 }
 
 /// Door sets and the guard chain in table `inet nxknock`.
 #[derive(Clone, Debug)]
 pub struct NftablesBackend {
     table: String,
+    /// For opening and closing doors; see `nfnl.rs` on namespaces.
+    nl: NfnlSocket,
 }
 
 impl Default for NftablesBackend {
@@ -122,6 +131,7 @@ impl NftablesBackend {
     pub fn new() -> Self {
         NftablesBackend {
             table: DEFAULT_TABLE.to_owned(),
+            nl: NfnlSocket::new(),
         }
     }
 
@@ -192,12 +202,18 @@ impl NftablesBackend {
     /// (the rule masks the packet's source to match).
     fn slots(door: &Door) -> Result<(Slot, Option<Slot>), FirewallError> {
         let (addr, len) = door.checked()?;
-        let tail = format!("{} . {}", door.proto, door.port);
-        let slot = |set, key| Slot { set, key };
+        let (proto, port) = (door.proto, door.port);
+        let tail = format!("{proto} . {port}");
+        let one = Element::single(addr, proto, port);
+        let slot = |set, key, elem: &Element| Slot {
+            set,
+            key,
+            elem: elem.clone(),
+        };
         Ok(match addr {
             IpAddr::V4(a) if len == 32 => (
-                slot("doors4", format!("{a} . {tail}")),
-                Some(slot("once4", format!("{a} . {tail}"))),
+                slot("doors4", format!("{a} . {tail}"), &one),
+                Some(slot("once4", format!("{a} . {tail}"), &one)),
             ),
             IpAddr::V4(a) => {
                 return Err(FirewallError::Unsupported(format!(
@@ -205,25 +221,35 @@ impl NftablesBackend {
                 )));
             }
             IpAddr::V6(a) if len == 128 => (
-                slot("doors6host", format!("{a} . {tail}")),
-                Some(slot("once6host", format!("{a} . {tail}"))),
+                slot("doors6host", format!("{a} . {tail}"), &one),
+                Some(slot("once6host", format!("{a} . {tail}"), &one)),
             ),
             IpAddr::V6(a) => (
-                slot("doors6", format!("{a}/{len} . {tail}")),
-                (len == 64).then(|| slot("once6net", format!("{a} . {tail}"))),
+                slot(
+                    "doors6",
+                    format!("{a}/{len} . {tail}"),
+                    &Element::prefix(addr, len, proto, port),
+                ),
+                (len == 64).then(|| slot("once6net", format!("{a} . {tail}"), &one)),
             ),
         })
     }
 
-    /// Script lines that delete `slot`'s element. Deleting an element that
-    /// is not there (expired, consumed, never opened) is an error in nft, so
-    /// a short-lived add comes first, in the same transaction.
-    fn removal(&self, Slot { set, key }: &Slot) -> String {
-        let t = self.table_ref();
-        format!(
-            "add element {t} {set} {{ {key} timeout 1s }}\n\
-             delete element {t} {set} {{ {key} }}\n"
-        )
+    /// The changes that delete `slot`'s element. Deleting an element that is
+    /// not there (expired, consumed, never opened) is refused with `ENOENT`,
+    /// the same answer as for a missing table or set, which must stay an
+    /// error. So a short-lived add comes first, in the same transaction: a
+    /// door that is already gone is no error, a missing set still is.
+    fn removal(slot: &Slot) -> [Change<'_>; 2] {
+        let (set, elem) = (slot.set, &slot.elem);
+        [
+            Change::Add {
+                set,
+                elem,
+                timeout: Duration::from_secs(1),
+            },
+            Change::Delete { set, elem },
+        ]
     }
 
     fn script(&self, script: &str) -> Result<(), FirewallError> {
@@ -273,30 +299,32 @@ impl DoorBackend for NftablesBackend {
     /// only ever of the kind last asked for.
     fn open(&self, door: &Door) -> Result<(), FirewallError> {
         let (plain, once) = Self::slots(door)?;
-        let (Slot { set, key }, other) = by_kind(door, plain, once)?;
-        let t = self.table_ref();
-        let ms = door.open_for.as_millis().max(1);
-        let mut script = format!(
-            "add element {t} {set} {{ {key} timeout {ms}ms }}\n\
-             delete element {t} {set} {{ {key} }}\n\
-             add element {t} {set} {{ {key} timeout {ms}ms }}\n"
-        );
-        if let Some(other) = other {
-            script.push_str(&self.removal(&other));
+        let (to, other) = by_kind(door, plain, once)?;
+        let (set, elem) = (to.set, &to.elem);
+        let timeout = door.open_for;
+        let mut changes = vec![
+            Change::Add { set, elem, timeout },
+            Change::Delete { set, elem },
+            Change::Add { set, elem, timeout },
+        ];
+        if let Some(other) = &other {
+            changes.extend(Self::removal(other));
         }
-        self.script(&script)?;
-        tracing::debug!(%key, set, open_for_ms = ms as u64, "door opened");
+        nft_netlink::apply(&self.nl, &self.table, &changes)?;
+        let ms = door.open_for.as_millis().max(1) as u64;
+        tracing::debug!(key = %to.key, set, open_for_ms = ms, "door opened");
         Ok(())
     }
 
-    /// Deletes the door from both its sets, whichever holds it.
+    /// Deletes the door from both its sets, whichever holds it, in one
+    /// transaction.
     fn close(&self, door: &Door) -> Result<(), FirewallError> {
         let (plain, once) = Self::slots(door)?;
-        let script: String = std::iter::once(&plain)
+        let changes: Vec<Change> = std::iter::once(&plain)
             .chain(&once)
-            .map(|s| self.removal(s))
+            .flat_map(Self::removal)
             .collect();
-        self.script(&script)?;
+        nft_netlink::apply(&self.nl, &self.table, &changes)?;
         tracing::debug!(key = %plain.key, "door closed");
         Ok(())
     }

@@ -12,7 +12,8 @@
 //! Code runs "on" a host through [`Netns::enter`], which runs a closure on a
 //! thread that has joined the namespace: sockets it creates stay in that
 //! namespace, and processes it spawns (`nft`, `iptables`) start there too, so
-//! the door backends need no namespace awareness at all.
+//! the door backends need no namespace awareness beyond opening their netlink
+//! socket from the calling thread (`firewall/nfnl.rs`).
 //!
 //! All of this needs root; [`require_root`] decides whether a test skips or fails.
 //!
