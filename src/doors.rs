@@ -80,7 +80,7 @@ impl Doors {
         for d in self.backend.list()? {
             if records.iter().any(|r| same_door(r, &d)) {
                 adopted += 1;
-                tracing::info!(addr = %format_args!("{}/{}", d.addr, d.prefix_len), proto = %d.proto, port = d.port, left_s = d.expires_in.as_secs(), "adopted open door");
+                tracing::info!(door = %d.key(), left_s = d.expires_in.as_secs(), "adopted open door");
                 continue;
             }
             let door = Door {
@@ -93,7 +93,7 @@ impl Doors {
             };
             self.backend.close(&door)?;
             removed += 1;
-            tracing::warn!(addr = %format_args!("{}/{}", d.addr, d.prefix_len), proto = %d.proto, port = d.port, "removed a door nxknock did not record");
+            tracing::warn!(door = %d.key(), "removed a door nxknock did not record");
         }
         Ok((adopted, removed))
     }
@@ -189,14 +189,14 @@ impl Doors {
                     service: svc.name.clone(),
                     addr: door.addr(),
                     prefix_len: door.len(),
-                    proto: svc.proto.to_string(),
+                    proto: svc.proto,
                     port: svc.port,
                     via: via.to_owned(),
                     single_use: d.single_use,
                     opened_at: t,
                     expires_at: t + open_for.as_secs(),
                 };
-                let others = live.iter().filter(|r| r.is_key(door.addr(), door.len(), svc.proto.as_str(), svc.port));
+                let others = live.iter().filter(|r| r.key() == d.key());
                 if let Some(latest) = others.map(|r| r.expires_at).max() {
                     d.open_for = d.open_for.max(Duration::from_secs(latest.saturating_sub(t)));
                 }
@@ -230,7 +230,7 @@ impl Doors {
                 }
                 Err(error) => {
                     tracing::error!(%user, service = %svc.name, %error, "could not open door");
-                    let _ = store.close_door(user, door.addr(), door.len(), svc.proto.as_str(), svc.port);
+                    let _ = store.close_door(user, &d.key());
                 }
             }
         }
@@ -240,13 +240,13 @@ impl Doors {
     /// user's live door (same address and port) stays open for that user.
     fn close(&self, user: &str, door: Prefix, services: &[String], via: &str, store: &mut dyn Store) {
         for (svc, d) in self.doors_for(door, services, self.open_for) {
-            let proto = svc.proto.as_str();
-            if let Err(error) = store.close_door(user, door.addr(), door.len(), proto, svc.port) {
+            let key = d.key();
+            if let Err(error) = store.close_door(user, &key) {
                 tracing::error!(%user, %error, "could not record the closed door; leaving it to expire");
                 continue;
             }
             let others = match store.live_doors(now()) {
-                Ok(live) => live.iter().any(|r| r.is_key(door.addr(), door.len(), proto, svc.port)),
+                Ok(live) => live.iter().any(|r| r.key() == key),
                 Err(error) => {
                     tracing::error!(%error, "cannot read door records; leaving the door to expire");
                     continue;
@@ -289,7 +289,7 @@ impl Doors {
             let door = Door { addr: d.addr, prefix_len: d.prefix_len, proto: d.proto, port: d.port, open_for: Duration::from_secs(1), single_use: d.single_use };
             self.backend.close(&door)?;
             removed += 1;
-            tracing::info!(addr = %format_args!("{}/{}", d.addr, d.prefix_len), proto = %d.proto, port = d.port, "closed a door no live record accounts for");
+            tracing::info!(door = %d.key(), "closed a door no live record accounts for");
         }
         Ok(removed)
     }
@@ -315,7 +315,7 @@ impl Doors {
 }
 
 fn same_door(r: &DoorRecord, d: &OpenDoor) -> bool {
-    r.is_key(d.addr, d.prefix_len, d.proto.as_str(), d.port)
+    r.key() == d.key()
 }
 
 fn now() -> u64 {

@@ -12,6 +12,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::netaddr::Prefix;
+
 mod exec;
 mod iptables;
 mod ipset_netlink;
@@ -47,6 +49,22 @@ impl std::fmt::Display for Proto {
     }
 }
 
+/// What identifies a door in the kernel: one element per network, protocol and
+/// port, shared by every user who opened it. Doors, kernel listings and door
+/// records compare by this key, never by strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DoorKey {
+    pub prefix: Prefix,
+    pub proto: Proto,
+    pub port: u16,
+}
+
+impl std::fmt::Display for DoorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.prefix, self.proto, self.port)
+    }
+}
+
 /// A service the guard protects: new connections to `proto/port` are dropped
 /// unless a door admits their source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +91,11 @@ pub struct Door {
 }
 
 impl Door {
+    /// The kernel key of this door.
+    pub fn key(&self) -> DoorKey {
+        DoorKey { prefix: Prefix::new(self.addr, self.prefix_len), proto: self.proto, port: self.port }
+    }
+
     /// The network this door admits, as `(address with host bits cleared,
     /// prefix length)`, or why no backend should install it.
     ///
@@ -145,6 +168,13 @@ pub struct OpenDoor {
     pub expires_in: Duration,
     /// A single-use door (not yet consumed).
     pub single_use: bool,
+}
+
+impl OpenDoor {
+    /// The kernel key of this door.
+    pub fn key(&self) -> DoorKey {
+        DoorKey { prefix: Prefix::new(self.addr, self.prefix_len), proto: self.proto, port: self.port }
+    }
 }
 
 /// Errors from a door backend. The message names the command that failed and

@@ -13,6 +13,8 @@ use std::path::PathBuf;
 
 pub use sqlite::SqliteStore;
 
+use crate::firewall::{DoorKey, Proto};
+use crate::netaddr::Prefix;
 use crate::token::{Element, Form, ZONE_KEY_LEN};
 
 /// Where one of a user's chains stands.
@@ -75,7 +77,7 @@ pub struct DoorRecord {
     pub service: String,
     pub addr: IpAddr,
     pub prefix_len: u8,
-    pub proto: String,
+    pub proto: Proto,
     pub port: u16,
     pub via: String,
     pub single_use: bool,
@@ -85,9 +87,9 @@ pub struct DoorRecord {
 }
 
 impl DoorRecord {
-    /// Do this record and that kernel key describe the same door?
-    pub fn is_key(&self, addr: IpAddr, prefix_len: u8, proto: &str, port: u16) -> bool {
-        self.addr == addr && self.prefix_len == prefix_len && self.proto == proto && self.port == port
+    /// The kernel key of the door this record describes.
+    pub fn key(&self) -> DoorKey {
+        DoorKey { prefix: Prefix::new(self.addr, self.prefix_len), proto: self.proto, port: self.port }
     }
 }
 
@@ -163,7 +165,7 @@ pub trait Store: Send {
     /// Doors recorded as open whose expiry is after `now` (unix seconds), newest first.
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError>;
     /// Mark `user`'s recorded doors for this key closed (close knock).
-    fn close_door(&mut self, user: &str, addr: IpAddr, prefix_len: u8, proto: &str, port: u16) -> Result<(), StoreError>;
+    fn close_door(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError>;
 }
 
 /// User names reach logs, hook arguments and `doors` output: a letter or digit

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ChainState, DoorRecord, Enrolment, Store, StoreError, UserRecord, check_user_name};
+use crate::firewall::{DoorKey, Proto};
 use crate::token::{Element, Form, ZONE_KEY_LEN};
 
 const SCHEMA_VERSION: i64 = 2;
@@ -445,7 +446,7 @@ impl Store for SqliteStore {
                     d.service,
                     d.addr.to_string(),
                     d.prefix_len,
-                    d.proto,
+                    d.proto.as_str(),
                     d.port,
                     d.via,
                     d.single_use,
@@ -475,12 +476,13 @@ impl Store for SqliteStore {
             .query_map([now as i64], |r| {
                 Ok((
                     r.get::<_, String>(2)?,
+                    r.get::<_, String>(4)?,
                     DoorRecord {
                         user: r.get(0)?,
                         service: r.get(1)?,
                         addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                         prefix_len: r.get(3)?,
-                        proto: r.get(4)?,
+                        proto: Proto::Tcp,
                         port: r.get(5)?,
                         via: r.get(6)?,
                         single_use: r.get(7)?,
@@ -492,16 +494,22 @@ impl Store for SqliteStore {
             .map_err(err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (addr, mut d) = row.map_err(err)?;
+            let (addr, proto, mut d) = row.map_err(err)?;
             // A row we cannot parse is skipped, not trusted.
             let Ok(a) = addr.parse() else { continue };
+            d.proto = match proto.as_str() {
+                "tcp" => Proto::Tcp,
+                "udp" => Proto::Udp,
+                _ => continue,
+            };
             d.addr = a;
             out.push(d);
         }
         Ok(out)
     }
 
-    fn close_door(&mut self, user: &str, addr: IpAddr, prefix_len: u8, proto: &str, port: u16) -> Result<(), StoreError> {
+    fn close_door(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError> {
+        let (addr, prefix_len, proto, port) = (key.prefix.addr(), key.prefix.len(), key.proto.as_str(), key.port);
         self.conn
             .execute(
                 "UPDATE doors SET closed = 1
@@ -563,7 +571,7 @@ mod tests {
             service: "ssh".into(),
             addr: "198.18.0.2".parse().unwrap(),
             prefix_len: 32,
-            proto: "tcp".into(),
+            proto: Proto::Tcp,
             port: 22,
             via: "dns/udp".into(),
             single_use: false,
@@ -698,7 +706,7 @@ mod tests {
             service: "ssh".into(),
             addr: "2001:db8:18::".parse().unwrap(),
             prefix_len: 64,
-            proto: "tcp".into(),
+            proto: Proto::Tcp,
             port: 22,
             via: "dns/udp".into(),
             single_use: true,
@@ -710,9 +718,9 @@ mod tests {
         s.add_users(&[enrol("alice", 1), enrol("bob", 2)]).unwrap();
         assert_eq!(s.record_doors(&[d.clone(), old, bobs.clone()]).unwrap(), 3);
         assert_eq!(s.live_doors(t).unwrap(), vec![bobs.clone(), d.clone()]);
-        s.close_door("bob", d.addr, 64, "tcp", 22).unwrap();
+        s.close_door("bob", &d.key()).unwrap();
         assert_eq!(s.live_doors(t).unwrap(), vec![d.clone()], "closing bob's door leaves alice's");
-        s.close_door("alice", d.addr, 64, "tcp", 22).unwrap();
+        s.close_door("alice", &d.key()).unwrap();
         assert!(s.live_doors(t).unwrap().is_empty());
     }
 }
