@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::client::{self, KnockRequest, Target};
 use crate::config::Config;
 use crate::credential::Credential;
-use crate::enrol::{self, UserSpec};
 use crate::dns::Zone;
+use crate::enrol::{self, UserSpec};
 use crate::netaddr::Prefix;
 use crate::store::{SqliteStore, Store};
 use crate::token::{Form, ZoneId};
@@ -185,7 +185,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if users.is_empty() {
                 println!("{}: schema is current; nothing to do", cfg.store.path.display());
             } else {
-                println!("{}: upgraded; these users are revoked until `nxknock user rekey NAME --out FILE`:", cfg.store.path.display());
+                println!(
+                    "{}: upgraded; these users are revoked until `nxknock user rekey NAME --out FILE`:",
+                    cfg.store.path.display()
+                );
                 for u in users {
                     println!("  {u}");
                 }
@@ -211,11 +214,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(&c.config)?;
             let doors = crate::doors::Doors::from_config(&cfg);
             if cfg.firewall.backend != crate::firewall::BackendKind::None {
-                let _lock = crate::server::claim_firewall(doors.backend_name())
-                    .context("stop `nxknock serve` first: uninstalling under a running daemon would open every guarded port")?;
+                let _lock = crate::server::claim_firewall(doors.backend_name()).context(
+                    "stop `nxknock serve` first: uninstalling under a running daemon would open every guarded port",
+                )?;
                 doors.uninstall()?;
             }
-            println!("removed nxknock's {} firewall objects; guarded services are no longer protected by nxknock", doors.backend_name());
+            println!(
+                "removed nxknock's {} firewall objects; guarded services are no longer protected by nxknock",
+                doors.backend_name()
+            );
             Ok(())
         }
         Command::Demo => crate::demo::run(),
@@ -254,7 +261,10 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         UserCmd::List(c) => {
             let cfg = Config::load(&c.config)?;
             let mut store = SqliteStore::open(&cfg.store.path)?;
-            println!("{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} FROM", "USER", "PLAIN", "BOUND", "CHAIN", "STATE", "SERVICES");
+            println!(
+                "{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} FROM",
+                "USER", "PLAIN", "BOUND", "CHAIN", "STATE", "SERVICES"
+            );
             for u in store.list_users()? {
                 println!(
                     "{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} {}",
@@ -299,7 +309,9 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
     }
     let cred = Credential::load(&k.credential)?;
     let target = match (&k.server, &k.resolver, &cred.server) {
-        (_, Some(r), _) if r == "system" => Target::Resolver(client::system_resolver(std::path::Path::new("/etc/resolv.conf"))?),
+        (_, Some(r), _) if r == "system" => {
+            Target::Resolver(client::system_resolver(std::path::Path::new("/etc/resolv.conf"))?)
+        }
         (_, Some(r), _) => Target::Resolver(client::parse_endpoint(r)?),
         (Some(s), None, _) => Target::Server(client::parse_endpoint(s)?),
         (None, None, Some(s)) => Target::Server(client::parse_endpoint(s)?),
@@ -308,7 +320,9 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
     let ip: IpAddr = match k.ip.as_deref() {
         Some("auto") => auto_ip(&k, &cred)?,
         Some(s) => s.parse().with_context(|| format!("--ip {s:?} is not an IP address or \"auto\""))?,
-        None => bail!("--ip ADDR is required: the public address the door should admit (the one your connection will come from)"),
+        None => bail!(
+            "--ip ADDR is required: the public address the door should admit (the one your connection will come from)"
+        ),
     };
     let report = client::knock(
         &k.credential,
@@ -376,4 +390,3 @@ fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

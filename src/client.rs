@@ -184,7 +184,14 @@ pub fn wait_for_door(addr: SocketAddr, within: Duration) -> anyhow::Result<Durat
 }
 
 /// One query, one answer (UDP or TCP), checked to be the answer to *this* query.
-fn exchange(addr: SocketAddr, name: &str, qtype: RecordType, rd: bool, tcp: bool, timeout: Duration) -> anyhow::Result<Message> {
+fn exchange(
+    addr: SocketAddr,
+    name: &str,
+    qtype: RecordType,
+    rd: bool,
+    tcp: bool,
+    timeout: Duration,
+) -> anyhow::Result<Message> {
     let id: u16 = rand::random();
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = rd;
@@ -197,7 +204,8 @@ fn exchange(addr: SocketAddr, name: &str, qtype: RecordType, rd: bool, tcp: bool
             && resp.queries.first().is_some_and(|q| q.name() == &qname)
     };
     if tcp {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr} over TCP"))?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connect to {addr} over TCP"))?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();

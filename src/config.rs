@@ -213,7 +213,8 @@ pub enum ConfigError {
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, path)
     }
 
@@ -245,7 +246,11 @@ impl Config {
             return bad("token.max_age_seconds", format!("between 1 and 3600, got {}", self.token.max_age_seconds));
         }
         if self.token.plain == PlainPolicy::Ecs && self.token.ecs_from.is_empty() {
-            return bad("token.ecs_from", "the resolvers whose EDNS Client Subnet to believe, e.g. [\"192.0.2.53/32\"], with plain = \"ecs\"".into());
+            return bad(
+                "token.ecs_from",
+                "the resolvers whose EDNS Client Subnet to believe, e.g. [\"192.0.2.53/32\"], with plain = \"ecs\""
+                    .into(),
+            );
         }
         if self.services.is_empty() {
             return bad("service", "at least one [[service]] with name, proto and port".into());
@@ -264,7 +269,10 @@ impl Config {
                 }
             }
             if !(1..=300).contains(&s.hook_timeout_seconds) {
-                return bad(&format!("service[{i}].hook_timeout_seconds"), format!("between 1 and 300, got {}", s.hook_timeout_seconds));
+                return bad(
+                    &format!("service[{i}].hook_timeout_seconds"),
+                    format!("between 1 and 300, got {}", s.hook_timeout_seconds),
+                );
             }
             if !names.insert(s.name.as_str()) {
                 return bad(&format!("service[{i}].name"), format!("a unique name, {:?} appears twice", s.name));
@@ -342,7 +350,11 @@ port = 22
 
     #[test]
     fn ecs_from_is_parsed_once_and_required_with_plain_ecs() {
-        let c = Config::parse(&format!("{GOOD}\n[token]\nplain = \"ecs\"\necs_from = [\"192.0.2.53\", \"2001:db8::/48\"]\n"), Path::new("/c.toml")).unwrap();
+        let c = Config::parse(
+            &format!("{GOOD}\n[token]\nplain = \"ecs\"\necs_from = [\"192.0.2.53\", \"2001:db8::/48\"]\n"),
+            Path::new("/c.toml"),
+        )
+        .unwrap();
         assert_eq!(c.token.ecs_from, vec!["192.0.2.53/32".parse().unwrap(), "2001:db8::/48".parse().unwrap()]);
         let e = err(&format!("{GOOD}\n[token]\nplain = \"ecs\"\n"));
         assert!(e.contains("token.ecs_from"), "{e}");

@@ -92,7 +92,14 @@ pub struct CredentialKeys<'a> {
 }
 
 impl Credential {
-    pub fn new(user: &str, user_id: u32, zone: &ZoneId, server: Option<String>, chain_len: u64, keys: CredentialKeys) -> Credential {
+    pub fn new(
+        user: &str,
+        user_id: u32,
+        zone: &ZoneId,
+        server: Option<String>,
+        chain_len: u64,
+        keys: CredentialKeys,
+    ) -> Credential {
         Credential {
             format: FORMAT,
             user: user.to_owned(),
@@ -165,7 +172,11 @@ impl Credential {
         let found = loose.get("format").and_then(|v| v.as_integer()).unwrap_or(1);
         if found != i64::from(FORMAT) {
             let user = loose.get("user").and_then(|v| v.as_str()).unwrap_or("NAME").to_owned();
-            return Err(CredentialError::OldFormat { path: path.to_owned(), found: found.clamp(0, u32::MAX as i64) as u32, user });
+            return Err(CredentialError::OldFormat {
+                path: path.to_owned(),
+                found: found.clamp(0, u32::MAX as i64) as u32,
+                user,
+            });
         }
         let c: Credential = toml::from_str(&text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
         if HEXLOWER.decode(c.seed.as_bytes()).map(|b| b.len()) != Ok(32) {
@@ -179,7 +190,12 @@ impl Credential {
         }
         for form in Form::ALL {
             if c.used(form) > c.chain_len {
-                return Err(invalid(format!("used_{} ({}) exceeds chain_len ({})", form.as_str(), c.used(form), c.chain_len)));
+                return Err(invalid(format!(
+                    "used_{} ({}) exceeds chain_len ({})",
+                    form.as_str(),
+                    c.used(form),
+                    c.chain_len
+                )));
             }
         }
         Ok(c)
@@ -224,7 +240,12 @@ impl Credential {
         let used = self.used(form);
         let left = self.chain_len - used;
         if n > left {
-            return Err(CredentialError::Exhausted { path: path.to_owned(), form: form.as_str(), used, len: self.chain_len });
+            return Err(CredentialError::Exhausted {
+                path: path.to_owned(),
+                form: form.as_str(),
+                used,
+                len: self.chain_len,
+            });
         }
         let first = self.chain_len - used - 1; // index of the next element to reveal
         *self.used_mut(form) += n;
@@ -250,7 +271,14 @@ mod tests {
     const ZK: [u8; ZONE_KEY_LEN] = [7; ZONE_KEY_LEN];
 
     fn cred(user: &str, seed: &Seed, mac: &[u8], len: u64) -> Credential {
-        Credential::new(user, 1, &ZoneId::new("knock.example.com"), None, len, CredentialKeys { seed, mac_key: mac, zone_key: &ZK })
+        Credential::new(
+            user,
+            1,
+            &ZoneId::new("knock.example.com"),
+            None,
+            len,
+            CredentialKeys { seed, mac_key: mac, zone_key: &ZK },
+        )
     }
 
     #[test]
@@ -312,7 +340,11 @@ mod tests {
         let path = dir.path().join("c");
         std::fs::write(
             &path,
-            format!("user = \"carol\"\nzone = \"z\"\nchain_len = 5\nused = 0\nseed = \"{}\"\nmac_key = \"{}\"\n", "ab".repeat(32), "cd".repeat(32)),
+            format!(
+                "user = \"carol\"\nzone = \"z\"\nchain_len = 5\nused = 0\nseed = \"{}\"\nmac_key = \"{}\"\n",
+                "ab".repeat(32),
+                "cd".repeat(32)
+            ),
         )
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -128,9 +128,21 @@ impl Doors {
         self.backend.uninstall()
     }
 
-    fn doors_for<'a>(&'a self, door: Prefix, services: &'a [String], open_for: Duration) -> impl Iterator<Item = (&'a ServiceConfig, Door)> + 'a {
+    fn doors_for<'a>(
+        &'a self,
+        door: Prefix,
+        services: &'a [String],
+        open_for: Duration,
+    ) -> impl Iterator<Item = (&'a ServiceConfig, Door)> + 'a {
         self.services.iter().filter(|s| services.contains(&s.name)).map(move |s| {
-            let door = Door { addr: door.addr(), prefix_len: door.len(), proto: s.proto, port: s.port, open_for, single_use: s.single_use };
+            let door = Door {
+                addr: door.addr(),
+                prefix_len: door.len(),
+                proto: s.proto,
+                port: s.port,
+                open_for,
+                single_use: s.single_use,
+            };
             (s, door)
         })
     }
@@ -153,7 +165,9 @@ impl Doors {
                 self.open(user, *door, services, open_for, via, from, knock, store);
             }
             Decision::Close { user, door, services } => self.close(user, *door, services, via, store),
-            Decision::Repeat => tracing::debug!(%via, %from, "repeat of an accepted knock (resolver retry); nothing to do"),
+            Decision::Repeat => {
+                tracing::debug!(%via, %from, "repeat of an accepted knock (resolver retry); nothing to do")
+            }
             Decision::Reject { user, why } => {
                 let reason = why.reason();
                 let user = user.as_deref().unwrap_or("-");
@@ -172,7 +186,17 @@ impl Doors {
     /// the latest expiry among their live records: one user's short door never cuts
     /// another's long one.
     #[allow(clippy::too_many_arguments)]
-    fn open(&self, user: &str, door: Prefix, services: &[String], open_for: Duration, via: &str, from: IpAddr, knock: &Knock, store: &mut dyn Store) {
+    fn open(
+        &self,
+        user: &str,
+        door: Prefix,
+        services: &[String],
+        open_for: Duration,
+        via: &str,
+        from: IpAddr,
+        knock: &Knock,
+        store: &mut dyn Store,
+    ) {
         let t = now();
         let live = match store.live_doors(t) {
             Ok(live) => live,
@@ -273,8 +297,12 @@ impl Doors {
     pub fn sync(&self, revoked: &[String], store: &mut dyn Store) {
         match self.reconcile_quietly(store) {
             Ok(0) if revoked.is_empty() => {}
-            Ok(removed) => tracing::info!(revoked = %revoked.join(","), doors_closed = removed, "store changed: doors without a live record closed"),
-            Err(error) => tracing::error!(%error, "store changed but doors could not be checked; they expire by themselves"),
+            Ok(removed) => {
+                tracing::info!(revoked = %revoked.join(","), doors_closed = removed, "store changed: doors without a live record closed")
+            }
+            Err(error) => {
+                tracing::error!(%error, "store changed but doors could not be checked; they expire by themselves")
+            }
         }
     }
 
@@ -286,7 +314,14 @@ impl Doors {
             if records.iter().any(|r| same_door(r, &d)) {
                 continue;
             }
-            let door = Door { addr: d.addr, prefix_len: d.prefix_len, proto: d.proto, port: d.port, open_for: Duration::from_secs(1), single_use: d.single_use };
+            let door = Door {
+                addr: d.addr,
+                prefix_len: d.prefix_len,
+                proto: d.proto,
+                port: d.port,
+                open_for: Duration::from_secs(1),
+                single_use: d.single_use,
+            };
             self.backend.close(&door)?;
             removed += 1;
             tracing::info!(door = %d.key(), "closed a door no live record accounts for");

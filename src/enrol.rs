@@ -81,7 +81,13 @@ fn new_chains(spec: &UserSpec, zone: &ZoneId) -> Result<NewChains, EnrolError> {
     Ok(NewChains { seed, mac_key, enrol })
 }
 
-fn credential(c: &NewChains, id: i64, zone: &ZoneId, server: Option<String>, store: &mut dyn Store) -> Result<Credential, EnrolError> {
+fn credential(
+    c: &NewChains,
+    id: i64,
+    zone: &ZoneId,
+    server: Option<String>,
+    store: &mut dyn Store,
+) -> Result<Credential, EnrolError> {
     let zone_key = store.zone_key()?;
     // SQLite row ids start at 1 and grow by one; a store past u32 is refused, not wrapped.
     let id = u32::try_from(id).map_err(|_| StoreError::Invalid {
@@ -114,7 +120,14 @@ pub fn add(store: &mut dyn Store, zone: &ZoneId, spec: &UserSpec, out: &Path) ->
 
 /// Give an existing user fresh chains and MAC key (and un-revoke), writing the
 /// new credential to `out` first: a rekey whose credential is lost would lock the user out.
-pub fn rekey(store: &mut dyn Store, zone: &ZoneId, name: &str, chain_len: u64, server: Option<String>, out: &Path) -> Result<(), EnrolError> {
+pub fn rekey(
+    store: &mut dyn Store,
+    zone: &ZoneId,
+    name: &str,
+    chain_len: u64,
+    server: Option<String>,
+    out: &Path,
+) -> Result<(), EnrolError> {
     if out.exists() {
         return Err(EnrolError::OutExists(out.to_owned()));
     }
@@ -150,13 +163,19 @@ mod tests {
         let user = &store.active_users().unwrap()[0];
         assert_eq!(i64::from(cred.user_id), user.id);
         assert!(matches!(add(&mut store, &zone, &spec("bob"), &out), Err(EnrolError::OutExists(_))));
-        assert!(matches!(add(&mut store, &zone, &spec("-bob"), &dir.path().join("b")), Err(EnrolError::Store(StoreError::BadUserName(_)))));
+        assert!(matches!(
+            add(&mut store, &zone, &spec("-bob"), &dir.path().join("b")),
+            Err(EnrolError::Store(StoreError::BadUserName(_)))
+        ));
         let out2 = dir.path().join("alice2.cred");
         rekey(&mut store, &zone, "alice", 50, None, &out2).unwrap();
         assert_eq!(Credential::load(&out2).unwrap().user_id, cred.user_id);
         assert_ne!(store.active_users().unwrap()[0].chains, user.chains);
         let out3 = dir.path().join("nobody.cred");
-        assert!(matches!(rekey(&mut store, &zone, "nobody", 50, None, &out3), Err(EnrolError::Store(StoreError::NoSuchUser(_)))));
+        assert!(matches!(
+            rekey(&mut store, &zone, "nobody", 50, None, &out3),
+            Err(EnrolError::Store(StoreError::NoSuchUser(_)))
+        ));
         assert!(!out3.exists());
     }
 }

@@ -51,10 +51,8 @@ pub fn spawn(argv: &[String], timeout: Duration, ev: HookEvent) {
 pub fn run(argv: &[String], timeout: Duration, ev: &HookEvent) -> bool {
     let Some((program, args)) = argv.split_first() else { return false };
     let fields = ev.fields();
-    let args: Vec<String> = args
-        .iter()
-        .map(|a| fields.iter().fold(a.clone(), |acc, (k, v)| acc.replace(&format!("{{{k}}}"), v)))
-        .collect();
+    let args: Vec<String> =
+        args.iter().map(|a| fields.iter().fold(a.clone(), |acc, (k, v)| acc.replace(&format!("{{{k}}}"), v))).collect();
     let mut cmd = Command::new(program);
     cmd.args(&args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     for (k, v) in &fields {

@@ -13,23 +13,23 @@
 //! [`client`] is the user side (`otp`, `knock`), [`config`] the operator's TOML, and
 //! [`lab`] the network-namespace harness shared by `nxknock demo`, the tests and the benchmark.
 
-pub mod firewall;
-pub mod lab;
-pub mod token;
-pub mod store;
+pub mod cli;
+pub mod client;
+pub mod clock;
 pub mod config;
-pub mod knock;
-pub mod limit;
-pub mod netaddr;
-pub mod verify;
-pub mod whoami;
+pub mod credential;
+pub mod demo;
 pub mod dns;
 pub mod doors;
 pub mod enrol;
-pub mod server;
-pub mod credential;
-pub mod client;
-pub mod cli;
-pub mod clock;
-pub mod demo;
+pub mod firewall;
 pub mod hooks;
+pub mod knock;
+pub mod lab;
+pub mod limit;
+pub mod netaddr;
+pub mod server;
+pub mod store;
+pub mod token;
+pub mod verify;
+pub mod whoami;

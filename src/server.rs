@@ -44,9 +44,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         crate::firewall::BackendKind::None => None,
         _ => Some(claim_firewall(doors.backend_name())?),
     };
-    doors
-        .install_guard()
-        .with_context(|| format!("cannot install the {} guard; refusing to serve knocks that could open nothing", doors.backend_name()))?;
+    doors.install_guard().with_context(|| {
+        format!("cannot install the {} guard; refusing to serve knocks that could open nothing", doors.backend_name())
+    })?;
     let (adopted, removed) = doors.reconcile(verifier.store_mut()).context("reconcile open doors")?;
     tracing::info!(adopted, removed, "doors reconciled");
 

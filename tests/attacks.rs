@@ -71,7 +71,8 @@ fn wait_log(s: &Setup, needle: &str, within: Duration) -> bool {
 fn doors(s: &Setup) -> Vec<serde_json::Value> {
     let out = s.nx_server(&["doors", "--json"]);
     assert!(out.status.success(), "doors --json: {}", out_text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("doors --json is not JSON ({e}): {}", out_text(&out)));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doors --json is not JSON ({e}): {}", out_text(&out)));
     v.as_array().expect("doors --json is an array").clone()
 }
 
@@ -177,7 +178,8 @@ fn ask(sock: &UdpSocket, to: SocketAddr, q: &[u8]) -> Option<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
-        sock.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).ok()?;
+        sock.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
+            .ok()?;
         let Ok((n, _)) = sock.recv_from(&mut buf) else { return None };
         if n >= 12 && buf[..2] == q[..2] {
             return Some(buf[..n].to_vec());
@@ -189,7 +191,8 @@ fn ask(sock: &UdpSocket, to: SocketAddr, q: &[u8]) -> Option<Vec<u8>> {
 /// One plain knock from `ns` to the server (optionally with ECS); asserts the NXDOMAIN.
 fn plain_knock_raw(ns: &Netns, name: &str, ecs: Option<(IpAddr, u8)>, id: u16) {
     let sock = ns.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
-    let resp = ask(&sock, server53(), &dns_query(id, name, QTYPE_A, ecs)).unwrap_or_else(|| panic!("no answer to {name} with ECS {ecs:?}"));
+    let resp = ask(&sock, server53(), &dns_query(id, name, QTYPE_A, ecs))
+        .unwrap_or_else(|| panic!("no answer to {name} with ECS {ecs:?}"));
     assert_eq!(rcode(&resp), 3, "knock {name} with ECS {ecs:?} must get NXDOMAIN");
 }
 
@@ -201,7 +204,10 @@ const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 fn label_bits(label: &str) -> Vec<bool> {
     let mut bits = Vec::new();
     for c in label.bytes() {
-        let v = B32.iter().position(|&b| b == c.to_ascii_lowercase()).unwrap_or_else(|| panic!("{c:?} is not base32 in {label}")) as u8;
+        let v = B32
+            .iter()
+            .position(|&b| b == c.to_ascii_lowercase())
+            .unwrap_or_else(|| panic!("{c:?} is not base32 in {label}")) as u8;
         for i in (0..5).rev() {
             bits.push(v >> i & 1 == 1);
         }
@@ -269,7 +275,10 @@ fn bound_substrings_story(prefix: &str, backend: &'static str, bound_for: &str) 
     assert_eq!(answered, candidates.len(), "every probe was answered (the daemon survived them)");
     std::thread::sleep(Duration::from_millis(500));
 
-    assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "a piece of a bound label opened a door for the attacker (IPv4)");
+    assert!(
+        try_connect(&s.lab.attacker, ssh_addr()).is_err(),
+        "a piece of a bound label opened a door for the attacker (IPv4)"
+    );
     assert!(
         s.lab.attacker.tcp_connect_from(ATTACKER6.parse().unwrap(), ssh6_addr(), Duration::from_millis(400)).is_err(),
         "a piece of a bound label opened a door for the attacker (IPv6)"
@@ -281,8 +290,9 @@ fn bound_substrings_story(prefix: &str, backend: &'static str, bound_for: &str) 
     // The real bound name, sent by the client: it still works (nothing was spent).
     let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &bound, "A"]);
     assert_eq!(d.status, "NXDOMAIN", "{}", d.text);
-    let mut conn = connect_soon(&s.lab.client, legit_addr)
-        .unwrap_or_else(|e| panic!("the bound knock opens for the client after the probes: {e}\n{}", s.daemon.log_text()));
+    let mut conn = connect_soon(&s.lab.client, legit_addr).unwrap_or_else(|e| {
+        panic!("the bound knock opens for the client after the probes: {e}\n{}", s.daemon.log_text())
+    });
     assert!(echo_works(&mut conn));
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "the attacker still cannot connect (IPv4)");
     let far = s.lab.attacker.tcp_connect_from(ATTACKER6_FAR.parse().unwrap(), ssh6_addr(), Duration::from_millis(400));
@@ -321,7 +331,11 @@ fn bound_v6_substrings_never_open_as_plain() {
 
 /// The attacker cannot connect over IPv4 nor IPv6.
 fn attacker_shut_out(s: &Setup, when: &str) {
-    assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "{when}: attacker connected over IPv4\n{}", s.daemon.log_text());
+    assert!(
+        try_connect(&s.lab.attacker, ssh_addr()).is_err(),
+        "{when}: attacker connected over IPv4\n{}",
+        s.daemon.log_text()
+    );
     let v6 = s.lab.attacker.tcp_connect_from(ATTACKER6.parse().unwrap(), ssh6_addr(), Duration::from_millis(400));
     assert!(v6.is_err(), "{when}: attacker connected over IPv6\n{}", s.daemon.log_text());
 }
@@ -365,10 +379,7 @@ fn ecs_cannot_widen_a_door() {
     assert!(echo_works(&mut conn));
     attacker_shut_out(&s, "after the client's knock");
     let open = doors(&s);
-    assert!(
-        open.iter().any(|d| door_net(d) == (ip(CLIENT), 32)),
-        "the door is exactly {CLIENT}/32: {open:?}"
-    );
+    assert!(open.iter().any(|d| door_net(d) == (ip(CLIENT), 32)), "the door is exactly {CLIENT}/32: {open:?}");
     assert_doors_narrow_and_not_for(&s, &[ATTACKER, ATTACKER6], "after the client's knock");
 }
 
@@ -480,7 +491,8 @@ fn fake_answer(q: &[u8], rcode: u8, txt: Option<&[Vec<u8>]>) -> Option<Vec<u8>> 
     r.extend_from_slice(&[0, 0, 0, 0]);
     r.extend_from_slice(&q[12..qend]);
     if let Some(strings) = txt {
-        let rdata: Vec<u8> = strings.iter().flat_map(|s| std::iter::once(s.len() as u8).chain(s.iter().copied())).collect();
+        let rdata: Vec<u8> =
+            strings.iter().flat_map(|s| std::iter::once(s.len() as u8).chain(s.iter().copied())).collect();
         r.extend_from_slice(&[0xc0, 0x0c]);
         r.extend_from_slice(&QTYPE_TXT.to_be_bytes());
         r.extend_from_slice(&1u16.to_be_bytes());
@@ -599,7 +611,11 @@ fn assert_refused_whoami(s: &Setup, fake: &FakeDns, alice: &Path, what: &str) {
     let out = knock_via(&s.lab.client, alice, ATTACKER, &["--ip", "auto", "--attempts", "1"]);
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     let (txt, other) = fake.counts();
-    assert!(txt >= 1, "{what}: the client never asked the fake for whoami (test would prove nothing): {}", out_text(&out));
+    assert!(
+        txt >= 1,
+        "{what}: the client never asked the fake for whoami (test would prove nothing): {}",
+        out_text(&out)
+    );
     assert!(!out.status.success(), "{what}: the client accepted the answer and knocked: {}", out_text(&out));
     assert!(err.contains("whoami"), "{what}: stderr must say whoami: {}", out_text(&out));
     assert_eq!(other, 0, "{what}: the client sent a knock after a bad whoami answer");
@@ -725,7 +741,11 @@ fn revoke_closes_the_users_doors_at_once() {
 
     // A restarted daemon does not bring her door back, and keeps bob's.
     s.restart();
-    assert!(try_connect(&s.lab.client, ssh_addr()).is_err(), "alice's door came back after a restart\n{}", s.daemon.log_text());
+    assert!(
+        try_connect(&s.lab.client, ssh_addr()).is_err(),
+        "alice's door came back after a restart\n{}",
+        s.daemon.log_text()
+    );
     let mut conn = try_connect(&s.lab.attacker, ssh_addr()).expect("bob's door is adopted across the restart");
     assert!(echo_works(&mut conn));
     let open = doors(&s);

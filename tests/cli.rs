@@ -60,7 +60,8 @@ fn user_add_writes_a_private_credential_and_prints_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), BackendKind::None, "");
     let cred = dir.path().join("alice.cred");
-    let out = nx(&["user", "add", "alice", "--out", cred.to_str().unwrap(), "--config", &cfg, "--from", "198.18.0.0/15"]);
+    let out =
+        nx(&["user", "add", "alice", "--out", cred.to_str().unwrap(), "--config", &cfg, "--from", "198.18.0.0/15"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(std::fs::metadata(&cred).unwrap().permissions().mode() & 0o777, 0o600);
     assert_eq!(std::fs::metadata(dir.path().join("db.sqlite")).unwrap().permissions().mode() & 0o777, 0o600);
@@ -169,13 +170,27 @@ fn snapshot(db: &Path, dirs: &[&Path]) -> Snapshot {
 
 /// `user list` and `user add` on a store that must be refused: both fail, name
 /// one of `paths` (the configured or the real path), write no credential, change nothing.
-fn assert_store_refused(cfg: &str, dir: &Path, paths: &[String], before: &Snapshot, db: &Path, dirs: &[&Path], what: &str) {
+fn assert_store_refused(
+    cfg: &str,
+    dir: &Path,
+    paths: &[String],
+    before: &Snapshot,
+    db: &Path,
+    dirs: &[&Path],
+    what: &str,
+) {
     let cred = dir.join(format!("bob-{}.cred", what.len()));
-    for args in [vec!["user", "list", "--config", cfg], vec!["user", "add", "bob", "--out", cred.to_str().unwrap(), "--config", cfg]] {
+    for args in [
+        vec!["user", "list", "--config", cfg],
+        vec!["user", "add", "bob", "--out", cred.to_str().unwrap(), "--config", cfg],
+    ] {
         let out = nx(&args);
         let t = text(&out);
         assert!(!out.status.success(), "{what}: `{}` must be refused: {t}", args[..2].join(" "));
-        assert!(paths.iter().any(|p| t.contains(p.as_str())), "{what}: the message must name the path ({paths:?}): {t}");
+        assert!(
+            paths.iter().any(|p| t.contains(p.as_str())),
+            "{what}: the message must name the path ({paths:?}): {t}"
+        );
         assert!(!cred.exists(), "{what}: a credential was written");
         assert_eq!(&snapshot(db, dirs), before, "{what}: `{}` changed the store", args[..2].join(" "));
     }
@@ -187,7 +202,9 @@ fn user_add_refuses_unsafe_names() {
     let cfg = write_config(dir.path(), BackendKind::None, "");
     let long = "a".repeat(65);
     let cred = dir.path().join("bad.cred");
-    for bad in ["-alice", "--", ".alice", "..", ".", "a/b", "../evil", "/abs", "al ice", " alice", "alice ", "", long.as_str()] {
+    for bad in
+        ["-alice", "--", ".alice", "..", ".", "a/b", "../evil", "/abs", "al ice", " alice", "alice ", "", long.as_str()]
+    {
         // After `--` so clap hands even a leading '-' to the name check.
         let out = nx(&["user", "add", "--out", cred.to_str().unwrap(), "--config", &cfg, "--", bad]);
         assert!(!out.status.success(), "user name {bad:?} must be refused: {}", text(&out));
@@ -241,7 +258,15 @@ fn store_refuses_a_database_owned_by_another_user() {
     std::os::unix::fs::chown(&db, Some(65534), Some(65534)).unwrap();
     let dirs = [dir.path()];
     let before = snapshot(&db, &dirs);
-    assert_store_refused(&cfg, dir.path(), &[db.display().to_string()], &before, &db, &dirs, "database owned by uid 65534");
+    assert_store_refused(
+        &cfg,
+        dir.path(),
+        &[db.display().to_string()],
+        &before,
+        &db,
+        &dirs,
+        "database owned by uid 65534",
+    );
     // Control: owned by us again, it opens.
     std::os::unix::fs::chown(&db, Some(0), Some(0)).unwrap();
     let list = nx(&["user", "list", "--config", &cfg]);

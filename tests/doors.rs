@@ -29,7 +29,10 @@ fn wait_log(s: &Setup, needle: &str) -> bool {
 /// The door as the backend's own tool lists it (`nft list set`, `ipset list`).
 fn tool_entry(s: &Setup, backend: &str) -> Option<String> {
     let (listing, entry) = match backend {
-        "nftables" => (s.lab.server.run(&["nft", "list", "set", "inet", "nxknock", "doors4"]), format!("{CLIENT} . tcp . 22 timeout")),
+        "nftables" => (
+            s.lab.server.run(&["nft", "list", "set", "inet", "nxknock", "doors4"]),
+            format!("{CLIENT} . tcp . 22 timeout"),
+        ),
         _ => (s.lab.server.run(&["ipset", "list", "nxknock-doors4"]), format!("{CLIENT},tcp:22 timeout")),
     };
     let listing = listing.unwrap();
@@ -55,7 +58,10 @@ fn sigkill_story(prefix: &str, backend: &'static str) {
         let listing = out_text(&s.nx_server(&["doors"]));
         assert!(listing.contains("alice") && listing.contains(&format!("{CLIENT}/32")), "{listing}");
     }
-    assert!(wait_closed(&s.lab.client, ssh_addr(), Duration::from_secs(8)), "door must close in the kernel without the daemon");
+    assert!(
+        wait_closed(&s.lab.client, ssh_addr(), Duration::from_secs(8)),
+        "door must close in the kernel without the daemon"
+    );
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err());
     assert_eq!(tool_entry(&s, backend), None, "the kernel removed the door");
     assert!(echo_works(&mut held), "established connection continues");
@@ -92,7 +98,8 @@ fn restart_story(prefix: &str, backend: &'static str) {
             srv.run(&["nft", "add", "table", "inet", "operator"]).unwrap();
             srv.run(&["nft", "add", "chain", "inet", "operator", "mine"]).unwrap();
             // A stranger's door smuggled into our set while we were running.
-            srv.run(&["nft", "add", "element", "inet", "nxknock", "doors4", "{ 198.18.0.3 . tcp . 22 timeout 60s }"]).unwrap();
+            srv.run(&["nft", "add", "element", "inet", "nxknock", "doors4", "{ 198.18.0.3 . tcp . 22 timeout 60s }"])
+                .unwrap();
         }
         _ => {
             srv.run(&["iptables", "-N", "OPERATOR"]).unwrap();
@@ -108,7 +115,9 @@ fn restart_story(prefix: &str, backend: &'static str) {
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "unrecorded door removed at restart");
     let srv = &s.lab.server;
     match backend {
-        "nftables" => assert!(srv.run(&["nft", "list", "chain", "inet", "operator", "mine"]).is_ok(), "operator table untouched"),
+        "nftables" => {
+            assert!(srv.run(&["nft", "list", "chain", "inet", "operator", "mine"]).is_ok(), "operator table untouched")
+        }
         _ => assert!(srv.run(&["iptables", "-L", "OPERATOR", "-n"]).is_ok(), "operator chain untouched"),
     }
     let listing = out_text(&s.nx_server(&["doors"]));
@@ -285,7 +294,10 @@ fn ipv6_knocks_open_ipv6_doors() {
             }
         }
         assert!(ok, "{backend}: IPv6 door opens for the client");
-        assert!(s.lab.attacker.tcp_connect_from(far, ssh6, Duration::from_millis(400)).is_err(), "{backend}: other /64 dropped");
+        assert!(
+            s.lab.attacker.tcp_connect_from(far, ssh6, Duration::from_millis(400)).is_err(),
+            "{backend}: other /64 dropped"
+        );
         let listing = out_text(&s.nx_server(&["doors"]));
         assert!(listing.contains("2001:db8:18::/64"), "{backend}: {listing}");
     }

@@ -98,7 +98,12 @@ fn valid_and_invalid_knocks_get_identical_answers_and_only_valid_opens() {
     let a_random = raw_query(&s.lab.attacker, &random, 0x1111);
     let a_revoked = raw_query(&s.lab.attacker, &revoked_name, 0x1111);
     let garbage = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
-    for junk in [&b"\x00"[..], &[0xffu8; 12][..], &[0x41u8; 600][..], b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3fabc"] {
+    for junk in [
+        &b"\x00"[..],
+        &[0xffu8; 12][..],
+        &[0x41u8; 600][..],
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3fabc",
+    ] {
         garbage.send_to(junk, format!("{SERVER}:53")).unwrap();
     }
     // Valid knock from the client, in mixed case as a 0x20 resolver would send it.
@@ -152,7 +157,11 @@ fn bound_knock_opens_the_embedded_address() {
         .output()
         .unwrap();
     assert!(out.status.success(), "knock: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Non-Existent Domain"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Non-Existent Domain"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut conn = connect_soon(&s.lab.client, ssh_addr()).expect("door opens for the embedded address");
     assert!(echo_works(&mut conn));
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "not for the address that sent the query");

@@ -15,12 +15,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use nxknock::firewall::{
-    Door, DoorBackend, FirewallError, Guarded, IptablesBackend, NftablesBackend, OpenDoor, Proto,
-};
-use nxknock::lab::{
-    ATTACKER_V4, ATTACKER_V6, CLIENT_V4, CLIENT_V6, Lab, Netns, SERVER_V4, SERVER_V6, require_root,
-};
+use nxknock::firewall::{Door, DoorBackend, FirewallError, Guarded, IptablesBackend, NftablesBackend, OpenDoor, Proto};
+use nxknock::lab::{ATTACKER_V4, ATTACKER_V6, CLIENT_V4, CLIENT_V6, Lab, Netns, SERVER_V4, SERVER_V6, require_root};
 
 const SSH: u16 = 22;
 /// Never guarded in these tests; shows the guard is per service.
@@ -35,29 +31,16 @@ const SHORT: Duration = Duration::from_secs(2);
 const LONG: Duration = Duration::from_secs(30);
 
 fn ssh() -> Vec<Guarded> {
-    vec![Guarded {
-        proto: Proto::Tcp,
-        port: SSH,
-    }]
+    vec![Guarded { proto: Proto::Tcp, port: SSH }]
 }
 
 fn door(addr: IpAddr, prefix_len: u8, proto: Proto, port: u16, open_for: Duration) -> Door {
-    Door {
-        addr,
-        prefix_len,
-        proto,
-        port,
-        open_for,
-        single_use: false,
-    }
+    Door { addr, prefix_len, proto, port, open_for, single_use: false }
 }
 
 /// A single-use door: the first new connection it admits consumes it.
 fn once(addr: IpAddr, prefix_len: u8, proto: Proto, port: u16, open_for: Duration) -> Door {
-    Door {
-        single_use: true,
-        ..door(addr, prefix_len, proto, port, open_for)
-    }
+    Door { single_use: true, ..door(addr, prefix_len, proto, port, open_for) }
 }
 
 /// The /64 of an IPv6 address, as the backends report a /64 door.
@@ -94,12 +77,7 @@ type Footprint = fn(&Netns) -> Vec<String>;
 
 fn nft_footprint(ns: &Netns) -> Vec<String> {
     match ns.run(&["nft", "-s", "-t", "list", "table", "inet", "nxknock"]) {
-        Ok(text) => text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect(),
+        Ok(text) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(),
         Err(e) if e.to_string().contains("No such file or directory") => Vec::new(),
         Err(e) => panic!("nft list failed: {e}"),
     }
@@ -174,19 +152,10 @@ fn iptables_footprint(ns: &Netns) -> Vec<String> {
     let mut lines = Vec::new();
     for tool in ["iptables", "ip6tables"] {
         let rules = ns.run(&[tool, "-w", "-S"]).unwrap();
-        lines.extend(
-            rules
-                .lines()
-                .filter(|l| l.contains("NXKNOCK"))
-                .map(|l| format!("{tool}: {l}")),
-        );
+        lines.extend(rules.lines().filter(|l| l.contains("NXKNOCK")).map(|l| format!("{tool}: {l}")));
     }
     let sets = ns.run(&["ipset", "list", "-n"]).unwrap();
-    lines.extend(
-        sets.lines()
-            .filter(|l| l.starts_with("nxknock"))
-            .map(|l| format!("ipset: {l}")),
-    );
+    lines.extend(sets.lines().filter(|l| l.starts_with("nxknock")).map(|l| format!("ipset: {l}")));
     lines
 }
 
@@ -208,36 +177,18 @@ impl Rig {
         // rewrite the *host's* firewall, so check before the first call.
         let ns_of = |out: std::process::Output| String::from_utf8(out.stdout).unwrap();
         let inside = lab.server.run(&["readlink", "/proc/self/ns/net"]).unwrap();
-        let entered = lab.server.enter(|| {
-            ns_of(
-                std::process::Command::new("readlink")
-                    .arg("/proc/self/ns/net")
-                    .output()
-                    .unwrap(),
-            )
-        });
-        assert_eq!(
-            entered, inside,
-            "children of an entered thread must inherit its netns"
-        );
+        let entered = lab
+            .server
+            .enter(|| ns_of(std::process::Command::new("readlink").arg("/proc/self/ns/net").output().unwrap()));
+        assert_eq!(entered, inside, "children of an entered thread must inherit its netns");
 
         let mut listeners = Vec::new();
         for ip in [v4(SERVER_V4), v6(SERVER_V6)] {
             for port in [SSH, WEB] {
-                listeners.push(
-                    lab.server
-                        .tcp_listen(SocketAddr::new(ip, port))
-                        .expect("listen"),
-                );
+                listeners.push(lab.server.tcp_listen(SocketAddr::new(ip, port)).expect("listen"));
             }
         }
-        Rig {
-            lab,
-            backend,
-            footprint,
-            tool_doors,
-            _listeners: listeners,
-        }
+        Rig { lab, backend, footprint, tool_doors, _listeners: listeners }
     }
 
     /// Runs `f` with the backend, inside the server namespace.
@@ -247,8 +198,7 @@ impl Rig {
     }
 
     fn install(&self, services: &[Guarded]) {
-        self.fw(|b| b.install_guard(services))
-            .expect("install_guard");
+        self.fw(|b| b.install_guard(services)).expect("install_guard");
     }
 
     fn open(&self, d: &Door) {
@@ -272,14 +222,7 @@ impl Rig {
 
     /// Tries one TCP handshake from `host` (optionally from a given source
     /// address) to the server. `Ok` = admitted, `Err(())` = dropped.
-    fn try_connect(
-        &self,
-        host: &Netns,
-        src: Option<IpAddr>,
-        dst: IpAddr,
-        port: u16,
-        wait: Duration,
-    ) -> Result<(), ()> {
+    fn try_connect(&self, host: &Netns, src: Option<IpAddr>, dst: IpAddr, port: u16, wait: Duration) -> Result<(), ()> {
         let to = SocketAddr::new(dst, port);
         let res = match src {
             Some(src) => host.tcp_connect_from(src, to, wait),
@@ -288,31 +231,20 @@ impl Rig {
         match res {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == ErrorKind::TimedOut => Err(()),
-            Err(e) => panic!(
-                "{} -> {to}: unexpected {e} (no listener? no route?)",
-                host.name()
-            ),
+            Err(e) => panic!("{} -> {to}: unexpected {e} (no listener? no route?)", host.name()),
         }
     }
 
     #[track_caller]
     fn assert_admitted(&self, host: &Netns, src: Option<IpAddr>, dst: IpAddr, port: u16) {
         let r = self.try_connect(host, src, dst, port, ADMIT_WAIT);
-        assert!(
-            r.is_ok(),
-            "{} ({src:?}) -> {dst} port {port}: expected admitted, was dropped",
-            host.name()
-        );
+        assert!(r.is_ok(), "{} ({src:?}) -> {dst} port {port}: expected admitted, was dropped", host.name());
     }
 
     #[track_caller]
     fn assert_dropped(&self, host: &Netns, src: Option<IpAddr>, dst: IpAddr, port: u16) {
         let r = self.try_connect(host, src, dst, port, DROP_WAIT);
-        assert!(
-            r.is_err(),
-            "{} ({src:?}) -> {dst} port {port}: expected dropped, was admitted",
-            host.name()
-        );
+        assert!(r.is_err(), "{} ({src:?}) -> {dst} port {port}: expected dropped, was admitted", host.name());
     }
 
     /// Polls until a new connection from the client is dropped; `false` if
@@ -320,10 +252,7 @@ impl Rig {
     fn wait_until_dropped(&self, dst: IpAddr, bound: Duration) -> bool {
         let start = std::time::Instant::now();
         while start.elapsed() < bound {
-            if self
-                .try_connect(&self.lab.client, None, dst, SSH, DROP_WAIT)
-                .is_err()
-            {
+            if self.try_connect(&self.lab.client, None, dst, SSH, DROP_WAIT).is_err() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -347,10 +276,7 @@ impl UdpProbe {
 
     /// A new client socket, hence a new flow for conntrack.
     fn client(rig: &Rig) -> UdpSocket {
-        rig.lab
-            .client
-            .udp_bind(SocketAddr::new(v4(CLIENT_V4), 0))
-            .unwrap()
+        rig.lab.client.udp_bind(SocketAddr::new(v4(CLIENT_V4), 0)).unwrap()
     }
 
     /// Sends `tag` from `sock`; whether it reaches the server within `wait`.
@@ -423,10 +349,7 @@ fn door_expires_by_itself(rig: &Rig) {
     rig.install(&ssh());
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, SHORT));
     rig.assert_admitted(&rig.lab.client, None, v4(SERVER_V4), SSH);
-    assert!(
-        rig.wait_until_dropped(v4(SERVER_V4), SHORT * 3),
-        "door still open long after {SHORT:?}"
-    );
+    assert!(rig.wait_until_dropped(v4(SERVER_V4), SHORT * 3), "door still open long after {SHORT:?}");
     assert_eq!(rig.list(), vec![], "an expired door is still listed");
 }
 
@@ -434,36 +357,16 @@ fn established_connection_outlives_its_door(rig: &Rig) {
     // A listener of its own, so we accept exactly this connection; port 22
     // is only the probe for "has the door expired yet".
     const PORT: u16 = 2222;
-    rig.install(&[
-        Guarded {
-            proto: Proto::Tcp,
-            port: SSH,
-        },
-        Guarded {
-            proto: Proto::Tcp,
-            port: PORT,
-        },
-    ]);
+    rig.install(&[Guarded { proto: Proto::Tcp, port: SSH }, Guarded { proto: Proto::Tcp, port: PORT }]);
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, SHORT));
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, PORT, SHORT));
-    let listener = rig
-        .lab
-        .server
-        .tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT))
-        .unwrap();
-    let mut client = rig
-        .lab
-        .client
-        .tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT)
-        .unwrap();
+    let listener = rig.lab.server.tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT)).unwrap();
+    let mut client = rig.lab.client.tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     exchange(&mut client, &mut server, 1);
     // Both doors were opened together; once a new connection to 22 is
     // dropped, the door to PORT is gone too. Confirm on PORT itself.
-    assert!(
-        rig.wait_until_dropped(v4(SERVER_V4), SHORT * 3),
-        "door never expired"
-    );
+    assert!(rig.wait_until_dropped(v4(SERVER_V4), SHORT * 3), "door never expired");
     rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), PORT);
     exchange(&mut client, &mut server, 2);
 }
@@ -484,28 +387,13 @@ fn list_reports_doors_with_time_left(rig: &Rig) {
     rig.install(&ssh());
     assert_eq!(rig.list(), vec![]);
     // Re-opening refreshes: the 5 s door becomes a 30 s door, not a second one.
-    rig.open(&door(
-        v4(CLIENT_V4),
-        32,
-        Proto::Tcp,
-        SSH,
-        Duration::from_secs(5),
-    ));
+    rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, Duration::from_secs(5)));
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
     rig.open(&door(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
-    rig.open(&door(
-        v4(CLIENT_V4),
-        32,
-        Proto::Udp,
-        53,
-        Duration::from_secs(10),
-    ));
+    rig.open(&door(v4(CLIENT_V4), 32, Proto::Udp, 53, Duration::from_secs(10)));
     let mut doors = rig.list();
     doors.sort_by_key(|d| (d.addr, d.proto as u8, d.port));
-    let got: Vec<_> = doors
-        .iter()
-        .map(|d| (d.addr, d.prefix_len, d.proto, d.port))
-        .collect();
+    let got: Vec<_> = doors.iter().map(|d| (d.addr, d.prefix_len, d.proto, d.port)).collect();
     assert_eq!(
         got,
         vec![
@@ -515,12 +403,8 @@ fn list_reports_doors_with_time_left(rig: &Rig) {
         ]
     );
     let left: Vec<_> = doors.iter().map(|d| d.expires_in).collect();
-    let within =
-        |d: Duration, lo: u64, hi: u64| d > Duration::from_secs(lo) && d <= Duration::from_secs(hi);
-    assert!(
-        within(left[0], 20, 30) && within(left[1], 5, 10) && within(left[2], 20, 30),
-        "{left:?}"
-    );
+    let within = |d: Duration, lo: u64, hi: u64| d > Duration::from_secs(lo) && d <= Duration::from_secs(hi);
+    assert!(within(left[0], 20, 30) && within(left[1], 5, 10) && within(left[2], 20, 30), "{left:?}");
 }
 
 fn reopen_refreshes_the_timeout(rig: &Rig) {
@@ -538,18 +422,12 @@ fn reopen_refreshes_the_timeout(rig: &Rig) {
     let doors = rig.list();
     assert_eq!(doors.len(), 2, "{doors:?}");
     for d in &doors {
-        assert!(
-            d.expires_in >= Duration::from_secs(28),
-            "not refreshed: {d:?}"
-        );
+        assert!(d.expires_in >= Duration::from_secs(28), "not refreshed: {d:?}");
     }
     // Re-opening with a shorter window shortens the door, for real.
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, SHORT));
     rig.assert_admitted(&rig.lab.client, None, v4(SERVER_V4), SSH);
-    assert!(
-        rig.wait_until_dropped(v4(SERVER_V4), SHORT * 3),
-        "door not shortened"
-    );
+    assert!(rig.wait_until_dropped(v4(SERVER_V4), SHORT * 3), "door not shortened");
 }
 
 fn install_guard_is_idempotent_and_keeps_doors(rig: &Rig) {
@@ -570,10 +448,7 @@ fn install_guard_is_idempotent_and_keeps_doors(rig: &Rig) {
     rig.assert_admitted(cli, None, v6(SERVER_V6), SSH);
     rig.assert_dropped(cli, None, v6(SERVER_V6), SSH);
     // Re-installing with other services moves the guard.
-    rig.install(&[Guarded {
-        proto: Proto::Tcp,
-        port: WEB,
-    }]);
+    rig.install(&[Guarded { proto: Proto::Tcp, port: WEB }]);
     rig.assert_admitted(atk, None, v4(SERVER_V4), SSH);
     rig.assert_dropped(atk, None, v4(SERVER_V4), WEB);
 }
@@ -587,17 +462,14 @@ fn operator_rules_still_decide(rig: &Rig) {
     // iptables ACCEPT in our chain would, RETURN does not; an nft accept in
     // our table cannot).
     let client = CLIENT_V4.to_string();
-    let ban = [
-        "iptables", "-w", "-A", "INPUT", "-s", &client, "-p", "tcp", "--dport", "22", "-j", "DROP",
-    ];
+    let ban = ["iptables", "-w", "-A", "INPUT", "-s", &client, "-p", "tcp", "--dport", "22", "-j", "DROP"];
     rig.lab.server.run(&ban).unwrap();
     rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
 }
 
 /// An operator's own rules in both worlds, which uninstall must not touch.
 fn add_bystanders(ns: &Netns) {
-    ns.run(&["nft", "add", "table", "inet", "bystander"])
-        .unwrap();
+    ns.run(&["nft", "add", "table", "inet", "bystander"]).unwrap();
     ns.run(&[
         "nft",
         "add",
@@ -608,52 +480,15 @@ fn add_bystanders(ns: &Netns) {
         "{ type filter hook input priority 0; policy accept; }",
     ])
     .unwrap();
-    ns.run(&[
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "bystander",
-        "in",
-        "tcp",
-        "dport",
-        "8080",
-        "accept",
-    ])
-    .unwrap();
+    ns.run(&["nft", "add", "rule", "inet", "bystander", "in", "tcp", "dport", "8080", "accept"]).unwrap();
     ns.run(&["iptables", "-w", "-N", "BYSTANDER"]).unwrap();
-    ns.run(&[
-        "iptables",
-        "-w",
-        "-A",
-        "BYSTANDER",
-        "-p",
-        "tcp",
-        "--dport",
-        "8080",
-        "-j",
-        "RETURN",
-    ])
-    .unwrap();
-    ns.run(&[
-        "iptables",
-        "-w",
-        "-A",
-        "INPUT",
-        "-s",
-        "192.0.2.1",
-        "-j",
-        "BYSTANDER",
-    ])
-    .unwrap();
-    ns.run(&["ipset", "create", "bystander", "hash:ip"])
-        .unwrap();
+    ns.run(&["iptables", "-w", "-A", "BYSTANDER", "-p", "tcp", "--dport", "8080", "-j", "RETURN"]).unwrap();
+    ns.run(&["iptables", "-w", "-A", "INPUT", "-s", "192.0.2.1", "-j", "BYSTANDER"]).unwrap();
+    ns.run(&["ipset", "create", "bystander", "hash:ip"]).unwrap();
 }
 
 fn bystanders(ns: &Netns) -> String {
-    let nft = ns
-        .run(&["nft", "-s", "list", "table", "inet", "bystander"])
-        .unwrap();
+    let nft = ns.run(&["nft", "-s", "list", "table", "inet", "bystander"]).unwrap();
     let ipt = ns.run(&["iptables", "-w", "-S"]).unwrap();
     let ipset = ns.run(&["ipset", "list", "-n"]).unwrap();
     let ipt: Vec<_> = ipt.lines().filter(|l| l.contains("BYSTANDER")).collect();
@@ -665,10 +500,7 @@ fn uninstall_removes_ours_and_nothing_else(rig: &Rig) {
     let srv = &rig.lab.server;
     add_bystanders(srv);
     let before = bystanders(srv);
-    assert!(
-        before.contains("tcp dport 8080 accept")
-            && before.contains("-A INPUT -s 192.0.2.1/32 -j BYSTANDER")
-    );
+    assert!(before.contains("tcp dport 8080 accept") && before.contains("-A INPUT -s 192.0.2.1/32 -j BYSTANDER"));
     rig.install(&ssh());
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));
     rig.open(&once(v4(CLIENT_V4), 32, Proto::Udp, 53, LONG));
@@ -676,16 +508,8 @@ fn uninstall_removes_ours_and_nothing_else(rig: &Rig) {
     rig.open(&once(v6(CLIENT_V6), 128, Proto::Tcp, SSH, LONG));
     rig.assert_dropped(&rig.lab.attacker, None, v4(SERVER_V4), SSH);
     rig.fw(|b| b.uninstall()).expect("uninstall");
-    assert_eq!(
-        rig.footprint(),
-        Vec::<String>::new(),
-        "something of ours survived"
-    );
-    assert_eq!(
-        bystanders(srv),
-        before,
-        "uninstall touched someone else's rules"
-    );
+    assert_eq!(rig.footprint(), Vec::<String>::new(), "something of ours survived");
+    assert_eq!(bystanders(srv), before, "uninstall touched someone else's rules");
     rig.assert_admitted(&rig.lab.attacker, None, v4(SERVER_V4), SSH);
     rig.assert_admitted(&rig.lab.attacker, None, v6(SERVER_V6), SSH);
     // Uninstalling what is not there is fine (and must still spare the rest).
@@ -728,26 +552,15 @@ fn udp_guard_and_door(rig: &Rig) {
     // flow that got through once is let through for good, like an
     // established connection, even if never answered.
     let client = || UdpProbe::client(rig);
-    let attacker = rig
-        .lab
-        .attacker
-        .udp_bind(SocketAddr::new(v4(ATTACKER_V4), 0))
-        .unwrap();
-    assert!(
-        probe.arrives(&client(), b"before"),
-        "lab broken: UDP not delivered without guard"
-    );
-    rig.install(&[Guarded {
-        proto: Proto::Udp,
-        port: PORT,
-    }]);
+    let attacker = rig.lab.attacker.udp_bind(SocketAddr::new(v4(ATTACKER_V4), 0)).unwrap();
+    assert!(probe.arrives(&client(), b"before"), "lab broken: UDP not delivered without guard");
+    rig.install(&[Guarded { proto: Proto::Udp, port: PORT }]);
     assert!(probe.lost(&client(), b"guarded"));
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Udp, PORT, LONG));
     assert!(probe.arrives(&client(), b"door"));
     assert!(probe.lost(&attacker, b"attacker"));
     // A TCP door for the same port does not open UDP.
-    rig.fw(|b| b.close(&door(v4(CLIENT_V4), 32, Proto::Udp, PORT, LONG)))
-        .unwrap();
+    rig.fw(|b| b.close(&door(v4(CLIENT_V4), 32, Proto::Udp, PORT, LONG))).unwrap();
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG));
     assert!(probe.lost(&client(), b"tcp door"));
 }
@@ -791,8 +604,7 @@ fn door_without_sets_is_a_netlink_error(rig: &Rig) {
     let d = door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG);
     for (what, res) in [("open", rig.fw(|b| b.open(&d))), ("close", rig.fw(|b| b.close(&d)))] {
         match res {
-            Err(FirewallError::Netlink { ref set, errno, .. })
-                if errno == libc::ENOENT && set.ends_with("doors4") => {}
+            Err(FirewallError::Netlink { ref set, errno, .. }) if errno == libc::ENOENT && set.ends_with("doors4") => {}
             other => panic!("{what} without the guard: {other:?}"),
         }
     }
@@ -806,15 +618,8 @@ fn single_use_door_admits_one_connection(rig: &Rig) {
     // A listener of its own, so we accept exactly the admitted connection.
     const PORT: u16 = 2222;
     let (cli, atk) = (&rig.lab.client, &rig.lab.attacker);
-    rig.install(&[Guarded {
-        proto: Proto::Tcp,
-        port: PORT,
-    }]);
-    let listener = rig
-        .lab
-        .server
-        .tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT))
-        .unwrap();
+    rig.install(&[Guarded { proto: Proto::Tcp, port: PORT }]);
+    let listener = rig.lab.server.tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT)).unwrap();
     rig.open(&once(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG));
     // The attacker's attempt neither gets in nor spends the client's door.
     rig.assert_dropped(atk, None, v4(SERVER_V4), PORT);
@@ -840,16 +645,10 @@ fn unused_single_use_door_expires(rig: &Rig) {
     // would spend it. The attacker's dropped attempt must not.
     rig.assert_dropped(&rig.lab.attacker, None, v4(SERVER_V4), SSH);
     let doors = rig.list();
-    assert!(
-        doors.len() == 1 && doors[0].single_use && doors[0].expires_in <= SHORT,
-        "{doors:?}"
-    );
+    assert!(doors.len() == 1 && doors[0].single_use && doors[0].expires_in <= SHORT, "{doors:?}");
     let start = std::time::Instant::now();
     while !rig.list().is_empty() {
-        assert!(
-            start.elapsed() < SHORT * 3,
-            "single-use door still held long after {SHORT:?}"
-        );
+        assert!(start.elapsed() < SHORT * 3, "single-use door still held long after {SHORT:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
     rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
@@ -867,11 +666,7 @@ fn single_use_ipv6_doors(rig: &Rig) {
     // A /64 door is spent by whichever address of the /64 comes first.
     rig.open(&once(v6(CLIENT_V6), 64, Proto::Tcp, SSH, LONG));
     rig.assert_dropped(atk, Some(outside), v6(SERVER_V6), SSH);
-    assert_eq!(
-        rig.list().len(),
-        1,
-        "spent by a packet from outside the /64"
-    );
+    assert_eq!(rig.list().len(), 1, "spent by a packet from outside the /64");
     rig.assert_admitted(cli, Some(cli2), v6(SERVER_V6), SSH);
     rig.assert_dropped(cli, cli1, v6(SERVER_V6), SSH);
     rig.assert_dropped(cli, Some(cli2), v6(SERVER_V6), SSH);
@@ -886,10 +681,7 @@ fn single_use_ipv6_doors(rig: &Rig) {
     rig.assert_admitted(cli, cli1, v6(SERVER_V6), SSH); // spends the /64
     rig.assert_dropped(cli, cli1, v6(SERVER_V6), SSH);
     let left = rig.list();
-    assert!(
-        left.len() == 1 && left[0].addr == cli2 && left[0].prefix_len == 128,
-        "{left:?}"
-    );
+    assert!(left.len() == 1 && left[0].addr == cli2 && left[0].prefix_len == 128, "{left:?}");
     rig.assert_admitted(cli, Some(cli2), v6(SERVER_V6), SSH); // spends the host door
     rig.assert_dropped(cli, Some(cli2), v6(SERVER_V6), SSH);
     rig.assert_dropped(atk, Some(outside), v6(SERVER_V6), SSH);
@@ -905,11 +697,8 @@ fn list_and_close_single_use_doors(rig: &Rig) {
     rig.open(&once(cli2, 128, Proto::Tcp, SSH, LONG));
     rig.open(&door(v6(CLIENT_V6), 64, Proto::Udp, 53, LONG));
     let listed = || {
-        let mut doors: Vec<_> = rig
-            .list()
-            .iter()
-            .map(|d| (d.addr, d.prefix_len, d.proto, d.port, d.single_use))
-            .collect();
+        let mut doors: Vec<_> =
+            rig.list().iter().map(|d| (d.addr, d.prefix_len, d.proto, d.port, d.single_use)).collect();
         doors.sort_by_key(|d| (d.0, d.1, d.2 as u8, d.3));
         doors
     };
@@ -961,17 +750,11 @@ fn single_use_udp_flow_continues_before_any_reply(rig: &Rig) {
     // belong to the flow that spent the door.
     const PORT: u16 = 5353;
     let probe = UdpProbe::new(rig, PORT);
-    rig.install(&[Guarded {
-        proto: Proto::Udp,
-        port: PORT,
-    }]);
+    rig.install(&[Guarded { proto: Proto::Udp, port: PORT }]);
     rig.open(&once(v4(CLIENT_V4), 32, Proto::Udp, PORT, LONG));
     let flow = UdpProbe::client(rig);
     assert!(probe.arrives(&flow, b"first"));
-    assert!(
-        probe.arrives(&flow, b"second"),
-        "the admitted flow was cut off"
-    );
+    assert!(probe.arrives(&flow, b"second"), "the admitted flow was cut off");
     assert!(probe.arrives(&flow, b"third"));
     // Another flow (another source port) is another connection: dropped.
     assert!(probe.lost(&UdpProbe::client(rig), b"other flow"));
@@ -980,22 +763,11 @@ fn single_use_udp_flow_continues_before_any_reply(rig: &Rig) {
 
 fn stray_segment_does_not_spend_a_single_use_door(rig: &Rig) {
     const PORT: u16 = 2222;
-    rig.install(&[Guarded {
-        proto: Proto::Tcp,
-        port: PORT,
-    }]);
-    let listener = rig
-        .lab
-        .server
-        .tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT))
-        .unwrap();
+    rig.install(&[Guarded { proto: Proto::Tcp, port: PORT }]);
+    let listener = rig.lab.server.tcp_listen(SocketAddr::new(v4(SERVER_V4), PORT)).unwrap();
     let plain = door(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG);
     rig.open(&plain);
-    let mut client = rig
-        .lab
-        .client
-        .tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT)
-        .unwrap();
+    let mut client = rig.lab.client.tcp_connect(SocketAddr::new(v4(SERVER_V4), PORT), ADMIT_WAIT).unwrap();
     let (mut server, _) = listener.accept().unwrap();
     exchange(&mut client, &mut server, 1);
     // The server's conntrack forgets the connection (an operator's
@@ -1006,11 +778,7 @@ fn stray_segment_does_not_spend_a_single_use_door(rig: &Rig) {
     rig.open(&once(v4(CLIENT_V4), 32, Proto::Tcp, PORT, LONG));
     client.write_all(b"stray").unwrap();
     std::thread::sleep(DROP_WAIT);
-    assert_eq!(
-        rig.list().len(),
-        1,
-        "a mid-stream segment spent the single-use door"
-    );
+    assert_eq!(rig.list().len(), 1, "a mid-stream segment spent the single-use door");
     let _fresh = rig
         .lab
         .client
@@ -1082,19 +850,11 @@ fn nftables_install_replaces_a_foreign_layout() {
     let mut nft = rig.lab.server.cmd("nft");
     nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
     let mut child = nft.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(old.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(old.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success());
     rig.install(&ssh());
     let fp = rig.footprint().join("\n");
-    assert!(
-        fp.contains("type ipv4_addr . inet_proto . inet_service"),
-        "{fp}"
-    );
+    assert!(fp.contains("type ipv4_addr . inet_proto . inet_service"), "{fp}");
     assert!(fp.contains("priority filter - 10"), "{fp}");
     rig.assert_dropped(&rig.lab.client, None, v4(SERVER_V4), SSH);
     rig.open(&door(v4(CLIENT_V4), 32, Proto::Tcp, SSH, LONG));

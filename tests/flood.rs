@@ -59,7 +59,15 @@ fn query(id: u16, label: &str) -> Vec<u8> {
 
 /// Send queries made by `make` to `to` until `stop`, at most `max` of them or for
 /// `within`, as fast as the socket takes them. Returns how many were sent.
-fn flood(sock: UdpSocket, to: SocketAddr, make: fn() -> String, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>, max: u64, within: Duration) {
+fn flood(
+    sock: UdpSocket,
+    to: SocketAddr,
+    make: fn() -> String,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    max: u64,
+    within: Duration,
+) {
     let started = Instant::now();
     let mut i = 0u64;
     while i < max && started.elapsed() < within && !stop.load(Ordering::Relaxed) {
@@ -109,7 +117,17 @@ fn knocks_open_through_a_flooded_shared_resolver_and_a_direct_flood() {
         .lab
         .client
         .cmd(BIN)
-        .args(["knock", "--credential", cred.to_str().unwrap(), "--resolver", RESOLVER, "--ip", CLIENT, "--attempts", "5"])
+        .args([
+            "knock",
+            "--credential",
+            cred.to_str().unwrap(),
+            "--resolver",
+            RESOLVER,
+            "--ip",
+            CLIENT,
+            "--attempts",
+            "5",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", out_text(&out));
@@ -135,7 +153,12 @@ fn knocks_open_through_a_flooded_shared_resolver_and_a_direct_flood() {
     let log = s.daemon.log_text();
     let totals = log.lines().find(|l| l.contains("dns totals")).unwrap_or_else(|| panic!("no totals:\n{log}"));
     let field = |name: &str| -> u64 {
-        totals.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+        totals
+            .split(&format!("{name}="))
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     // The server really was flooded, through the resolver and directly, and the look-alikes
     // never reached the verifier.

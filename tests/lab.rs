@@ -26,10 +26,7 @@ fn lab_vanishes_on_drop_even_when_a_test_panics() {
     });
     assert!(result.is_err());
     for suffix in ["srv", "cli", "atk", "br"] {
-        assert!(
-            !exists(&format!("nxlab-pn-{suffix}")),
-            "{suffix} left behind"
-        );
+        assert!(!exists(&format!("nxlab-pn-{suffix}")), "{suffix} left behind");
     }
 }
 
@@ -40,11 +37,7 @@ fn leftover_namespace_is_replaced() {
     }
     // A killed test run leaves its namespace behind; the next run must cope.
     let first = Netns::new("nxlab-lo").unwrap();
-    first
-        .run(&[
-            "ip", "link", "add", "marker", "type", "veth", "peer", "name", "marker2",
-        ])
-        .unwrap();
+    first.run(&["ip", "link", "add", "marker", "type", "veth", "peer", "name", "marker2"]).unwrap();
     std::mem::forget(first);
     let second = Netns::new("nxlab-lo").unwrap();
     let links = second.run(&["ip", "-o", "link"]).unwrap();
@@ -60,20 +53,10 @@ fn hosts_reach_each_other_and_entered_threads_stay_inside() {
     }
     let mut lab = Lab::new("nxlab-rt").unwrap();
     // Both families, server <- client.
-    let l4 = lab
-        .server
-        .tcp_listen(SocketAddr::new(SERVER_V4.into(), 7))
-        .unwrap();
-    let l6 = lab
-        .server
-        .tcp_listen(SocketAddr::new(SERVER_V6.into(), 7))
-        .unwrap();
-    lab.client
-        .tcp_connect(l4.local_addr().unwrap(), WAIT)
-        .unwrap();
-    lab.client
-        .tcp_connect(l6.local_addr().unwrap(), WAIT)
-        .unwrap();
+    let l4 = lab.server.tcp_listen(SocketAddr::new(SERVER_V4.into(), 7)).unwrap();
+    let l6 = lab.server.tcp_listen(SocketAddr::new(SERVER_V6.into(), 7)).unwrap();
+    lab.client.tcp_connect(l4.local_addr().unwrap(), WAIT).unwrap();
+    lab.client.tcp_connect(l6.local_addr().unwrap(), WAIT).unwrap();
     let (_, peer) = l4.accept().unwrap();
     assert_eq!(peer.ip(), IpAddr::from(CLIENT_V4));
 
@@ -84,15 +67,9 @@ fn hosts_reach_each_other_and_entered_threads_stay_inside() {
     // An added host, and an extra address from another subnet, are reachable
     // over the shared link.
     let resolver = lab
-        .add_host(
-            "res",
-            Ipv4Addr::new(198, 18, 0, 53),
-            Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x53),
-        )
+        .add_host("res", Ipv4Addr::new(198, 18, 0, 53), Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x53))
         .unwrap();
-    let udp = resolver
-        .udp_bind("198.18.0.53:53".parse().unwrap())
-        .unwrap();
+    let udp = resolver.udp_bind("198.18.0.53:53".parse().unwrap()).unwrap();
     udp.set_read_timeout(Some(WAIT)).unwrap();
     let far: IpAddr = "198.19.7.7".parse().unwrap();
     lab.client.add_addr(far, 24).unwrap();
@@ -102,8 +79,5 @@ fn hosts_reach_each_other_and_entered_threads_stay_inside() {
     let (n, from) = udp.recv_from(&mut buf).unwrap();
     assert_eq!((&buf[..n], from.ip()), (&b"q"[..], far));
     assert!(lab.host("res").is_some() && lab.host("cli").is_some() && lab.host("nope").is_none());
-    assert!(
-        lab.add_host("res", Ipv4Addr::new(198, 18, 0, 54), Ipv6Addr::LOCALHOST)
-            .is_err()
-    );
+    assert!(lab.add_host("res", Ipv4Addr::new(198, 18, 0, 54), Ipv6Addr::LOCALHOST).is_err());
 }

@@ -5,7 +5,6 @@
 
 mod common;
 
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -57,7 +56,8 @@ fn bound_through_resolver(prefix: &str, uo: UnboundOpts) {
         let out = s.knock(&s.lab.client, &cred, &["--resolver", RESOLVER, "--ip", CLIENT]);
         assert!(out.status.success(), "{}", out_text(&out));
         assert!(out_text(&out).contains("Non-Existent Domain"), "{}", out_text(&out));
-        let mut c = connect_soon(&s.lab.client, ssh_addr()).unwrap_or_else(|e| panic!("round {round}: door for the client: {e}\n{}", s.daemon.log_text()));
+        let mut c = connect_soon(&s.lab.client, ssh_addr())
+            .unwrap_or_else(|e| panic!("round {round}: door for the client: {e}\n{}", s.daemon.log_text()));
         assert!(echo_works(&mut c));
         assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err());
         assert!(try_connect(resolver_ns(&s), ssh_addr()).is_err(), "the door is not for the resolver");
@@ -91,7 +91,11 @@ fn plain_knock_opens_for_the_resolver_by_default() {
     if !require_root("plain_knock_opens_for_the_resolver_by_default") {
         return;
     }
-    let (s, _u) = resolver_setup("rsource", 30, &UnboundOpts { qname_minimisation: true, caps_for_id: true, ..Default::default() });
+    let (s, _u) = resolver_setup(
+        "rsource",
+        30,
+        &UnboundOpts { qname_minimisation: true, caps_for_id: true, ..Default::default() },
+    );
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let cred = s.add_user("alice", &[]);
     let names = s.otp(&cred, 2);
@@ -119,7 +123,8 @@ fn plain_knock_with_ecs_opens_for_the_client_subnet() {
     let names = s.otp(&cred, 2);
     let d = dig(&s.lab.client, &[&format!("@{RESOLVER}"), &names[0]]);
     assert_eq!(d.status, "NXDOMAIN", "{}", d.text);
-    let mut c = connect_soon(&s.lab.client, ssh_addr()).unwrap_or_else(|e| panic!("ECS door for the client: {e}\n{}", s.daemon.log_text()));
+    let mut c = connect_soon(&s.lab.client, ssh_addr())
+        .unwrap_or_else(|e| panic!("ECS door for the client: {e}\n{}", s.daemon.log_text()));
     assert!(echo_works(&mut c));
     assert!(try_connect(resolver_ns(&s), ssh_addr()).is_err(), "not for the resolver");
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err());
@@ -206,7 +211,16 @@ fn two_nameservers_sharing_one_database_open_once() {
     let log2 = second.log_text();
     assert!(log2.contains("repeat of an accepted knock"), "{log2}");
     assert!(!log2.contains("nxknock::doors: door opened") && !log2.contains("WARN"), "{log2}");
-    assert!(s.lab.host("ns2").unwrap().run(&["nft", "list", "set", "inet", "nxknock", "doors4"]).unwrap().matches("198.18.0.2").count() == 0);
+    assert!(
+        s.lab
+            .host("ns2")
+            .unwrap()
+            .run(&["nft", "list", "set", "inet", "nxknock", "doors4"])
+            .unwrap()
+            .matches("198.18.0.2")
+            .count()
+            == 0
+    );
     assert!(wait_count(&s, "nxknock::doors: door opened", 1));
     assert_eq!(count(&s.daemon.log_text(), "nxknock::doors: door opened"), 1);
 }
@@ -304,4 +318,3 @@ fn resolver_system_reads_resolv_conf() {
     assert!(wait_count(&s, &format!("from={RESOLVER}"), 1), "{}", s.daemon.log_text());
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err());
 }
-

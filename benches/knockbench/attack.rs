@@ -82,7 +82,15 @@ impl Bench {
                     || {
                         let mut c = Command::new(BIN);
                         let (how, to) = if via_resolver { ("--resolver", RESOLVER) } else { ("--server", SERVER) };
-                        c.args(["knock", "--credential", cred.to_str().unwrap(), how, &to.to_string(), "--ip", &CLIENT.to_string()]);
+                        c.args([
+                            "knock",
+                            "--credential",
+                            cred.to_str().unwrap(),
+                            how,
+                            &to.to_string(),
+                            "--ip",
+                            &CLIENT.to_string(),
+                        ]);
                         c
                     },
                     (17, if via_resolver { RESOLVER } else { SERVER }, 53),
@@ -93,7 +101,9 @@ impl Bench {
                 }
             }
             let fr = match flood.take() {
-                Some(mut c) => Some(Dnsperf::parse(&String::from_utf8_lossy(&wait_bounded(&mut c, Duration::from_secs(o.attack_secs + 30))?.stdout))?),
+                Some(mut c) => Some(Dnsperf::parse(&String::from_utf8_lossy(
+                    &wait_bounded(&mut c, Duration::from_secs(o.attack_secs + 30))?.stdout,
+                ))?),
                 None => None,
             };
             let hwm = d.memory().1;
@@ -117,9 +127,17 @@ impl Bench {
             );
             if file.is_some() {
                 self.cdf.insert(format!("nxknock knock under flood ({label})"), (ok.clone(), v.len()));
-                self.notes.push(format!("nxknock resident memory under the {label} flood: {:.1} MiB now, {:.1} MiB peak.", peak as f64 / 1024.0, hwm as f64 / 1024.0));
+                self.notes.push(format!(
+                    "nxknock resident memory under the {label} flood: {:.1} MiB now, {:.1} MiB peak.",
+                    peak as f64 / 1024.0,
+                    hwm as f64 / 1024.0
+                ));
             }
-            let _ = run_in(self.srv(), &[BIN, "uninstall-firewall", "--config", cfg.to_str().unwrap()], Duration::from_secs(10));
+            let _ = run_in(
+                self.srv(),
+                &[BIN, "uninstall-firewall", "--config", cfg.to_str().unwrap()],
+                Duration::from_secs(10),
+            );
         }
         sniffer.stop();
         t.push('\n');

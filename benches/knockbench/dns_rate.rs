@@ -38,9 +38,15 @@ impl Bench {
         let step = lines / valid.len();
         write_queries(
             &mix,
-            (0..lines).map(|i| if i % step == step / 2 && i / step < valid.len() { valid[i / step].clone() } else { random_label() }),
+            (0..lines).map(|i| {
+                if i % step == step / 2 && i / step < valid.len() { valid[i / step].clone() } else { random_label() }
+            }),
         )?;
-        let files = [("random labels", &random), ("random + 0.1% valid knocks", &mix), ("well-formed random tokens", &wellformed)];
+        let files = [
+            ("random labels", &random),
+            ("random + 0.1% valid knocks", &mix),
+            ("well-formed random tokens", &wellformed),
+        ];
 
         let mut table = String::from(
             "### 1. DNS serving rate (dnsperf, same zone, same query file, same settings)\n\n\
@@ -73,7 +79,10 @@ impl Bench {
                         drop(d);
                         r
                     };
-                    eprintln!("  {label:>28} {server:>8} round {round}: {:.0} q/s, lost {}, mean {:.0} µs", r.qps, r.lost, r.mean_us);
+                    eprintln!(
+                        "  {label:>28} {server:>8} round {round}: {:.0} q/s, lost {}, mean {:.0} µs",
+                        r.qps, r.lost, r.mean_us
+                    );
                     res.entry(server).or_default().push(r);
                 }
             }

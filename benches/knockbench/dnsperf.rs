@@ -89,7 +89,6 @@ impl Bench {
             .collect();
         Ok((Dnsperf::parse(&out)?, lat))
     }
-
 }
 
 const B32: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -142,7 +141,11 @@ pub(crate) struct Dnsperf {
 impl Dnsperf {
     pub(crate) fn parse(out: &str) -> Result<Dnsperf> {
         let num = |key: &str| -> Option<f64> {
-            out.lines().find(|l| l.trim_start().starts_with(key)).and_then(|l| l.split(':').nth(1)).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
+            out.lines()
+                .find(|l| l.trim_start().starts_with(key))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
         };
         let r = Dnsperf {
             sent: num("Queries sent").unwrap_or(0.0) as u64,

@@ -30,7 +30,6 @@ impl Bench {
         let sniffer = Sniffer::open(self.cli())?;
         let mut rows: Vec<(String, Vec<Trial>, String)> = Vec::new();
         #[allow(clippy::type_complexity)]
-
         // nxknock: nftables backend, three users so each method has its own chain.
         let db = self.dir.join("lat.db");
         let cfg = self.nx_config("lat", &db)?;
@@ -40,7 +39,9 @@ impl Bench {
         let names = otp(&bob, trials)?;
         let mut nx = self.start_nxknock(&cfg, "nxknock-lat.log", &[])?;
         let unbound = self.start_unbound()?;
-        let flush_nft = || run_in(self.srv(), &["nft", "flush", "set", "inet", "nxknock", "doors4"], Duration::from_secs(5)).map(drop);
+        let flush_nft = || {
+            run_in(self.srv(), &["nft", "flush", "set", "inet", "nxknock", "doors4"], Duration::from_secs(5)).map(drop)
+        };
         let server53 = (17u8, SERVER, 53u16);
         type Method<'a> = (&'a str, Box<dyn Fn(usize) -> Command + Sync + 'a>, (u8, Ipv4Addr, u16), &'a str);
         let methods: Vec<Method<'_>> = vec![
@@ -48,7 +49,15 @@ impl Bench {
                 "nxknock knock (bound, direct)",
                 Box::new(|_| {
                     let mut c = Command::new(BIN);
-                    c.args(["knock", "--credential", alice.to_str().unwrap(), "--server", &SERVER.to_string(), "--ip", &CLIENT.to_string()]);
+                    c.args([
+                        "knock",
+                        "--credential",
+                        alice.to_str().unwrap(),
+                        "--server",
+                        &SERVER.to_string(),
+                        "--ip",
+                        &CLIENT.to_string(),
+                    ]);
                     c
                 }),
                 server53,
@@ -68,7 +77,15 @@ impl Bench {
                 "nxknock knock via unbound",
                 Box::new(|_| {
                     let mut c = Command::new(BIN);
-                    c.args(["knock", "--credential", carol.to_str().unwrap(), "--resolver", &RESOLVER.to_string(), "--ip", &CLIENT.to_string()]);
+                    c.args([
+                        "knock",
+                        "--credential",
+                        carol.to_str().unwrap(),
+                        "--resolver",
+                        &RESOLVER.to_string(),
+                        "--ip",
+                        &CLIENT.to_string(),
+                    ]);
                     c
                 }),
                 (17, RESOLVER, 53),
@@ -83,8 +100,15 @@ impl Bench {
         let (_, nx_hwm) = nx.memory();
         nx.stop();
         drop(unbound);
-        self.notes.push(format!("nxknock peak resident memory during the latency trials: {:.1} MiB.", nx_hwm as f64 / 1024.0));
-        let out = run_in(self.srv(), &[BIN, "uninstall-firewall", "--config", cfg.to_str().unwrap()], Duration::from_secs(10));
+        self.notes.push(format!(
+            "nxknock peak resident memory during the latency trials: {:.1} MiB.",
+            nx_hwm as f64 / 1024.0
+        ));
+        let out = run_in(
+            self.srv(),
+            &[BIN, "uninstall-firewall", "--config", cfg.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
         if let Err(e) = out {
             self.notes.push(format!("uninstall-firewall: {e}"));
         }
@@ -109,15 +133,30 @@ impl Bench {
                 // fwknop writes ~/.fwknoprc and ~/.fwknop.run whatever it is told: keep them in the lab dir.
                 c.env("HOME", rc.parent().unwrap());
                 c.args([
-                    "-A", "tcp/22", "-a", &CLIENT.to_string(), "-D", &SERVER.to_string(),
-                    "--key-base64-rijndael", &k, "--key-base64-hmac", &h, "--use-hmac",
-                    "--rc-file", rc.to_str().unwrap(), "--no-save-args",
+                    "-A",
+                    "tcp/22",
+                    "-a",
+                    &CLIENT.to_string(),
+                    "-D",
+                    &SERVER.to_string(),
+                    "--key-base64-rijndael",
+                    &k,
+                    "--key-base64-hmac",
+                    &h,
+                    "--use-hmac",
+                    "--rc-file",
+                    rc.to_str().unwrap(),
+                    "--no-save-args",
                 ]);
                 c
             };
             let v = self.trials(&sniffer, trials, &flush_kb, fwknop, (17, SERVER, FWKNOP_PORT))?;
             eprintln!("  fwknop: {}", brief(&v));
-            rows.push(("fwknop SPA (fwknopd defaults, pcap)".into(), v, "`fwknop -A tcp/22 -a 198.18.0.2 -D 198.18.0.1 --use-hmac …`".into()));
+            rows.push((
+                "fwknop SPA (fwknopd defaults, pcap)".into(),
+                v,
+                "`fwknop -A tcp/22 -a 198.18.0.2 -D 198.18.0.1 --use-hmac …`".into(),
+            ));
         }
         // knockd: three-port TCP SYN sequence.
         {
@@ -237,7 +276,14 @@ pub(crate) fn brief(v: &[Trial]) -> String {
     let ok: Vec<f64> = v.iter().filter_map(|t| t.packet_ms).collect();
     let s = summarize(&ok);
     let unseen = v.iter().filter(|t| !t.packet_seen).count();
-    format!("{}/{} opened, p50 {}, p99 {}{}", ok.len(), v.len(), fmt_ms(s.p50), fmt_ms(s.p99), if unseen > 0 { format!(", {unseen} knocks not captured") } else { String::new() })
+    format!(
+        "{}/{} opened, p50 {}, p99 {}{}",
+        ok.len(),
+        v.len(),
+        fmt_ms(s.p50),
+        fmt_ms(s.p99),
+        if unseen > 0 { format!(", {unseen} knocks not captured") } else { String::new() }
+    )
 }
 
 /// Connect attempts with a short timeout until one succeeds (or `total` passes);

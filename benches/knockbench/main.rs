@@ -174,7 +174,10 @@ fn run(opts: &Opts) -> Result<()> {
         interrupt::check()?;
         eprintln!("knockbench: == {name}");
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        b.notes.push(format!("load average before `{name}`: {} (other work on the machine shows up here)", load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")));
+        b.notes.push(format!(
+            "load average before `{name}`: {} (other work on the machine shows up here)",
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        ));
         if let Err(e) = f(&mut b) {
             if interrupt::interrupted() {
                 return Err(e);
@@ -207,7 +210,6 @@ impl Bench {
     fn res(&self) -> &Netns {
         self.lab.host("res").expect("resolver host")
     }
-
 
     // ------------------------------------------------------------ nxknock setup
 

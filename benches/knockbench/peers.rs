@@ -90,17 +90,20 @@ impl Bench {
             &[
                 "fwknopd",
                 "-f",
-                "-c", conf.to_str().unwrap(),
-                "-a", access.to_str().unwrap(),
-                "-d", fdir.join("digest.cache").to_str().unwrap(),
-                "-p", fdir.join("fwknopd.pid").to_str().unwrap(),
+                "-c",
+                conf.to_str().unwrap(),
+                "-a",
+                access.to_str().unwrap(),
+                "-d",
+                fdir.join("digest.cache").to_str().unwrap(),
+                "-p",
+                fdir.join("fwknopd.pid").to_str().unwrap(),
             ],
             &fdir.join("fwknopd.log"),
         )?;
         d.wait_ready(Duration::from_secs(20), |d| d.log_text().contains("main event loop"))?;
         Ok((d, (k, h)))
     }
-
 
     pub(crate) fn start_knockd(&self) -> Result<Process> {
         let kdir = self.dir.join("knockd");
@@ -123,7 +126,9 @@ impl Bench {
             &kdir.join("stdout.log"),
         )?;
         let log = kdir.join("knockd.log");
-        d.wait_ready(Duration::from_secs(20), |_| std::fs::read_to_string(&log).unwrap_or_default().contains("listening on"))?;
+        d.wait_ready(Duration::from_secs(20), |_| {
+            std::fs::read_to_string(&log).unwrap_or_default().contains("listening on")
+        })?;
         Ok(d)
     }
 }

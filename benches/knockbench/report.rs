@@ -24,21 +24,40 @@ impl Bench {
             .to_owned();
         let first = |s: String| s.lines().find(|l| !l.trim().is_empty()).unwrap_or("?").trim().to_owned();
         let mem = host_cmd(&["free", "-g"]);
-        let mem = mem.lines().find(|l| l.starts_with("Mem:")).unwrap_or("?").split_whitespace().nth(1).unwrap_or("?").to_owned();
+        let mem = mem
+            .lines()
+            .find(|l| l.starts_with("Mem:"))
+            .unwrap_or("?")
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("?")
+            .to_owned();
         let dnsperf = host_cmd(&["dnsperf", "-h"]).lines().find(|l| l.starts_with("Version")).unwrap_or("?").to_owned();
         let knockd = first(host_cmd(&["knockd", "--version"]));
         let rows = [
             ("CPU", format!("{} × {cpu}", host_cmd(&["nproc"]).trim())),
             ("memory", format!("{mem} GiB")),
             ("kernel", host_cmd(&["uname", "-r"]).trim().to_owned()),
-            ("OS", std::fs::read_to_string("/etc/debian_version").map(|v| format!("Debian {}", v.trim())).unwrap_or_default()),
+            (
+                "OS",
+                std::fs::read_to_string("/etc/debian_version")
+                    .map(|v| format!("Debian {}", v.trim()))
+                    .unwrap_or_default(),
+            ),
             ("nxknock", first(host_cmd(&[BIN, "--version"]))),
             ("rustc", first(host_cmd(&["rustc", "--version"]))),
             ("knotd", first(host_cmd(&["knotd", "--version"]))),
             ("dnsperf", dnsperf),
             ("unbound", first(host_cmd(&["unbound", "-V"]))),
             // (`fwknop --version` would write ~/.fwknoprc: ask dpkg instead.)
-            ("fwknopd / fwknop", format!("{} / fwknop-client {}", first(host_cmd(&["fwknopd", "--version"])), host_cmd(&["dpkg-query", "-W", "-f=${Version}", "fwknop-client"]).trim())),
+            (
+                "fwknopd / fwknop",
+                format!(
+                    "{} / fwknop-client {}",
+                    first(host_cmd(&["fwknopd", "--version"])),
+                    host_cmd(&["dpkg-query", "-W", "-f=${Version}", "fwknop-client"]).trim()
+                ),
+            ),
             ("knockd", knockd),
         ];
         let mut s = String::from("### Machine and versions\n\n| | |\n|---|---|\n");
@@ -60,7 +79,8 @@ impl Bench {
         std::fs::create_dir_all(&self.opts.out)?;
         let png = self.plot()?;
         if let Some(p) = &png {
-            let _ = writeln!(self.report, "\n![knock-to-open latency CDF]({})\n", p.file_name().unwrap().to_string_lossy());
+            let _ =
+                writeln!(self.report, "\n![knock-to-open latency CDF]({})\n", p.file_name().unwrap().to_string_lossy());
         }
         let results = self.opts.out.join("results.md");
         std::fs::write(&results, &self.report)?;
@@ -72,7 +92,9 @@ impl Bench {
             let (begin, end) = ("<!-- results:begin -->", "<!-- results:end -->");
             let body = self.report.replace("](latency_cdf.png)", "](benches/latency_cdf.png)");
             let new = match (text.find(begin), text.find(end)) {
-                (Some(a), Some(b)) if a < b => format!("{}{begin}\n{body}\n{end}{}", &text[..a], &text[b + end.len()..]),
+                (Some(a), Some(b)) if a < b => {
+                    format!("{}{begin}\n{body}\n{end}{}", &text[..a], &text[b + end.len()..])
+                }
                 _ => format!("{text}\n{begin}\n{body}\n{end}\n"),
             };
             std::fs::write(&doc, new)?;
@@ -139,7 +161,11 @@ pub(crate) fn fmt_ms(ms: f64) -> String {
 }
 
 pub(crate) fn fmt_dur(d: Duration) -> String {
-    if d.as_secs_f64() >= 1.0 { format!("{:.2} s", d.as_secs_f64()) } else { format!("{:.0} ms", d.as_secs_f64() * 1e3) }
+    if d.as_secs_f64() >= 1.0 {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.0} ms", d.as_secs_f64() * 1e3)
+    }
 }
 
 pub(crate) fn fmt_count(n: usize) -> String {

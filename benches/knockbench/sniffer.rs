@@ -50,11 +50,22 @@ impl Sniffer {
             let buf: libc::c_int = 8 << 20;
             // SAFETY: valid fd, properly sized option values and address.
             unsafe {
-                if libc::bind(raw, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) != 0 {
+                if libc::bind(
+                    raw,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, (&one as *const libc::c_int).cast(), 4);
-                libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+                libc::setsockopt(
+                    raw,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
                 libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&buf as *const libc::c_int).cast(), 4);
             }
             Ok(fd)
@@ -77,14 +88,20 @@ impl Sniffer {
         loop {
             let found = {
                 let mut p = self.packets.lock().unwrap();
-                let hit = p.iter().find(|(ts, pr, d, port)| *ts >= t0 && *pr == proto && *d == dst && *port == dport).map(|x| x.0);
+                let hit = p
+                    .iter()
+                    .find(|(ts, pr, d, port)| *ts >= t0 && *pr == proto && *d == dst && *port == dport)
+                    .map(|x| x.0);
                 // Keep the list short: nothing before t0 is needed again.
                 p.retain(|(ts, ..)| *ts >= t0);
                 hit
             };
             if found.is_some() || Instant::now() >= until {
                 if found.is_none() && std::env::var_os("KB_DEBUG").is_some() {
-                    eprintln!("no packet {proto}/{dst}/{dport} after {t0}: {:?}", self.packets.lock().unwrap().iter().take(5).collect::<Vec<_>>());
+                    eprintln!(
+                        "no packet {proto}/{dst}/{dport} after {t0}: {:?}",
+                        self.packets.lock().unwrap().iter().take(5).collect::<Vec<_>>()
+                    );
                 }
                 return found;
             }

@@ -51,7 +51,9 @@ pub(crate) fn otp(cred: &Path, n: usize) -> Result<Vec<String>> {
     let mut names = Vec::new();
     while names.len() < n {
         let k = (n - names.len()).min(1000);
-        let out = Command::new(BIN).args(["otp", "--credential", cred.to_str().unwrap(), "--count", &k.to_string()]).output()?;
+        let out = Command::new(BIN)
+            .args(["otp", "--credential", cred.to_str().unwrap(), "--count", &k.to_string()])
+            .output()?;
         if !out.status.success() {
             bail!("otp: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use hickory_proto::op::{Header, Metadata, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Header, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{Name, Record};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
 use hickory_server::net::NetError;
@@ -261,7 +261,8 @@ async fn slow_path<R: ResponseHandler>(handler: &KnockHandler, bytes: Vec<u8>, s
             tracing::debug!(%error, %src, "undecodable query: FORMERR");
             // No queries: what hickory echoes in a FORMERR.
             let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else { return };
-            let response = MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
+            let response =
+                MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
             let _ = reply.send_response(response).await;
         }
     }
@@ -352,7 +353,6 @@ fn soa_after_label_of(handler: &KnockHandler, len: usize) -> Option<Vec<u8>> {
     let fits = !info.truncation && info.counts().authorities == 1 && bytes.len() < MAX_FAST_ANSWER;
     fits.then(|| bytes[question_end..].to_vec())
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -532,5 +532,4 @@ mod tests {
         assert_eq!(fp.handler.stats.not_tokens.load(Ordering::Relaxed), 1);
         assert!(rx.try_recv().is_err());
     }
-
 }

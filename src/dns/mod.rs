@@ -70,9 +70,8 @@ impl Zone {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ZoneError::Read { path: p.clone(), source })?;
         let invalid = |detail: String| ZoneError::Invalid { path: p.clone(), detail };
-        let origin = origin
-            .map(|o| Name::from_ascii(o).map_err(|e| invalid(format!("zone name {o:?}: {e}"))))
-            .transpose()?;
+        let origin =
+            origin.map(|o| Name::from_ascii(o).map_err(|e| invalid(format!("zone name {o:?}: {e}")))).transpose()?;
         let (apex, records) =
             Parser::new(text, Some(path.to_owned()), origin).parse().map_err(|e| invalid(e.to_string()))?;
         let apex_lower = LowerName::new(&apex);
@@ -95,8 +94,13 @@ impl Zone {
             let ttl = soa.ttl.min(s.minimum);
             soa.ttl = ttl;
         }
-        let handler = InMemoryZoneHandler::<TokioRuntimeProvider>::new(apex.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)
-            .map_err(invalid)?;
+        let handler = InMemoryZoneHandler::<TokioRuntimeProvider>::new(
+            apex.clone(),
+            records,
+            ZoneType::Primary,
+            AxfrPolicy::Deny,
+        )
+        .map_err(invalid)?;
         let mut catalog = Catalog::new();
         catalog.upsert(apex_lower.clone(), vec![Arc::new(handler)]);
         Ok(Zone { apex_lower, apex, catalog, existing, soa })
@@ -170,7 +174,12 @@ impl KnockHandler {
         self
     }
 
-    async fn answer_whoami<R: ResponseHandler>(&self, who: &Whoami, request: &Request, mut response_handle: R) -> ResponseInfo {
+    async fn answer_whoami<R: ResponseHandler>(
+        &self,
+        who: &Whoami,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
         let q = &request.queries.queries()[0];
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
@@ -244,8 +253,10 @@ impl RequestHandler for KnockHandler {
     ) -> ResponseInfo {
         let received = Instant::now();
         if let (Some(who), [q]) = (&self.whoami, request.queries.queries()) {
-            let under = q.name() == &who.name || (q.name().num_labels() == who.name.num_labels() + 1 && who.name.zone_of(q.name()));
-            if under && request.metadata.op_code == OpCode::Query && request.metadata.message_type == MessageType::Query {
+            let under = q.name() == &who.name
+                || (q.name().num_labels() == who.name.num_labels() + 1 && who.name.zone_of(q.name()));
+            if under && request.metadata.op_code == OpCode::Query && request.metadata.message_type == MessageType::Query
+            {
                 return self.answer_whoami(who, request, response_handle).await;
             }
         }
@@ -349,7 +360,8 @@ pub fn bind(listen: &[SocketAddr], threads: usize) -> std::io::Result<Sockets> {
             let s = udp_socket(local).map_err(|e| std::io::Error::new(e.kind(), format!("bind udp {local}: {e}")))?;
             out.udp[t].push(s);
         }
-        let tcp = std::net::TcpListener::bind(local).map_err(|e| std::io::Error::new(e.kind(), format!("bind tcp {local}: {e}")))?;
+        let tcp = std::net::TcpListener::bind(local)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("bind tcp {local}: {e}")))?;
         tcp.set_nonblocking(true)?;
         out.tcp.push(tcp);
         out.local.push(local);
@@ -368,4 +380,3 @@ pub fn dns_threads() -> usize {
 pub(super) fn env_usize(key: &str) -> Option<usize> {
     std::env::var(key).ok().and_then(|v| v.parse().ok())
 }
-

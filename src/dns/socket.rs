@@ -29,7 +29,8 @@ const UDP_RECV_BUFFER: usize = 4 << 20;
 /// One nonblocking UDP socket bound to `addr` with `SO_REUSEPORT` and a big receive buffer.
 pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use std::os::fd::AsRawFd;
-    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let sock =
+        socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a c_int option value of the right size.
     let rc = unsafe {
@@ -143,7 +144,9 @@ impl Batch {
         // SAFETY: `hdrs` holds BATCH valid headers whose buffers and address
         // storage (in `self`, borrowed mutably) and iovecs (on this stack frame)
         // outlive the call; MSG_DONTWAIT never blocks.
-        let n = unsafe { libc::recvmmsg(fd, hdrs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+        let n = unsafe {
+            libc::recvmmsg(fd, hdrs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -210,7 +213,12 @@ fn sockaddr_to_std(addr: &libc::sockaddr_storage, len: usize) -> Option<SocketAd
             // SAFETY: as above, for sockaddr_in6.
             let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(ip, u16::from_be(a.sin6_port), a.sin6_flowinfo, a.sin6_scope_id)))
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
         }
         _ => None,
     }

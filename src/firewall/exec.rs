@@ -20,11 +20,7 @@ use super::FirewallError;
 /// Runs `program args…`, feeding `stdin` if given, and returns its stdout.
 /// A non-zero exit becomes [`FirewallError::Command`] carrying stderr, since
 /// that is where every one of these tools explains itself.
-pub(crate) fn run(
-    program: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<String, FirewallError> {
+pub(crate) fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
     let out = output(program, args, stdin)?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -47,17 +43,10 @@ pub(crate) fn succeeds(program: &str, args: &[&str]) -> Result<bool, FirewallErr
 fn output(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, FirewallError> {
     let cmd = display(program, args);
     tracing::debug!(%cmd, stdin = stdin.unwrap_or(""), "firewall command");
-    let spawn_err = |source| FirewallError::Spawn {
-        cmd: cmd.clone(),
-        source,
-    };
+    let spawn_err = |source| FirewallError::Spawn { cmd: cmd.clone(), source };
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

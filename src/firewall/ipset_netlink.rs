@@ -178,20 +178,15 @@ fn message(cmd: Command, set: &str, entry: &Entry) -> NetlinkMessage<NetfilterMe
 
 /// Runs `cmd` on `entry` in ipset `set`.
 pub(crate) fn apply(sock: &NfnlSocket, cmd: Command, set: &str, entry: &Entry) -> Result<(), FirewallError> {
-    let answers = sock
-        .exchange(vec![message(cmd, set, entry)])
-        .map_err(|source| FirewallError::NetlinkSocket {
-            op: op(cmd),
-            set: set.to_owned(),
-            source,
-        })?;
+    let answers = sock.exchange(vec![message(cmd, set, entry)]).map_err(|source| FirewallError::NetlinkSocket {
+        op: op(cmd),
+        set: set.to_owned(),
+        source,
+    })?;
     match answers.first() {
-        Some(Answer::Refused(errno)) => Err(FirewallError::Netlink {
-            op: op(cmd),
-            set: set.to_owned(),
-            errno: *errno,
-            reason: reason(*errno),
-        }),
+        Some(Answer::Refused(errno)) => {
+            Err(FirewallError::Netlink { op: op(cmd), set: set.to_owned(), errno: *errno, reason: reason(*errno) })
+        }
         _ => Ok(()),
     }
 }
@@ -250,42 +245,22 @@ mod tests {
 
     #[test]
     fn messages_are_what_ipset_sends() {
-        let v4 = Entry {
-            addr: "198.18.0.2".parse().unwrap(),
-            cidr: None,
-            proto: Proto::Tcp,
-            port: 22,
-        };
+        let v4 = Entry { addr: "198.18.0.2".parse().unwrap(), cidr: None, proto: Proto::Tcp, port: 22 };
         let add = message(Command::Add { timeout_secs: 30 }, "nxknock-doors4", &v4);
         assert_eq!(bytes(add), expect(96, IPSET_CMD_ADD, ADD_DOORS4));
         let del = message(Command::Del, "nxknock-doors4", &v4);
         assert_eq!(bytes(del), expect(88, IPSET_CMD_DEL, DEL_DOORS4));
-        let net = Entry {
-            addr: "2001:db8:18::".parse().unwrap(),
-            cidr: Some(64),
-            proto: Proto::Udp,
-            port: 53,
-        };
+        let net = Entry { addr: "2001:db8:18::".parse().unwrap(), cidr: Some(64), proto: Proto::Udp, port: 53 };
         let add = message(Command::Add { timeout_secs: 7 }, "nxknock-doors6", &net);
         assert_eq!(bytes(add), expect(116, IPSET_CMD_ADD, ADD_DOORS6_NET));
-        let host = Entry {
-            addr: "2001:db8:18::7".parse().unwrap(),
-            cidr: None,
-            proto: Proto::Tcp,
-            port: 22,
-        };
+        let host = Entry { addr: "2001:db8:18::7".parse().unwrap(), cidr: None, proto: Proto::Tcp, port: 22 };
         let add = message(Command::Add { timeout_secs: 7 }, "nxknock-once6host", &host);
         assert_eq!(bytes(add), expect(112, IPSET_CMD_ADD, ADD_ONCE6HOST));
     }
 
     #[test]
     fn a_zero_timeout_never_reaches_the_kernel() {
-        let v4 = Entry {
-            addr: "198.18.0.2".parse().unwrap(),
-            cidr: None,
-            proto: Proto::Udp,
-            port: 53,
-        };
+        let v4 = Entry { addr: "198.18.0.2".parse().unwrap(), cidr: None, proto: Proto::Udp, port: 53 };
         let b = bytes(message(Command::Add { timeout_secs: 0 }, "nxknock-doors4", &v4));
         // IPSET_ATTR_TIMEOUT | NET_BYTEORDER, then the value 1.
         let at = b.windows(4).position(|w| w == b"\x08\x00\x06\x40").unwrap();

@@ -149,9 +149,7 @@ pub struct IptablesBackend {
 
 impl IptablesBackend {
     pub fn new() -> Self {
-        IptablesBackend {
-            nl: NfnlSocket::new(),
-        }
+        IptablesBackend { nl: NfnlSocket::new() }
     }
 
     /// The ipsets that may hold `door`, with its entry in each: the one for
@@ -161,21 +159,11 @@ impl IptablesBackend {
         let (proto, port) = (door.proto, door.port);
         let tail = format!("{proto}:{port}");
         // `cidr` for the hash:net,port sets, none for hash:ip,port.
-        let slot = |set, entry, cidr| Slot {
-            set,
-            entry,
-            nl: Entry {
-                addr,
-                cidr,
-                proto,
-                port,
-            },
-        };
+        let slot = |set, entry, cidr| Slot { set, entry, nl: Entry { addr, cidr, proto, port } };
         Ok(match addr {
-            IpAddr::V4(a) if len == 32 => (
-                slot(SET4, format!("{a},{tail}"), None),
-                Some(slot(ONCE4, format!("{a},{tail}"), None)),
-            ),
+            IpAddr::V4(a) if len == 32 => {
+                (slot(SET4, format!("{a},{tail}"), None), Some(slot(ONCE4, format!("{a},{tail}"), None)))
+            }
             IpAddr::V4(a) => {
                 return Err(FirewallError::Unsupported(format!(
                     "IPv4 prefix {a}/{len}: IPv4 doors are for single addresses"
@@ -201,16 +189,9 @@ impl IptablesBackend {
         for once in fam.once {
             s.push_str(&format!(":{} - [0:0]\n", once.chain));
         }
-        s.push_str(&format!(
-            "-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n"
-        ));
-        s.push_str(&format!(
-            "-A {CHAIN} -m conntrack --ctstatus CONFIRMED -j RETURN\n"
-        ));
-        s.push_str(&format!(
-            "-A {CHAIN} -m set --match-set {} src,dst -j RETURN\n",
-            fam.set
-        ));
+        s.push_str(&format!("-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n"));
+        s.push_str(&format!("-A {CHAIN} -m conntrack --ctstatus CONFIRMED -j RETURN\n"));
+        s.push_str(&format!("-A {CHAIN} -m set --match-set {} src,dst -j RETURN\n", fam.set));
         for once in fam.once {
             for first in ["-p tcp -m tcp --syn", "-p udp"] {
                 s.push_str(&format!(
@@ -220,17 +201,10 @@ impl IptablesBackend {
             }
         }
         for g in services {
-            s.push_str(&format!(
-                "-A {CHAIN} -p {p} -m {p} --dport {} -j DROP\n",
-                g.port,
-                p = g.proto
-            ));
+            s.push_str(&format!("-A {CHAIN} -p {p} -m {p} --dport {} -j DROP\n", g.port, p = g.proto));
         }
         for once in fam.once {
-            s.push_str(&format!(
-                "-A {} -j SET --del-set {} src,dst\n",
-                once.chain, once.set
-            ));
+            s.push_str(&format!("-A {} -j SET --del-set {} src,dst\n", once.chain, once.set));
         }
         if add_jump {
             s.push_str(&format!("-I INPUT 1 -j {CHAIN}\n"));
@@ -252,8 +226,7 @@ impl DoorBackend for IptablesBackend {
     /// stays where it is.
     fn install_guard(&self, services: &[Guarded]) -> Result<(), FirewallError> {
         for fam in &FAMILIES {
-            let sets = std::iter::once((fam.set, fam.create))
-                .chain(fam.once.iter().map(|o| (o.set, o.create)));
+            let sets = std::iter::once((fam.set, fam.create)).chain(fam.once.iter().map(|o| (o.set, o.create)));
             for (set, kind) in sets {
                 let mut create = vec!["create", set];
                 create.extend_from_slice(kind);
@@ -276,9 +249,7 @@ impl DoorBackend for IptablesBackend {
         let (plain, once) = Self::slots(door)?;
         let (to, other) = by_kind(door, plain, once)?;
         let secs = ipset_timeout(door.open_for);
-        let add = Command::Add {
-            timeout_secs: u32::try_from(secs).unwrap_or(u32::MAX),
-        };
+        let add = Command::Add { timeout_secs: u32::try_from(secs).unwrap_or(u32::MAX) };
         ipset_netlink::apply(&self.nl, add, to.set, &to.nl)?;
         if let Some(other) = other {
             ipset_netlink::apply(&self.nl, Command::Del, other.set, &other.nl)?;
@@ -300,20 +271,12 @@ impl DoorBackend for IptablesBackend {
 
     fn list(&self) -> Result<Vec<OpenDoor>, FirewallError> {
         let mut doors = Vec::new();
-        let sets = [
-            (SET4, false),
-            (ONCE4, true),
-            (SET6, false),
-            (ONCE6HOST, true),
-            (ONCE6, true),
-        ];
+        let sets = [(SET4, false), (ONCE4, true), (SET6, false), (ONCE6HOST, true), (ONCE6, true)];
         for (set, single_use) in sets {
             let args = ["list", set, "-output", "save"];
             let out = exec::run(IPSET, &args, None)?;
-            let parsed = parse_save(&out, set).map_err(|detail| FirewallError::Parse {
-                cmd: format!("{IPSET} {}", args.join(" ")),
-                detail,
-            })?;
+            let parsed = parse_save(&out, set)
+                .map_err(|detail| FirewallError::Parse { cmd: format!("{IPSET} {}", args.join(" ")), detail })?;
             doors.extend(parsed.into_iter().map(|d| OpenDoor { single_use, ..d }));
         }
         Ok(doors)
@@ -367,9 +330,7 @@ fn destroy_set(set: &str) -> Result<(), FirewallError> {
     loop {
         match exec::run(IPSET, &["destroy", set], None) {
             Ok(_) => return Ok(()),
-            Err(FirewallError::Command { ref stderr, .. })
-                if stderr.contains("in use") && tries < 20 =>
-            {
+            Err(FirewallError::Command { ref stderr, .. }) if stderr.contains("in use") && tries < 20 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -389,23 +350,16 @@ fn parse_save(text: &str, set: &str) -> Result<Vec<OpenDoor>, String> {
         if words.next() != Some("add") || words.next() != Some(set) {
             continue; // the `create` line, or blank
         }
-        let entry = words
-            .next()
-            .ok_or_else(|| format!("no entry in {line:?}"))?;
+        let entry = words.next().ok_or_else(|| format!("no entry in {line:?}"))?;
         let mut expires_in = Duration::ZERO;
         while let Some(w) = words.next() {
             if w == "timeout" {
                 let secs = words.next().and_then(|s| s.parse().ok());
-                expires_in =
-                    Duration::from_secs(secs.ok_or_else(|| format!("bad timeout in {line:?}"))?);
+                expires_in = Duration::from_secs(secs.ok_or_else(|| format!("bad timeout in {line:?}"))?);
             }
         }
-        let (net, service) = entry
-            .split_once(',')
-            .ok_or_else(|| format!("bad entry {entry:?}"))?;
-        let (proto, port) = service
-            .split_once(':')
-            .ok_or_else(|| format!("bad service {service:?}"))?;
+        let (net, service) = entry.split_once(',').ok_or_else(|| format!("bad entry {entry:?}"))?;
+        let (proto, port) = service.split_once(':').ok_or_else(|| format!("bad service {service:?}"))?;
         let proto = match proto {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
@@ -419,22 +373,13 @@ fn parse_save(text: &str, set: &str) -> Result<Vec<OpenDoor>, String> {
             Some((a, l)) => (a, Some(l)),
             None => (net, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("bad address in {entry:?}"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("bad address in {entry:?}"))?;
         let prefix_len = match len {
             Some(l) => l.parse().map_err(|_| format!("bad prefix in {entry:?}"))?,
             None if addr.is_ipv4() => 32,
             None => 128,
         };
-        doors.push(OpenDoor {
-            addr,
-            prefix_len,
-            proto,
-            port,
-            expires_in,
-            single_use: false,
-        });
+        doors.push(OpenDoor { addr, prefix_len, proto, port, expires_in, single_use: false });
     }
     Ok(doors)
 }
@@ -452,18 +397,8 @@ mod tests {
                   add nxknock-doors6 2001:db8:18::/64,tcp:22 timeout 7\n\
                   add nxknock-doors6 2001:db8:18::/64,icmpv6:128/0 timeout 7\n";
         let doors = parse_save(v6, SET6).unwrap();
-        let got: Vec<_> = doors
-            .iter()
-            .map(|d| {
-                (
-                    d.addr.to_string(),
-                    d.prefix_len,
-                    d.proto,
-                    d.port,
-                    d.expires_in.as_secs(),
-                )
-            })
-            .collect();
+        let got: Vec<_> =
+            doors.iter().map(|d| (d.addr.to_string(), d.prefix_len, d.proto, d.port, d.expires_in.as_secs())).collect();
         assert_eq!(
             got,
             vec![
@@ -480,10 +415,7 @@ mod tests {
 
     #[test]
     fn restore_script_adds_the_jump_only_when_asked() {
-        let svc = [Guarded {
-            proto: Proto::Udp,
-            port: 53,
-        }];
+        let svc = [Guarded { proto: Proto::Udp, port: 53 }];
         let with = IptablesBackend::restore_script(&FAMILIES[0], &svc, true);
         assert!(with.contains("-A NXKNOCK -p udp -m udp --dport 53 -j DROP\n"));
         assert!(with.contains("-I INPUT 1 -j NXKNOCK\n"));
@@ -528,31 +460,13 @@ mod tests {
                 .map_err(|e| e.to_string())
         };
         let ok = |to, entry: &str, other| Ok((to, entry.to_owned(), other));
-        assert_eq!(
-            el(door("198.18.0.2", 32, false)),
-            ok(SET4, "198.18.0.2,udp:53", Some(ONCE4))
-        );
-        assert_eq!(
-            el(door("198.18.0.2", 32, true)),
-            ok(ONCE4, "198.18.0.2,udp:53", Some(SET4))
-        );
+        assert_eq!(el(door("198.18.0.2", 32, false)), ok(SET4, "198.18.0.2,udp:53", Some(ONCE4)));
+        assert_eq!(el(door("198.18.0.2", 32, true)), ok(ONCE4, "198.18.0.2,udp:53", Some(SET4)));
         // Single-use /64s and hosts are in different sets (module docs).
-        assert_eq!(
-            el(door("2001:db8:18::7", 64, true)),
-            ok(ONCE6, "2001:db8:18::/64,udp:53", Some(SET6))
-        );
-        assert_eq!(
-            el(door("2001:db8:18::7", 128, true)),
-            ok(ONCE6HOST, "2001:db8:18::7,udp:53", Some(SET6))
-        );
-        assert_eq!(
-            el(door("2001:db8:18::7", 128, false)),
-            ok(SET6, "2001:db8:18::7/128,udp:53", Some(ONCE6HOST))
-        );
-        assert_eq!(
-            el(door("2001:db8:18::7", 56, false)),
-            ok(SET6, "2001:db8:18::/56,udp:53", None)
-        );
+        assert_eq!(el(door("2001:db8:18::7", 64, true)), ok(ONCE6, "2001:db8:18::/64,udp:53", Some(SET6)));
+        assert_eq!(el(door("2001:db8:18::7", 128, true)), ok(ONCE6HOST, "2001:db8:18::7,udp:53", Some(SET6)));
+        assert_eq!(el(door("2001:db8:18::7", 128, false)), ok(SET6, "2001:db8:18::7/128,udp:53", Some(ONCE6HOST)));
+        assert_eq!(el(door("2001:db8:18::7", 56, false)), ok(SET6, "2001:db8:18::/56,udp:53", None));
         assert!(el(door("2001:db8:18::7", 56, true)).is_err());
         assert!(el(door("198.18.0.0", 24, true)).is_err());
     }
@@ -562,10 +476,7 @@ mod tests {
         let v6 = IptablesBackend::restore_script(&FAMILIES[1], &[], false);
         let lines: Vec<_> = v6.lines().collect();
         let at = |needle: &str| {
-            lines
-                .iter()
-                .position(|l| l.contains(needle))
-                .unwrap_or_else(|| panic!("no {needle:?} in\n{v6}"))
+            lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in\n{v6}"))
         };
         // Host doors are tried before /64s; only SYNs and UDP consume.
         assert!(
@@ -575,9 +486,8 @@ mod tests {
                 )
         );
         assert!(
-            at(
-                "-p udp -m conntrack --ctstate NEW -m set --match-set nxknock-once6host src,dst -g NXKNOCK-ONCE6HOST"
-            ) < at("--match-set nxknock-once6 src,dst -g NXKNOCK-ONCE6")
+            at("-p udp -m conntrack --ctstate NEW -m set --match-set nxknock-once6host src,dst -g NXKNOCK-ONCE6HOST")
+                < at("--match-set nxknock-once6 src,dst -g NXKNOCK-ONCE6")
         );
         assert!(at(":NXKNOCK-ONCE6 - [0:0]") < at("-A NXKNOCK"));
         at("-A NXKNOCK-ONCE6 -j SET --del-set nxknock-once6 src,dst");

@@ -15,8 +15,8 @@ use std::time::Duration;
 use crate::netaddr::Prefix;
 
 mod exec;
-mod iptables;
 mod ipset_netlink;
+mod iptables;
 mod nfnl;
 mod nft_netlink;
 mod nftables;
@@ -114,9 +114,7 @@ impl Door {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         // A zero-length prefix would open the service to the whole Internet.
         if len == 0 || len > max {
-            return Err(FirewallError::InvalidDoor(format!(
-                "prefix /{len} for {addr} (must be 1..={max})"
-            )));
+            return Err(FirewallError::InvalidDoor(format!("prefix /{len} for {addr} (must be 1..={max})")));
         }
         if self.port == 0 {
             return Err(FirewallError::InvalidDoor("port 0".into()));
@@ -140,11 +138,7 @@ impl Door {
 /// (`plain`) and the place a single-use one does (`once`; `None` if this
 /// shape cannot be single-use): the destination, and the other place, which
 /// the door must leave so that it is only ever of the kind last asked for.
-pub(crate) fn by_kind<T>(
-    door: &Door,
-    plain: T,
-    once: Option<T>,
-) -> Result<(T, Option<T>), FirewallError> {
+pub(crate) fn by_kind<T>(door: &Door, plain: T, once: Option<T>) -> Result<(T, Option<T>), FirewallError> {
     if !door.single_use {
         return Ok((plain, once));
     }
@@ -190,22 +184,13 @@ pub enum FirewallError {
         source: std::io::Error,
     },
     #[error("`{cmd}` failed ({status}): {stderr}")]
-    Command {
-        cmd: String,
-        status: String,
-        stderr: String,
-    },
+    Command { cmd: String, status: String, stderr: String },
     #[error("unexpected output from `{cmd}`: {detail}")]
     Parse { cmd: String, detail: String },
     /// The kernel refused a door change sent over netlink. `errno` is its
     /// answer: an errno, or one of ipset's own codes (above 4096).
     #[error("kernel refused to {op} in set `{set}`: {reason} (errno {errno})")]
-    Netlink {
-        op: &'static str,
-        set: String,
-        errno: i32,
-        reason: String,
-    },
+    Netlink { op: &'static str, set: String, errno: i32, reason: String },
     /// The netlink socket failed (cannot be opened, send or receive failed,
     /// no answer in time), so whether the change was made is unknown.
     #[error("netlink socket failed to {op} in set `{set}`: {source}")]

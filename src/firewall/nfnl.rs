@@ -141,10 +141,7 @@ impl Conn {
                 if i >= msgs.len() || answers[i] != Answer::Unasked {
                     continue; // an answer to an earlier request
                 }
-                let code = ErrorBuffer::new_checked(msg.payload())
-                    .map_err(bad)?
-                    .code()
-                    .map_or(0, |c| c.get());
+                let code = ErrorBuffer::new_checked(msg.payload()).map_err(bad)?.code().map_or(0, |c| c.get());
                 answers[i] = if code == 0 { Answer::Ok } else { Answer::Refused(-code) };
                 if asked(i) {
                     waiting -= 1;

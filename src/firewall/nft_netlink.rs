@@ -77,10 +77,7 @@ fn concat(addr: IpAddr, proto: Proto, port: u16) -> Vec<u8> {
 impl Element {
     /// One address, for the hash sets (`doors4`, `doors6host`, `once*`).
     pub(crate) fn single(addr: IpAddr, proto: Proto, port: u16) -> Element {
-        Element {
-            key: concat(addr, proto, port),
-            key_end: None,
-        }
+        Element { key: concat(addr, proto, port), key_end: None }
     }
 
     /// Every address of `net`/`len`, for the interval set `doors6`. `net`
@@ -96,10 +93,7 @@ impl Element {
                 IpAddr::V6(Ipv6Addr::from(u128::from(a) | host))
             }
         };
-        Element {
-            key: concat(net, proto, port),
-            key_end: Some(concat(last, proto, port)),
-        }
+        Element { key: concat(net, proto, port), key_end: Some(concat(last, proto, port)) }
     }
 }
 
@@ -108,11 +102,7 @@ impl Element {
 pub(crate) enum Change<'a> {
     /// `add element` with its own timeout (milliseconds on the wire; never 0,
     /// which would mean none).
-    Add {
-        set: &'a str,
-        elem: &'a Element,
-        timeout: Duration,
-    },
+    Add { set: &'a str, elem: &'a Element, timeout: Duration },
     /// `delete element`; refused (`ENOENT`) if the element is not there.
     Delete { set: &'a str, elem: &'a Element },
 }
@@ -143,10 +133,7 @@ impl Change<'_> {
         }
         attrs.push(SetElementAttribute::Key(DataAttribute::Value(elem.key.clone())));
         if let Some(end) = &elem.key_end {
-            attrs.push(SetElementAttribute::KeyEnd(vec![DefaultNla::new(
-                NFTA_DATA_VALUE,
-                end.clone(),
-            )]));
+            attrs.push(SetElementAttribute::KeyEnd(vec![DefaultNla::new(NFTA_DATA_VALUE, end.clone())]));
         }
         let body = SetElementMessage {
             attributes: vec![
@@ -186,13 +173,11 @@ pub(crate) fn apply(sock: &NfnlSocket, table: &str, changes: &[Change]) -> Resul
     let Some(first) = changes.first() else {
         return Ok(());
     };
-    let answers = sock
-        .exchange(batch(table, changes))
-        .map_err(|source| FirewallError::NetlinkSocket {
-            op: first.op(),
-            set: first.set().to_owned(),
-            source,
-        })?;
+    let answers = sock.exchange(batch(table, changes)).map_err(|source| FirewallError::NetlinkSocket {
+        op: first.op(),
+        set: first.set().to_owned(),
+        source,
+    })?;
     // answers[0] and the last are the batch header and trailer.
     for (i, answer) in answers.iter().enumerate() {
         if let Answer::Refused(errno) = *answer {
@@ -236,10 +221,7 @@ mod tests {
             m.serialize(&mut bytes[at..]);
         }
         // BEGIN: 20 bytes, type NFNL_MSG_BATCH_BEGIN (16), res_id 10 (big-endian).
-        assert_eq!(
-            &bytes[..20],
-            b"\x14\x00\x00\x00\x10\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0a"
-        );
+        assert_eq!(&bytes[..20], b"\x14\x00\x00\x00\x10\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0a");
         let len = u32::from_le_bytes(bytes[20..24].try_into().unwrap()) as usize;
         let msg = &bytes[20..20 + len];
         // END follows, type NFNL_MSG_BATCH_END (17).
@@ -261,11 +243,7 @@ mod tests {
     fn elements_are_what_nft_sends() {
         let host = Element::single("198.18.0.2".parse().unwrap(), Proto::Tcp, 22);
         assert_eq!(host.key, b"\xc6\x12\x00\x02\x06\x00\x00\x00\x00\x16\x00\x00");
-        let add = Change::Add {
-            set: "doors4",
-            elem: &host,
-            timeout: Duration::from_secs(30),
-        };
+        let add = Change::Add { set: "doors4", elem: &host, timeout: Duration::from_secs(30) };
         let (ty, flags, family, table, set, elems) = wire(&add);
         // NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM; REQUEST | ACK | CREATE.
         assert_eq!((ty, flags, family), (0x0a0c, 0x0405, 1));
@@ -273,27 +251,16 @@ mod tests {
         assert_eq!(elems, NFT_DOORS4);
 
         let net = Element::prefix("2001:db8:18::".parse().unwrap(), 64, Proto::Tcp, 22);
-        let add = Change::Add {
-            set: "doors6",
-            elem: &net,
-            timeout: Duration::from_secs(30),
-        };
+        let add = Change::Add { set: "doors6", elem: &net, timeout: Duration::from_secs(30) };
         assert_eq!(wire(&add).5, NFT_DOORS6);
-        let del = Change::Delete {
-            set: "doors6",
-            elem: &net,
-        };
+        let del = Change::Delete { set: "doors6", elem: &net };
         let (ty, flags, ..) = wire(&del);
         // NFT_MSG_DELSETELEM; REQUEST | ACK.
         assert_eq!((ty, flags), (0x0a0e, 0x0005));
         assert_eq!(wire(&del).5, NFT_DEL_DOORS6);
 
         let host6 = Element::single("2001:db8:18::5".parse().unwrap(), Proto::Udp, 53);
-        let add = Change::Add {
-            set: "doors6host",
-            elem: &host6,
-            timeout: Duration::from_secs(2),
-        };
+        let add = Change::Add { set: "doors6host", elem: &host6, timeout: Duration::from_secs(2) };
         assert_eq!(wire(&add).5, NFT_DOORS6HOST);
     }
 
@@ -302,20 +269,13 @@ mod tests {
         let e = Element::prefix("2001:db8:18::".parse().unwrap(), 56, Proto::Udp, 53);
         assert_eq!(
             &e.key_end.as_ref().unwrap()[..16],
-            &"2001:db8:18:ff:ffff:ffff:ffff:ffff"
-                .parse::<std::net::Ipv6Addr>()
-                .unwrap()
-                .octets()
+            &"2001:db8:18:ff:ffff:ffff:ffff:ffff".parse::<std::net::Ipv6Addr>().unwrap().octets()
         );
         let e = Element::prefix("198.18.0.0".parse().unwrap(), 24, Proto::Udp, 53);
         assert_eq!(e.key_end.unwrap(), b"\xc6\x12\x00\xff\x11\x00\x00\x00\x00\x35\x00\x00");
         // A zero timeout would mean "no timeout": the wire never carries it.
         let host = Element::single("198.18.0.2".parse().unwrap(), Proto::Tcp, 22);
-        let add = Change::Add {
-            set: "doors4",
-            elem: &host,
-            timeout: Duration::ZERO,
-        };
+        let add = Change::Add { set: "doors4", elem: &host, timeout: Duration::ZERO };
         assert_eq!(&wire(&add).5[8..16], b"\x00\x00\x00\x00\x00\x00\x00\x01");
     }
 }

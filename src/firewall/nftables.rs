@@ -129,10 +129,7 @@ impl Default for NftablesBackend {
 impl NftablesBackend {
     /// The backend for table `inet nxknock`.
     pub fn new() -> Self {
-        NftablesBackend {
-            table: DEFAULT_TABLE.to_owned(),
-            nl: NfnlSocket::new(),
-        }
+        NftablesBackend { table: DEFAULT_TABLE.to_owned(), nl: NfnlSocket::new() }
     }
 
     /// Our table, as nft names it in commands.
@@ -174,8 +171,7 @@ impl NftablesBackend {
             "ip saddr . meta l4proto . th dport @doors4 accept".to_owned(),
             "ip6 saddr . meta l4proto . th dport @doors6 accept".to_owned(),
             "ip6 saddr . meta l4proto . th dport @doors6host accept".to_owned(),
-            "tcp flags & (fin | syn | rst | ack) != syn meta l4proto . th dport @guarded counter drop"
-                .to_owned(),
+            "tcp flags & (fin | syn | rst | ack) != syn meta l4proto . th dport @guarded counter drop".to_owned(),
             once("ip", "", "once4"),
             once("ip6", "", "once6host"),
             once("ip6", &m64, "once6net"),
@@ -184,14 +180,8 @@ impl NftablesBackend {
             s.push_str(&format!("add rule {t} input {rule}\n"));
         }
         if !services.is_empty() {
-            let elems: Vec<String> = services
-                .iter()
-                .map(|g| format!("{} . {}", g.proto, g.port))
-                .collect();
-            s.push_str(&format!(
-                "add element {t} guarded {{ {} }}\n",
-                elems.join(", ")
-            ));
+            let elems: Vec<String> = services.iter().map(|g| format!("{} . {}", g.proto, g.port)).collect();
+            s.push_str(&format!("add element {t} guarded {{ {} }}\n", elems.join(", ")));
         }
         s
     }
@@ -205,16 +195,11 @@ impl NftablesBackend {
         let (proto, port) = (door.proto, door.port);
         let tail = format!("{proto} . {port}");
         let one = Element::single(addr, proto, port);
-        let slot = |set, key, elem: &Element| Slot {
-            set,
-            key,
-            elem: elem.clone(),
-        };
+        let slot = |set, key, elem: &Element| Slot { set, key, elem: elem.clone() };
         Ok(match addr {
-            IpAddr::V4(a) if len == 32 => (
-                slot("doors4", format!("{a} . {tail}"), &one),
-                Some(slot("once4", format!("{a} . {tail}"), &one)),
-            ),
+            IpAddr::V4(a) if len == 32 => {
+                (slot("doors4", format!("{a} . {tail}"), &one), Some(slot("once4", format!("{a} . {tail}"), &one)))
+            }
             IpAddr::V4(a) => {
                 return Err(FirewallError::Unsupported(format!(
                     "IPv4 prefix {a}/{len}: IPv4 doors are for single addresses"
@@ -225,11 +210,7 @@ impl NftablesBackend {
                 Some(slot("once6host", format!("{a} . {tail}"), &one)),
             ),
             IpAddr::V6(a) => (
-                slot(
-                    "doors6",
-                    format!("{a}/{len} . {tail}"),
-                    &Element::prefix(addr, len, proto, port),
-                ),
+                slot("doors6", format!("{a}/{len} . {tail}"), &Element::prefix(addr, len, proto, port)),
                 (len == 64).then(|| slot("once6net", format!("{a} . {tail}"), &one)),
             ),
         })
@@ -242,14 +223,7 @@ impl NftablesBackend {
     /// door that is already gone is no error, a missing set still is.
     fn removal(slot: &Slot) -> [Change<'_>; 2] {
         let (set, elem) = (slot.set, &slot.elem);
-        [
-            Change::Add {
-                set,
-                elem,
-                timeout: Duration::from_secs(1),
-            },
-            Change::Delete { set, elem },
-        ]
+        [Change::Add { set, elem, timeout: Duration::from_secs(1) }, Change::Delete { set, elem }]
     }
 
     fn script(&self, script: &str) -> Result<(), FirewallError> {
@@ -270,10 +244,7 @@ impl DoorBackend for NftablesBackend {
     /// drops its doors — failing closed.
     fn install_guard(&self, services: &[Guarded]) -> Result<(), FirewallError> {
         let t = self.table_ref();
-        let body = format!(
-            "flush chain {t} input\nflush set {t} guarded\n{}",
-            self.rules(services)
-        );
+        let body = format!("flush chain {t} input\nflush set {t} guarded\n{}", self.rules(services));
         let keep = format!("{}{body}", self.skeleton());
         match self.script(&keep) {
             Ok(()) => {}
@@ -302,11 +273,8 @@ impl DoorBackend for NftablesBackend {
         let (to, other) = by_kind(door, plain, once)?;
         let (set, elem) = (to.set, &to.elem);
         let timeout = door.open_for;
-        let mut changes = vec![
-            Change::Add { set, elem, timeout },
-            Change::Delete { set, elem },
-            Change::Add { set, elem, timeout },
-        ];
+        let mut changes =
+            vec![Change::Add { set, elem, timeout }, Change::Delete { set, elem }, Change::Add { set, elem, timeout }];
         if let Some(other) = &other {
             changes.extend(Self::removal(other));
         }
@@ -320,10 +288,7 @@ impl DoorBackend for NftablesBackend {
     /// transaction.
     fn close(&self, door: &Door) -> Result<(), FirewallError> {
         let (plain, once) = Self::slots(door)?;
-        let changes: Vec<Change> = std::iter::once(&plain)
-            .chain(&once)
-            .flat_map(Self::removal)
-            .collect();
+        let changes: Vec<Change> = std::iter::once(&plain).chain(&once).flat_map(Self::removal).collect();
         nft_netlink::apply(&self.nl, &self.table, &changes)?;
         tracing::debug!(key = %plain.key, "door closed");
         Ok(())
@@ -350,10 +315,7 @@ impl DoorBackend for NftablesBackend {
 /// Extracts the doors from `nft -j list table inet nxknock` output.
 fn parse_list(json: &str) -> Result<Vec<OpenDoor>, String> {
     let root: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let items = root
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or("no top-level \"nftables\" array")?;
+    let items = root.get("nftables").and_then(Value::as_array).ok_or("no top-level \"nftables\" array")?;
     let mut doors = Vec::new();
     for set in items.iter().filter_map(|i| i.get("set")) {
         let name = set.get("name").and_then(Value::as_str).unwrap_or("");
@@ -383,12 +345,7 @@ fn parse_list(json: &str) -> Result<Vec<OpenDoor>, String> {
 /// where `addr` is a string or `{"prefix": {"addr": …, "len": …}}`.
 fn parse_elem(e: &Value) -> Result<OpenDoor, &'static str> {
     let inner = e.get("elem").unwrap_or(e);
-    let parts = inner
-        .get("val")
-        .unwrap_or(inner)
-        .get("concat")
-        .and_then(Value::as_array)
-        .ok_or("no concat value")?;
+    let parts = inner.get("val").unwrap_or(inner).get("concat").and_then(Value::as_array).ok_or("no concat value")?;
     let [addr, proto, port] = parts.as_slice() else {
         return Err("expected address . proto . port");
     };
@@ -398,18 +355,10 @@ fn parse_elem(e: &Value) -> Result<OpenDoor, &'static str> {
             (a, if a.is_ipv4() { 32 } else { 128 })
         }
         other => {
-            let p = other
-                .get("prefix")
-                .ok_or("address is neither string nor prefix")?;
-            let a: IpAddr = p
-                .get("addr")
-                .and_then(Value::as_str)
-                .and_then(|s| s.parse().ok())
-                .ok_or("bad prefix address")?;
-            let len = p
-                .get("len")
-                .and_then(Value::as_u64)
-                .ok_or("bad prefix length")?;
+            let p = other.get("prefix").ok_or("address is neither string nor prefix")?;
+            let a: IpAddr =
+                p.get("addr").and_then(Value::as_str).and_then(|s| s.parse().ok()).ok_or("bad prefix address")?;
+            let len = p.get("len").and_then(Value::as_u64).ok_or("bad prefix length")?;
             (a, u8::try_from(len).map_err(|_| "bad prefix length")?)
         }
     };
@@ -421,10 +370,7 @@ fn parse_elem(e: &Value) -> Result<OpenDoor, &'static str> {
         Value::Number(n) if n.as_u64() == Some(17) => Proto::Udp,
         _ => return Err("protocol is not tcp or udp"),
     };
-    let port = port
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .ok_or("bad port")?;
+    let port = port.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or("bad port")?;
     let expires = inner.get("expires").and_then(Value::as_f64).unwrap_or(0.0);
     Ok(OpenDoor {
         addr,
@@ -506,7 +452,8 @@ mod tests {
     fn rejects_garbage() {
         assert!(parse_list("not json").is_err());
         assert!(parse_list(r#"{"other": []}"#).is_err());
-        let bad = r#"{"nftables": [{"set": {"name": "doors4", "elem": [{"elem": {"val": {"concat": ["x", "tcp", 22]}}}]}}]}"#;
+        let bad =
+            r#"{"nftables": [{"set": {"name": "doors4", "elem": [{"elem": {"val": {"concat": ["x", "tcp", 22]}}}]}}]}"#;
         assert!(parse_list(bad).is_err());
     }
 
@@ -528,23 +475,14 @@ mod tests {
                 .map_err(|e| e.to_string())
         };
         let ok = |to, key: &str, other| Ok((to, key.to_owned(), other));
-        assert_eq!(
-            el(door("198.18.0.2", 32, false)),
-            ok("doors4", "198.18.0.2 . tcp . 22", Some("once4"))
-        );
-        assert_eq!(
-            el(door("198.18.0.2", 32, true)),
-            ok("once4", "198.18.0.2 . tcp . 22", Some("doors4"))
-        );
+        assert_eq!(el(door("198.18.0.2", 32, false)), ok("doors4", "198.18.0.2 . tcp . 22", Some("once4")));
+        assert_eq!(el(door("198.18.0.2", 32, true)), ok("once4", "198.18.0.2 . tcp . 22", Some("doors4")));
         assert_eq!(
             el(door("2001:db8:18::5", 64, false)),
             ok("doors6", "2001:db8:18::/64 . tcp . 22", Some("once6net"))
         );
         // The /64 single-use set is keyed on the bare network address.
-        assert_eq!(
-            el(door("2001:db8:18::5", 64, true)),
-            ok("once6net", "2001:db8:18:: . tcp . 22", Some("doors6"))
-        );
+        assert_eq!(el(door("2001:db8:18::5", 64, true)), ok("once6net", "2001:db8:18:: . tcp . 22", Some("doors6")));
         assert_eq!(
             el(door("2001:db8:18::5", 128, false)),
             ok("doors6host", "2001:db8:18::5 . tcp . 22", Some("once6host"))
@@ -554,16 +492,10 @@ mod tests {
             ok("once6host", "2001:db8:18::5 . tcp . 22", Some("doors6host"))
         );
         // Other prefix lengths: ordinary doors only.
-        assert_eq!(
-            el(door("2001:db8:18::5", 56, false)),
-            ok("doors6", "2001:db8:18::/56 . tcp . 22", None)
-        );
+        assert_eq!(el(door("2001:db8:18::5", 56, false)), ok("doors6", "2001:db8:18::/56 . tcp . 22", None));
         assert!(el(door("2001:db8:18::5", 56, true)).is_err());
         // What a dual-stack socket reports for an IPv4 client.
-        assert_eq!(
-            el(door("::ffff:198.18.0.2", 128, true)),
-            ok("once4", "198.18.0.2 . tcp . 22", Some("doors4"))
-        );
+        assert_eq!(el(door("::ffff:198.18.0.2", 128, true)), ok("once4", "198.18.0.2 . tcp . 22", Some("doors4")));
         assert!(el(door("198.18.0.0", 24, false)).is_err());
         assert!(el(door("2001:db8::", 0, false)).is_err());
         let mut zero = door("198.18.0.2", 32, false);

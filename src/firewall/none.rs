@@ -24,22 +24,13 @@ impl DoorBackend for NoneBackend {
     /// real backend instead of only in production.
     fn open(&self, door: &Door) -> Result<(), FirewallError> {
         let (addr, len) = door.checked()?;
-        tracing::info!(
-            "backend none: would open {addr}/{len} {}/{} for {:?}",
-            door.proto,
-            door.port,
-            door.open_for
-        );
+        tracing::info!("backend none: would open {addr}/{len} {}/{} for {:?}", door.proto, door.port, door.open_for);
         Ok(())
     }
 
     fn close(&self, door: &Door) -> Result<(), FirewallError> {
         let (addr, len) = door.network()?;
-        tracing::info!(
-            "backend none: would close {addr}/{len} {}/{}",
-            door.proto,
-            door.port
-        );
+        tracing::info!("backend none: would close {addr}/{len} {}/{}", door.proto, door.port);
         Ok(())
     }
 

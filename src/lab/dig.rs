@@ -27,12 +27,7 @@ impl Dig {
     }
 
     fn parse(text: String) -> Dig {
-        let status = text
-            .split("status: ")
-            .nth(1)
-            .and_then(|s| s.split(',').next())
-            .unwrap_or("NO-ANSWER")
-            .to_owned();
+        let status = text.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("NO-ANSWER").to_owned();
         let aa = text.lines().any(|l| {
             l.starts_with(";; flags:") && l.split(';').nth(2).is_some_and(|f| f.split_whitespace().any(|w| w == "aa"))
         });

@@ -116,10 +116,7 @@ impl Netns {
     /// clean instead of failing with "File exists".
     pub fn new(name: &str) -> io::Result<Netns> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bad netns name {name:?}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad netns name {name:?}")));
         }
         if Path::new(NETNS_DIR).join(name).exists() {
             tracing::warn!(netns = name, "deleting leftover namespace");
@@ -127,9 +124,7 @@ impl Netns {
         }
         run_checked(Command::new("ip").args(["netns", "add", name]))?;
         // From here on, Drop cleans up if anything fails.
-        let ns = Netns {
-            name: name.to_owned(),
-        };
+        let ns = Netns { name: name.to_owned() };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -148,9 +143,9 @@ impl Netns {
     /// Runs `args[0] args[1..]` inside the namespace and returns its stdout;
     /// a non-zero exit is an error carrying stderr.
     pub fn run(&self, args: &[&str]) -> io::Result<String> {
-        let (program, rest) = args.split_first().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "Netns::run needs a program")
-        })?;
+        let (program, rest) = args
+            .split_first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "Netns::run needs a program"))?;
         let out = run_checked(self.cmd(program).args(rest))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -174,9 +169,8 @@ impl Netns {
     {
         let handle = File::open(Path::new(NETNS_DIR).join(&self.name))?;
         std::thread::scope(|s| {
-            let thread = std::thread::Builder::new()
-                .name(format!("netns-{}", self.name))
-                .spawn_scoped(s, move || {
+            let thread =
+                std::thread::Builder::new().name(format!("netns-{}", self.name)).spawn_scoped(s, move || {
                     // SAFETY: `handle` is an open namespace file, and joining a
                     // network namespace affects only the calling thread, which
                     // is this fresh one and ends with the closure.
@@ -186,9 +180,7 @@ impl Netns {
                     drop(handle);
                     Ok(f())
                 })?;
-            thread
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 
@@ -199,8 +191,7 @@ impl Netns {
         F: FnOnce() -> R + Send,
         R: Send,
     {
-        self.try_enter(f)
-            .unwrap_or_else(|e| panic!("cannot enter network namespace {}: {e}", self.name))
+        self.try_enter(f).unwrap_or_else(|e| panic!("cannot enter network namespace {}: {e}", self.name))
     }
 
     pub fn tcp_listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
@@ -213,12 +204,7 @@ impl Netns {
 
     /// Connects from a chosen local address, for hosts with several (the
     /// IPv6 /64 door tests).
-    pub fn tcp_connect_from(
-        &self,
-        src: IpAddr,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> io::Result<TcpStream> {
+    pub fn tcp_connect_from(&self, src: IpAddr, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         use socket2::{Domain, Protocol, Socket, Type};
         self.try_enter(|| {
             let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -303,14 +289,7 @@ impl Lab {
         let client = attach(&bridge, prefix, "cli", CLIENT_V4, CLIENT_V6)?;
         let attacker = attach(&bridge, prefix, "atk", ATTACKER_V4, ATTACKER_V6)?;
         tracing::debug!(prefix, "lab ready");
-        Ok(Lab {
-            server,
-            client,
-            attacker,
-            extra: Vec::new(),
-            bridge,
-            prefix: prefix.to_owned(),
-        })
+        Ok(Lab { server, client, attacker, extra: Vec::new(), bridge, prefix: prefix.to_owned() })
     }
 
     /// Adds a host `<prefix>-<name>` on the same link with `v4`/24 and
@@ -331,10 +310,7 @@ impl Lab {
     /// A host by its short name (`srv`, `cli`, `atk`, or one added).
     pub fn host(&self, name: &str) -> Option<&Netns> {
         let full = format!("{}-{name}", self.prefix);
-        [&self.server, &self.client, &self.attacker]
-            .into_iter()
-            .chain(&self.extra)
-            .find(|ns| ns.name == full)
+        [&self.server, &self.client, &self.attacker].into_iter().chain(&self.extra).find(|ns| ns.name == full)
     }
 
     /// The namespace holding the bridge (for `tcpdump -i br0`).
@@ -346,17 +322,9 @@ impl Lab {
 /// Creates host namespace `<prefix>-<name>` and plugs it into `br0`: the
 /// veth is made inside the bridge namespace (port named `<name>`) and its
 /// peer, `eth0`, moved straight into the host.
-fn attach(
-    bridge: &Netns,
-    prefix: &str,
-    name: &str,
-    v4: Ipv4Addr,
-    v6: Ipv6Addr,
-) -> io::Result<Netns> {
+fn attach(bridge: &Netns, prefix: &str, name: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> io::Result<Netns> {
     let ns = Netns::new(&format!("{prefix}-{name}"))?;
-    bridge.ip(&[
-        "link", "add", name, "type", "veth", "peer", "name", IFACE, "netns", &ns.name,
-    ])?;
+    bridge.ip(&["link", "add", name, "type", "veth", "peer", "name", IFACE, "netns", &ns.name])?;
     bridge.ip(&["link", "set", name, "master", "br0", "up"])?;
     ns.add_addr(IpAddr::V4(v4), V4_PREFIX_LEN)?;
     ns.add_addr(IpAddr::V6(v6), V6_PREFIX_LEN)?;

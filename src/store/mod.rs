@@ -145,7 +145,14 @@ pub trait Store: Send {
     /// Set `user`'s `form` chain to `new` and `counter` only if its verifier is still
     /// `expected` and the user is not revoked. `Ok(false)` means another writer won
     /// (or the user was revoked); the caller must not open a door.
-    fn advance(&mut self, user: i64, form: Form, expected: &Element, new: &Element, counter: u64) -> Result<bool, StoreError>;
+    fn advance(
+        &mut self,
+        user: i64,
+        form: Form,
+        expected: &Element,
+        new: &Element,
+        counter: u64,
+    ) -> Result<bool, StoreError>;
     /// Enrol a user; returns the user's id (written into the credential).
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError>;
     /// Enrol many users at once, all or none (bulk enrolment: migrations, benchmarks).

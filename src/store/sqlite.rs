@@ -86,18 +86,23 @@ impl SqliteStore {
     fn init(&mut self) -> Result<(), StoreError> {
         let check: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
         if check != "ok" {
-            return Err(StoreError::Invalid { path: self.path.clone(), detail: format!("integrity check failed: {check}") });
+            return Err(StoreError::Invalid {
+                path: self.path.clone(),
+                detail: format!("integrity check failed: {check}"),
+            });
         }
         self.conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| self.err(e))?;
         self.conn.pragma_update(None, "synchronous", "FULL").map_err(|e| self.err(e))?;
         let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| self.err(e))?;
         match version {
             0 => {
-                let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
+                let tx =
+                    self.conn.transaction().map_err(|e| StoreError::Sqlite { path: self.path.clone(), source: e })?;
                 let sq = |source| StoreError::Sqlite { path: self.path.clone(), source };
                 tx.execute_batch(SCHEMA).map_err(sq)?;
                 tx.execute_batch(DOORS).map_err(sq)?;
-                tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]]).map_err(sq)?;
+                tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]])
+                    .map_err(sq)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
                 tx.commit().map_err(sq)
             }
@@ -120,7 +125,9 @@ impl SqliteStore {
             Which::Active => ("WHERE revoked = 0", "", 0),
             Which::Id(id) => ("WHERE id = ?1", "WHERE user_id = ?1", id),
         };
-        let sql = format!("SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open FROM users {users_where} ORDER BY name");
+        let sql = format!(
+            "SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open FROM users {users_where} ORDER BY name"
+        );
         let params: &[&dyn rusqlite::ToSql] = if matches!(which, Which::Id(_)) { &[&id] } else { &[] };
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let unset = ChainState { verifier: Element([0; crate::token::ELEMENT_LEN]), counter: 0, updated: 0 };
@@ -152,7 +159,13 @@ impl SqliteStore {
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params, |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
@@ -163,9 +176,11 @@ impl SqliteStore {
                 1 => Form::Bound,
                 f => return Err(self.invalid(format!("user {:?} has a chain of unknown form {f}", user.name))),
             };
-            let verifier = Element::from_slice(&verifier)
-                .ok_or_else(|| self.invalid(format!("user {:?} has a verifier of {} bytes", user.name, verifier.len())))?;
-            *user.chain_mut(form) = ChainState { verifier, counter: counter.max(0) as u64, updated: updated.max(0) as u64 };
+            let verifier = Element::from_slice(&verifier).ok_or_else(|| {
+                self.invalid(format!("user {:?} has a verifier of {} bytes", user.name, verifier.len()))
+            })?;
+            *user.chain_mut(form) =
+                ChainState { verifier, counter: counter.max(0) as u64, updated: updated.max(0) as u64 };
             seen[form.index()] = true;
         }
         let mut out = Vec::with_capacity(order.len());
@@ -199,7 +214,10 @@ fn check_dir(path: &Path, dir: &Path) -> Result<(), StoreError> {
     let unsafe_ = |detail: String| StoreError::Unsafe { path: path.to_owned(), detail };
     let md = std::fs::symlink_metadata(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
     if md.file_type().is_symlink() {
-        return Err(unsafe_(format!("its directory {} is a symlink; point [store] path at the real directory", dir.display())));
+        return Err(unsafe_(format!(
+            "its directory {} is a symlink; point [store] path at the real directory",
+            dir.display()
+        )));
     }
     if !md.is_dir() {
         return Err(unsafe_(format!("{} is not a directory", dir.display())));
@@ -213,7 +231,11 @@ fn check_dir(path: &Path, dir: &Path) -> Result<(), StoreError> {
         )));
     }
     if md.mode() & 0o022 != 0 {
-        return Err(unsafe_(format!("its directory {} is writable by group or others; run `chmod go-w {}`", dir.display(), dir.display())));
+        return Err(unsafe_(format!(
+            "its directory {} is writable by group or others; run `chmod go-w {}`",
+            dir.display(),
+            dir.display()
+        )));
     }
     Ok(())
 }
@@ -232,7 +254,10 @@ fn check_file(path: &Path) -> Result<(), StoreError> {
     }
     let me = euid();
     if md.uid() != me {
-        return Err(unsafe_(format!("belongs to uid {}, not to uid {me} that nxknock runs as; run as that user or `chown` it", md.uid())));
+        return Err(unsafe_(format!(
+            "belongs to uid {}, not to uid {me} that nxknock runs as; run as that user or `chown` it",
+            md.uid()
+        )));
     }
     let mode = md.mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -253,7 +278,8 @@ fn random_zone_key() -> [u8; ZONE_KEY_LEN] {
     k
 }
 
-const ADD_USER: &str = "INSERT INTO users (name, chain_len, mac_key, services, src_nets, max_open, revoked, created, updated)
+const ADD_USER: &str =
+    "INSERT INTO users (name, chain_len, mac_key, services, src_nets, max_open, revoked, created, updated)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?7)";
 const ADD_CHAIN: &str = "INSERT INTO chains (user_id, form, verifier, counter, updated) VALUES (?1, ?2, ?3, 0, ?4)";
 
@@ -301,7 +327,10 @@ impl Store for SqliteStore {
     }
 
     fn revoked_users(&mut self) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT name FROM users WHERE revoked != 0 ORDER BY name").map_err(|e| self.err(e))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name FROM users WHERE revoked != 0 ORDER BY name")
+            .map_err(|e| self.err(e))?;
         let names = stmt.query_map([], |r| r.get(0)).map_err(|e| self.err(e))?.collect::<Result<Vec<String>, _>>();
         names.map_err(|e| self.err(e))
     }
@@ -334,10 +363,18 @@ impl Store for SqliteStore {
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'zone_key'", [], |r| r.get(0))
             .map_err(|e| self.err(e))?;
-        v.try_into().map_err(|v: Vec<u8>| self.invalid(format!("zone_key has {} bytes, expected {ZONE_KEY_LEN}", v.len())))
+        v.try_into()
+            .map_err(|v: Vec<u8>| self.invalid(format!("zone_key has {} bytes, expected {ZONE_KEY_LEN}", v.len())))
     }
 
-    fn advance(&mut self, user: i64, form: Form, expected: &Element, new: &Element, counter: u64) -> Result<bool, StoreError> {
+    fn advance(
+        &mut self,
+        user: i64,
+        form: Form,
+        expected: &Element,
+        new: &Element,
+        counter: u64,
+    ) -> Result<bool, StoreError> {
         let n = self
             .conn
             .prepare_cached(
@@ -355,7 +392,9 @@ impl Store for SqliteStore {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite { path: path.clone(), source };
         let tx = self.conn.transaction().map_err(err)?;
-        let id = insert_user(&tx, e, now()).map_err(|source| if is_constraint(&source) { StoreError::UserExists(e.name.clone()) } else { err(source) })?;
+        let id = insert_user(&tx, e, now()).map_err(|source| {
+            if is_constraint(&source) { StoreError::UserExists(e.name.clone()) } else { err(source) }
+        })?;
         tx.commit().map_err(err)?;
         Ok(id)
     }
@@ -369,7 +408,9 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction().map_err(err)?;
         let now = now();
         for e in users {
-            insert_user(&tx, e, now).map_err(|source| if is_constraint(&source) { StoreError::UserExists(e.name.clone()) } else { err(source) })?;
+            insert_user(&tx, e, now).map_err(|source| {
+                if is_constraint(&source) { StoreError::UserExists(e.name.clone()) } else { err(source) }
+            })?;
         }
         tx.commit().map_err(err)?;
         Ok(users.len())
@@ -384,7 +425,8 @@ impl Store for SqliteStore {
         let changed = match revoked {
             None => return Err(StoreError::NoSuchUser(name.to_owned())),
             Some(0) => {
-                tx.execute("UPDATE users SET revoked = 1, updated = ?2 WHERE name = ?1", params![name, now()]).map_err(err)?;
+                tx.execute("UPDATE users SET revoked = 1, updated = ?2 WHERE name = ?1", params![name, now()])
+                    .map_err(err)?;
                 true
             }
             Some(_) => false,
@@ -400,7 +442,8 @@ impl Store for SqliteStore {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite { path: path.clone(), source };
         let tx = self.conn.transaction().map_err(err)?;
-        let id: Option<i64> = tx.query_row("SELECT id FROM users WHERE name = ?1", [&e.name], |r| r.get(0)).optional().map_err(err)?;
+        let id: Option<i64> =
+            tx.query_row("SELECT id FROM users WHERE name = ?1", [&e.name], |r| r.get(0)).optional().map_err(err)?;
         let Some(id) = id else { return Err(StoreError::NoSuchUser(e.name.clone())) };
         let now = now();
         tx.execute(
@@ -441,19 +484,20 @@ impl Store for SqliteStore {
                 )
                 .map_err(err)?;
             for d in doors {
-                recorded += stmt.execute(params![
-                    d.user,
-                    d.service,
-                    d.addr.to_string(),
-                    d.prefix_len,
-                    d.proto.as_str(),
-                    d.port,
-                    d.via,
-                    d.single_use,
-                    d.opened_at as i64,
-                    d.expires_at as i64
-                ])
-                .map_err(err)?;
+                recorded += stmt
+                    .execute(params![
+                        d.user,
+                        d.service,
+                        d.addr.to_string(),
+                        d.prefix_len,
+                        d.proto.as_str(),
+                        d.port,
+                        d.via,
+                        d.single_use,
+                        d.opened_at as i64,
+                        d.expires_at as i64
+                    ])
+                    .map_err(err)?;
             }
             // Keep the table small: forget doors that expired a day ago.
             tx.execute("DELETE FROM doors WHERE expires_at < ?1", [now() - 86_400]).map_err(err)?;
@@ -587,7 +631,11 @@ mod tests {
         assert!(!s.advance(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1).unwrap());
         assert_eq!(s.list_users().unwrap().len(), 2);
         assert_eq!(s.revoked_users().unwrap(), vec!["bob".to_owned()]);
-        assert_eq!(s.live_doors(t).unwrap(), vec![door("carol")], "the revoked user's door record is closed, carol's stays");
+        assert_eq!(
+            s.live_doors(t).unwrap(),
+            vec![door("carol")],
+            "the revoked user's door record is closed, carol's stays"
+        );
         // Rekey brings bob back with fresh chains, same id.
         assert_eq!(s.rekey(&enrol("bob", 7)).unwrap(), id);
         assert!(s.advance(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1).unwrap());
@@ -666,7 +714,10 @@ mod tests {
         assert_eq!(SqliteStore::upgrade(&path).unwrap(), vec!["dave".to_owned()]);
         let mut s = SqliteStore::open(&path).unwrap();
         let users = s.list_users().unwrap();
-        assert_eq!((users[0].name.as_str(), users[0].revoked, users[0].services.clone()), ("dave", true, vec!["ssh".to_owned()]));
+        assert_eq!(
+            (users[0].name.as_str(), users[0].revoked, users[0].services.clone()),
+            ("dave", true, vec!["ssh".to_owned()])
+        );
         assert!(s.active_users().unwrap().is_empty());
         s.rekey(&enrol("dave", 3)).unwrap();
         assert_eq!(s.active_users().unwrap().len(), 1);

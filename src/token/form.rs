@@ -180,10 +180,7 @@ impl Token {
             PLAIN_LEN | BOUND4_LEN | BOUND6_LEN => {}
             n => return Err(TokenError::Length(n)),
         }
-        if !label
-            .iter()
-            .all(|c| c.is_ascii_alphabetic() || (b'2'..=b'7').contains(c))
-        {
+        if !label.iter().all(|c| c.is_ascii_alphabetic() || (b'2'..=b'7').contains(c)) {
             return Err(TokenError::Alphabet);
         }
         let bytes = BASE32.decode(label).map_err(|_| TokenError::Encoding)?;
@@ -345,7 +342,8 @@ mod tests {
 
     fn bound(addr: IpAddr, time: u32) -> Bound {
         let e = Seed([3; 32]).element(&zone(), Form::Bound, 9);
-        let knock = BoundKnock { element: e, addr: BoundAddr::from_ip(addr), service: service_id("ssh"), time, close: false };
+        let knock =
+            BoundKnock { element: e, addr: BoundAddr::from_ip(addr), service: service_id("ssh"), time, close: false };
         Bound::sign(b"k-user", &zk(), &zone(), knock)
     }
 
@@ -362,11 +360,8 @@ mod tests {
     fn decoding_is_case_insensitive() {
         let t = Token::Bound(bound("198.18.0.2".parse().unwrap(), 1_000));
         let label = t.to_label();
-        let mixed: String = label
-            .chars()
-            .enumerate()
-            .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
-            .collect();
+        let mixed: String =
+            label.chars().enumerate().map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c }).collect();
         assert_eq!(Token::parse(mixed.as_bytes()).unwrap(), t);
     }
 
@@ -383,10 +378,9 @@ mod tests {
             back.check_admission(&zk()).unwrap();
             assert_eq!(back.check_admission(&ZoneKey::new(b"another-zone-key", &zone())), Err(TokenError::Admission));
         }
-        let Token::Bound(v6) = Token::parse(
-            Token::Bound(bound("2001:db8:18::2".parse().unwrap(), 5)).to_label().as_bytes(),
-        )
-        .unwrap() else {
+        let Token::Bound(v6) =
+            Token::parse(Token::Bound(bound("2001:db8:18::2".parse().unwrap(), 5)).to_label().as_bytes()).unwrap()
+        else {
             panic!()
         };
         assert_eq!(v6.addr.to_prefix(), ("2001:db8:18::".parse().unwrap(), 64));
@@ -458,7 +452,13 @@ mod tests {
         for i in 0..20_000usize {
             let len = i % 64;
             let label: Vec<u8> = (0..len)
-                .map(|_| if i % 3 == 0 { rand::random::<u8>() } else { alphabet[rand::random::<u8>() as usize % alphabet.len()] })
+                .map(|_| {
+                    if i % 3 == 0 {
+                        rand::random::<u8>()
+                    } else {
+                        alphabet[rand::random::<u8>() as usize % alphabet.len()]
+                    }
+                })
                 .collect();
             if let Ok(Token::Bound(b)) = Token::parse(&label) {
                 bound_ok += 1;

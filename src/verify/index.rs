@@ -135,7 +135,10 @@ impl Index {
     }
 
     fn grow(&mut self) {
-        let old = std::mem::replace(&mut self.buckets, vec![VACANT; ((self.len.max(8) * 2) as f64 * SLACK / 1.4).ceil() as usize]);
+        let old = std::mem::replace(
+            &mut self.buckets,
+            vec![VACANT; ((self.len.max(8) * 2) as f64 * SLACK / 1.4).ceil() as usize],
+        );
         self.len = 0;
         for b in old.into_iter().filter(|b| b.val != EMPTY) {
             let i = self.slot(&Element(b.key)).expect_err("keys are unique");

@@ -56,7 +56,9 @@ pub enum Reject {
     /// The user's last accepted element, again, after the grace period.
     Replay,
     BadMac,
-    TooOld { delta: i64 },
+    TooOld {
+        delta: i64,
+    },
     /// The chain is used up; the user must be re-keyed.
     Exhausted,
     /// `plain = "off"`.
@@ -68,7 +70,9 @@ pub enum Reject {
     /// The address to admit is not a door: too wide, mapped or reserved.
     DoorSize(DoorSizeError),
     /// Valid knock, but the user may not open for this address.
-    OutsideFrom { door: Prefix },
+    OutsideFrom {
+        door: Prefix,
+    },
     /// Valid knock, but no service the user may open matches the request.
     NoService,
     /// The chain moved under us (another writer, a revocation): nothing spent here.
@@ -105,7 +109,9 @@ impl fmt::Display for Reject {
         match self {
             Reject::Unknown => f.write_str("matches no chain (random, spent, revoked or foreign)"),
             Reject::LookAlike => f.write_str("bound label without this zone's admission tag"),
-            Reject::WrongForm => f.write_str("element of the user's other chain (a bound element sent as plain, or the reverse)"),
+            Reject::WrongForm => {
+                f.write_str("element of the user's other chain (a bound element sent as plain, or the reverse)")
+            }
             Reject::Replay => f.write_str("the user's last accepted element, replayed after the grace period"),
             Reject::BadMac => f.write_str("bound knock whose MAC does not verify"),
             Reject::TooOld { delta } => write!(f, "bound knock made {delta} s away from now, beyond max_age_seconds"),
@@ -325,7 +331,15 @@ impl Verifier {
 
     /// The walk found `chain`'s verifier `found`, `k` steps ahead: check
     /// everything, then spend.
-    fn decide(&mut self, knock: &Knock, chain: ChainRef, found: Element, k: u64, now_unix: u64, now: Instant) -> Decision {
+    fn decide(
+        &mut self,
+        knock: &Knock,
+        chain: ChainRef,
+        found: Element,
+        k: u64,
+        now_unix: u64,
+        now: Instant,
+    ) -> Decision {
         let form = knock.token.form();
         let element = *knock.token.element();
         if chain.form != form {
@@ -466,7 +480,14 @@ impl Verifier {
     }
 
     /// Commit `element` as the chain's new verifier, then update the index.
-    fn spend(&mut self, chain: ChainRef, old: &Element, element: Element, counter: u64, now: Instant) -> Result<(), Reject> {
+    fn spend(
+        &mut self,
+        chain: ChainRef,
+        old: &Element,
+        element: Element,
+        counter: u64,
+        now: Instant,
+    ) -> Result<(), Reject> {
         match self.store.advance(chain.user, chain.form, old, &element, counter) {
             Ok(true) => {}
             Ok(false) => {
@@ -592,7 +613,12 @@ port = 443
         let d = f.v.verify(&knock(t.clone()));
         assert_eq!(
             d,
-            Decision::Open { user: "alice".into(), door: p("198.18.0.2/32"), services: vec!["ssh".into(), "web".into()], max_open: None }
+            Decision::Open {
+                user: "alice".into(),
+                door: p("198.18.0.2/32"),
+                services: vec!["ssh".into(), "web".into()],
+                max_open: None
+            }
         );
         // Within grace: a silent repeat. After grace: a replay.
         assert_eq!(f.v.verify(&knock(t.clone())), Decision::Repeat);
@@ -641,7 +667,12 @@ port = 443
         let t = f.bound(N - 1, "2001:db8:18::77", service_id("web"));
         assert_eq!(
             f.v.verify(&knock(t)),
-            Decision::Open { user: "alice".into(), door: p("2001:db8:18::/64"), services: vec!["web".into()], max_open: None }
+            Decision::Open {
+                user: "alice".into(),
+                door: p("2001:db8:18::/64"),
+                services: vec!["web".into()],
+                max_open: None
+            }
         );
     }
 
@@ -668,7 +699,13 @@ port = 443
         assert_eq!(why(f.v.verify(&knock_from(Token::Plain(element), "198.18.0.3"))), Reject::WrongForm);
         // And a plain element never opens as a bound one.
         let plain_el = f.seed.element(&f.zone, Form::Plain, N - 1);
-        let knock_b = BoundKnock { element: plain_el, addr: BoundAddr::from_ip("198.18.0.3".parse().unwrap()), service: 0, time: unix_now() as u32, close: false };
+        let knock_b = BoundKnock {
+            element: plain_el,
+            addr: BoundAddr::from_ip("198.18.0.3".parse().unwrap()),
+            service: 0,
+            time: unix_now() as u32,
+            close: false,
+        };
         let forged = Token::Bound(Bound::sign(b"key", &f.zone_key, &f.zone, knock_b));
         assert_eq!(why(f.v.verify(&knock(forged))), Reject::Unknown);
         assert!(matches!(f.v.verify(&knock(f.plain(N - 1))), Decision::Open { .. }), "plain chain untouched");
@@ -679,7 +716,13 @@ port = 443
         let mut f = fixture(vec![], vec![]);
         let outsider = ZoneKey::new(b"not-the-zone-key", &f.zone);
         let element = f.seed.element(&f.zone, Form::Bound, N - 1);
-        let kb = BoundKnock { element, addr: BoundAddr::from_ip("198.18.0.3".parse().unwrap()), service: 0, time: unix_now() as u32, close: false };
+        let kb = BoundKnock {
+            element,
+            addr: BoundAddr::from_ip("198.18.0.3".parse().unwrap()),
+            service: 0,
+            time: unix_now() as u32,
+            close: false,
+        };
         let look_alike = Token::Bound(Bound::sign(b"key", &outsider, &f.zone, kb));
         assert_eq!(why(f.v.verify(&knock(look_alike))), Reject::LookAlike);
         let forged = f.bound_with(b"not-the-key", N - 1, "198.18.0.3", 0, unix_now() as u32, false);
@@ -724,17 +767,32 @@ port = 443
         assert_eq!(why(f.v.verify(&with_ecs("198.18.0.4", None))), Reject::NoEcs);
         assert_eq!(why(f.v.verify(&with_ecs("198.18.0.3", Some(("198.18.0.3", 32))))), Reject::EcsUntrusted);
         for (ecs, len) in [("2000::", 3), ("0.0.0.0", 0), ("198.51.100.0", 24), ("2001:db8::", 55), ("::", 0)] {
-            assert!(matches!(why(f.v.verify(&with_ecs("198.18.0.4", Some((ecs, len))))), Reject::DoorSize(_)), "{ecs}/{len}");
+            assert!(
+                matches!(why(f.v.verify(&with_ecs("198.18.0.4", Some((ecs, len))))), Reject::DoorSize(_)),
+                "{ecs}/{len}"
+            );
         }
         for (ecs, len) in [("::ffff:198.18.0.3", 128), ("::ffff:0.0.0.0", 96)] {
-            assert_eq!(why(f.v.verify(&with_ecs("198.18.0.4", Some((ecs, len))))), Reject::DoorSize(DoorSizeError::Reserved), "{ecs}/{len}");
+            assert_eq!(
+                why(f.v.verify(&with_ecs("198.18.0.4", Some((ecs, len))))),
+                Reject::DoorSize(DoorSizeError::Reserved),
+                "{ecs}/{len}"
+            );
         }
         // A /56 is a whole site: wider than a door.
-        assert_eq!(why(f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1200::", 56))))), Reject::DoorSize(DoorSizeError::V6TooWide));
+        assert_eq!(
+            why(f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1200::", 56))))),
+            Reject::DoorSize(DoorSizeError::V6TooWide)
+        );
         // Refusals spent nothing: the same element opens as the trusted resolver's ECS says.
         assert_eq!(
             f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1234::", 64)))),
-            Decision::Open { user: "alice".into(), door: p("2001:db8:77:1234::/64"), services: vec!["ssh".into(), "web".into()], max_open: None }
+            Decision::Open {
+                user: "alice".into(),
+                door: p("2001:db8:77:1234::/64"),
+                services: vec!["ssh".into(), "web".into()],
+                max_open: None
+            }
         );
         let t2 = f.plain(N - 2);
         let mut k = knock_from(t2, "198.18.0.4");
@@ -765,6 +823,9 @@ port = 443
     fn close_knock_is_a_bound_knock_that_closes() {
         let mut f = fixture(vec![], vec![]);
         let t = f.bound_with(b"key", N - 1, "198.18.0.2", service_id("ssh"), unix_now() as u32, true);
-        assert_eq!(f.v.verify(&knock(t)), Decision::Close { user: "alice".into(), door: p("198.18.0.2/32"), services: vec!["ssh".into()] });
+        assert_eq!(
+            f.v.verify(&knock(t)),
+            Decision::Close { user: "alice".into(), door: p("198.18.0.2/32"), services: vec!["ssh".into()] }
+        );
     }
 }
