@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
@@ -116,7 +116,7 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddr> {
 pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str>) -> anyhow::Result<Vec<String>> {
     let mut cred = Credential::load(credential)?;
     let elements = cred.take(credential, Form::Bound, count)?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as u32;
+    let now = crate::clock::unix_now() as u32;
     let sid = service.map(service_id).unwrap_or(0);
     let (key, zone_key, zone) = (cred.mac_key(), cred.zone_key(), cred.zone_id());
     Ok(elements
@@ -132,7 +132,7 @@ pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str
 pub fn bound_name(credential: &Path, ip: IpAddr, service: Option<&str>, close: bool) -> anyhow::Result<String> {
     let mut cred = Credential::load(credential)?;
     let element = cred.take(credential, Form::Bound, 1)?.remove(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as u32;
+    let now = crate::clock::unix_now() as u32;
     let sid = service.map(service_id).unwrap_or(0);
     let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip), service: sid, time: now, close };
     let b = Bound::sign(&cred.mac_key(), &cred.zone_key(), &cred.zone_id(), knock);

@@ -57,6 +57,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         .name("verify".into())
         .spawn(move || verify_loop(verifier, doors, rx, deep))
         .context("spawn verifier thread")?;
+    // The whole-file integrity check reads every page: it runs beside serving, so a
+    // large database starts fast; a damaged one stops the daemon (the guard stays).
+    let db = cfg.store.path.clone();
+    std::thread::Builder::new()
+        .name("integrity".into())
+        .spawn(move || match SqliteStore::open(&db).and_then(|s| s.check_integrity()) {
+            Ok(()) => tracing::debug!(path = %db.display(), "database integrity check passed"),
+            Err(error) => {
+                tracing::error!(%error, "database failed its integrity check; stopping (the guard stays in place)");
+                std::process::exit(3);
+            }
+        })
+        .context("spawn integrity thread")?;
 
     // One single-threaded runtime per core, each serving its own SO_REUSEPORT
     // UDP sockets through the fast path (batched knocks, the rest via hickory): a

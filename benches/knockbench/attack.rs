@@ -30,7 +30,6 @@ impl Bench {
         let sniffer = Sniffer::open(self.cli())?;
         let (random, wellformed) = self.query_files()?;
         let lookalikes = self.lookalike_file()?;
-        let _unbound = self.start_unbound()?;
         let mut t = format!(
             "### 4. Under attack\n\n\
              The attacker host floods the server with dnsperf at full rate (`-c 4`, no rate limit, {}s) while the client \
@@ -56,6 +55,8 @@ impl Bench {
             let cfg = self.nx_config("attack", &db)?;
             let cred = self.user_add(&cfg, &format!("legit{}", label.len()))?;
             let mut d = self.start_nxknock(&cfg, "nxknock-attack.log", &[])?;
+            // The resolver needs the zone's nameserver up to start (it checks through it).
+            let _unbound = if via_resolver { Some(self.start_unbound()?) } else { None };
             let mut flood = None;
             if let Some(f) = file {
                 let s = if via_resolver { RESOLVER.to_string() } else { SERVER.to_string() };

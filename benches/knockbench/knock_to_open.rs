@@ -98,6 +98,32 @@ impl Bench {
             rows.push((label.to_string(), v, how.to_string()));
         }
         let (_, nx_hwm) = nx.memory();
+        // The daemon's own view: `latency_us` on each "door opened" line runs from the
+        // knock packet's receipt to the door being in the kernel; `firewall_us` is the
+        // backend's share. Set beside the outside probe, they must tell the same story.
+        let log = nx.log_text();
+        let field = |name: &str| -> Vec<f64> {
+            log.lines()
+                .filter(|l| l.contains("door opened"))
+                .filter_map(|l| l.split(&format!("{name}=")).nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+                .map(|us| us / 1000.0)
+                .collect()
+        };
+        let (inside, fw) = (summarize(&field("latency_us")), summarize(&field("firewall_us")));
+        let probe: Vec<f64> = rows.iter().flat_map(|(_, v, _)| v.iter().filter_map(|t| t.packet_ms)).collect();
+        let probe = summarize(&probe);
+        self.notes.push(format!(
+            "nxknock's own log, the same {n} knocks: `latency_us` (packet received → door in the kernel) p50 {} p99 {}, \
+             of which `firewall_us` (the netlink door) p50 {} p99 {}; the outside probe (packet sent → first connect \
+             that succeeds, all three nxknock methods) p50 {} p99 {}.",
+            fmt_ms(inside.p50),
+            fmt_ms(inside.p99),
+            fmt_ms(fw.p50),
+            fmt_ms(fw.p99),
+            fmt_ms(probe.p50),
+            fmt_ms(probe.p99),
+            n = field("latency_us").len(),
+        ));
         nx.stop();
         drop(unbound);
         self.notes.push(format!(

@@ -138,6 +138,9 @@ pub trait Store: Send {
     /// Call `f(user, form, verifier)` for every chain of every active user (the
     /// verifier index is built from this at start-up and after outside changes).
     fn active_verifiers(&mut self, f: &mut dyn FnMut(i64, Form, Element)) -> Result<(), StoreError>;
+    /// About how many active users and chains there are (an upper bound is fine):
+    /// sizes the index before it is filled.
+    fn count_active(&mut self) -> Result<(usize, usize), StoreError>;
     /// One user by id, revoked or not.
     fn user(&mut self, id: i64) -> Result<Option<UserRecord>, StoreError>;
     /// The zone-wide admission key (created with the database).

@@ -39,6 +39,11 @@ impl ChainRef {
     }
 }
 
+/// A verifier's first eight bytes: already uniformly random.
+fn hash(key: &Element) -> u64 {
+    u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes"))
+}
+
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Bucket {
@@ -65,14 +70,37 @@ impl Index {
         self.len
     }
 
+    /// An index of `entries` (keys unique), placed in the order of their home
+    /// buckets so the build writes the array front to back instead of jumping
+    /// around it (at a million users, about half the time of inserting in scan order).
+    pub fn build(mut entries: Vec<(Element, ChainRef)>) -> Index {
+        let mut idx = Index::with_capacity(entries.len());
+        // The home bucket grows with the hash, so sorting by hash sorts by home. Two
+        // halves sort on two threads, then merge as they are placed.
+        let mid = entries.len() / 2;
+        let (a, b) = entries.split_at_mut(mid);
+        std::thread::scope(|s| {
+            s.spawn(|| a.sort_unstable_by_key(|(k, _)| hash(k)));
+            b.sort_unstable_by_key(|(k, _)| hash(k));
+        });
+        let (mut i, mut j) = (0, mid);
+        while i < mid || j < entries.len() {
+            let take_a = j == entries.len() || (i < mid && hash(&entries[i].0) <= hash(&entries[j].0));
+            let next = if take_a { &mut i } else { &mut j };
+            let (k, c) = entries[*next];
+            *next += 1;
+            idx.insert(k, c);
+        }
+        idx
+    }
+
     /// Bytes of RAM the table holds.
     pub fn bytes(&self) -> usize {
         self.buckets.capacity() * std::mem::size_of::<Bucket>()
     }
 
     fn home(&self, key: &Element) -> usize {
-        let h = u64::from_le_bytes(key.0[..8].try_into().expect("8 bytes"));
-        ((u128::from(h) * self.buckets.len() as u128) >> 64) as usize
+        ((u128::from(hash(key)) * self.buckets.len() as u128) >> 64) as usize
     }
 
     fn slot(&self, key: &Element) -> Result<usize, usize> {
@@ -177,6 +205,17 @@ mod tests {
         }
         assert_eq!(idx.get(&key(99_999)), None);
         assert!(idx.bytes() <= 16 * model.len() * 2, "{} bytes for {} entries", idx.bytes(), model.len());
+    }
+
+    #[test]
+    fn build_places_every_entry() {
+        let entries: Vec<_> =
+            (0..50_000u64).map(|i| (key(i), ChainRef { user: (i + 1) as i64, form: Form::Bound })).collect();
+        let idx = Index::build(entries.clone());
+        assert_eq!(idx.len(), entries.len());
+        for (k, c) in entries {
+            assert_eq!(idx.get(&k), Some(c));
+        }
     }
 
     #[test]

@@ -232,20 +232,17 @@ impl Verifier {
     }
 
     fn reload(&mut self) -> Result<(), StoreError> {
-        let mut pairs = Vec::new();
-        let mut users = HashSet::new();
+        let (_, chains) = self.store.count_active()?;
+        let mut pairs = Vec::with_capacity(chains);
+        let mut users = 0;
         self.store.active_verifiers(&mut |user, form, verifier| {
             if ChainRef::fits(user) {
                 pairs.push((verifier, ChainRef { user, form }));
-                users.insert(user);
+                users += usize::from(form == Form::Plain);
             }
         })?;
-        let mut index = Index::with_capacity(pairs.len());
-        for (v, c) in pairs {
-            index.insert(v, c);
-        }
-        self.index = index;
-        self.users = users.len();
+        self.index = Index::build(pairs);
+        self.users = users;
         let now_revoked: HashSet<String> = self.store.revoked_users()?.into_iter().collect();
         self.revoked.extend(now_revoked.difference(&self.revoked_names).cloned());
         self.revoked_names = now_revoked;
