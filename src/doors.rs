@@ -197,6 +197,8 @@ impl Doors {
         knock: &Knock,
         store: &mut dyn Store,
     ) {
+        // How long the knock took to verify (and commit), for the log.
+        let verified_us = knock.received.elapsed().as_micros() as u64;
         let t = now();
         let live = match store.live_doors(t) {
             Ok(live) => live,
@@ -240,14 +242,15 @@ impl Doors {
             }
         }
         for (svc, d, _) in planned {
-            // latency_us: packet receipt to door in the kernel; firewall_us: the backend's share.
+            // latency_us: packet receipt to door in the kernel; verified_us: to the
+            // verifier's committed decision; firewall_us: the backend's share.
             let asked = std::time::Instant::now();
             match self.backend.open(&d) {
                 Ok(()) => {
                     tracing::info!(
                         %user, %door, service = %svc.name, %via, %from,
                         open_seconds = open_for.as_secs(), single_use = d.single_use,
-                        latency_us = knock.received.elapsed().as_micros() as u64,
+                        latency_us = knock.received.elapsed().as_micros() as u64, verified_us,
                         firewall_us = asked.elapsed().as_micros() as u64, "door opened"
                     );
                     self.hook(svc, "open", user, &d, via);

@@ -110,14 +110,18 @@ impl Bench {
                 .collect()
         };
         let (inside, fw) = (summarize(&field("latency_us")), summarize(&field("firewall_us")));
+        let verified = summarize(&field("verified_us"));
         let probe: Vec<f64> = rows.iter().flat_map(|(_, v, _)| v.iter().filter_map(|t| t.packet_ms)).collect();
         let probe = summarize(&probe);
         self.notes.push(format!(
-            "nxknock's own log, the same {n} knocks: `latency_us` (packet received → door in the kernel) p50 {} p99 {}, \
-             of which `firewall_us` (the netlink door) p50 {} p99 {}; the outside probe (packet sent → first connect \
-             that succeeds, all three nxknock methods) p50 {} p99 {}.",
+            "nxknock's own log, the same {n} knocks: `latency_us` (packet received → door in the kernel) p50 {} p99 {}; \
+             `verified_us` (→ the verifier's committed decision) p50 {} p99 {}; `firewall_us` (the netlink door) \
+             p50 {} p99 {}; the outside probe (packet sent → first connect that succeeds, all three nxknock methods) \
+             p50 {} p99 {}.",
             fmt_ms(inside.p50),
             fmt_ms(inside.p99),
+            fmt_ms(verified.p50),
+            fmt_ms(verified.p99),
             fmt_ms(fw.p50),
             fmt_ms(fw.p99),
             fmt_ms(probe.p50),
