@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::netaddr::Prefix;
 use crate::token::Token;
 
 /// How a knock reached us.
@@ -31,7 +32,7 @@ pub struct Knock {
     /// The source address of the packet (a resolver's, when the knock came through one).
     pub seen_from: IpAddr,
     pub via: Via,
-    /// EDNS Client Subnet the resolver forwarded, if any: (address, source prefix length).
-    pub ecs: Option<(IpAddr, u8)>,
+    /// EDNS Client Subnet the resolver forwarded, if any: a claim, checked by the verifier.
+    pub ecs: Option<Prefix>,
     pub received: Instant,
 }

@@ -32,6 +32,7 @@ use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponseBuilder, ZoneType};
 
 use crate::knock::{Knock, Via};
+use crate::netaddr::Prefix;
 use crate::token::{Token, ZoneId, ZoneKey};
 use crate::whoami::{KeyTable, Nonces};
 
@@ -218,7 +219,7 @@ impl KnockHandler {
 
     /// Decode the label and queue it for verification. Runs after the answer is
     /// sent, on both paths (hickory's and the UDP fast path in [`fast`]).
-    fn enqueue(&self, label: &[u8], seen_from: IpAddr, via: Via, ecs: Option<(IpAddr, u8)>, received: Instant) {
+    fn enqueue(&self, label: &[u8], seen_from: IpAddr, via: Via, ecs: Option<Prefix>, received: Instant) {
         let token = match Token::parse(label) {
             Ok(t) => t,
             Err(_) => {
@@ -297,7 +298,7 @@ impl RequestHandler for KnockHandler {
         if let Some(label) = name.iter().next() {
             let via = if request.protocol() == Protocol::Tcp { Via::DnsTcp } else { Via::DnsUdp };
             let ecs = request.edns.as_ref().and_then(|e| match e.option(EdnsCode::Subnet) {
-                Some(EdnsOption::Subnet(cs)) => Some((cs.addr(), cs.source_prefix())),
+                Some(EdnsOption::Subnet(cs)) => Some(Prefix::new(cs.addr(), cs.source_prefix())),
                 _ => None,
             });
             self.enqueue(label, request.src().ip(), via, ecs, received);

@@ -28,6 +28,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 use super::chain::{ELEMENT_LEN, Element, Form, ZoneId};
+use crate::netaddr::Prefix;
 
 pub const PLAIN_LEN: usize = 20;
 pub const BOUND4_LEN: usize = 56;
@@ -126,14 +127,14 @@ impl BoundAddr {
         }
     }
 
-    /// Network address and prefix length for the door.
-    pub fn to_prefix(self) -> (IpAddr, u8) {
+    /// The network the door admits: the IPv4 host, or the IPv6 /64.
+    pub fn to_prefix(self) -> Prefix {
         match self {
-            BoundAddr::V4(a) => (IpAddr::V4(a), 32),
+            BoundAddr::V4(a) => Prefix::new(IpAddr::V4(a), 32),
             BoundAddr::V6Prefix(p) => {
                 let mut o = [0u8; 16];
                 o[..8].copy_from_slice(&p);
-                (IpAddr::V6(Ipv6Addr::from(o)), 64)
+                Prefix::new(IpAddr::V6(Ipv6Addr::from(o)), 64)
             }
         }
     }
@@ -383,7 +384,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(v6.addr.to_prefix(), ("2001:db8:18::".parse().unwrap(), 64));
+        assert_eq!(v6.addr.to_prefix(), "2001:db8:18::/64".parse().unwrap());
     }
 
     #[test]
