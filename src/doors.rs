@@ -68,6 +68,11 @@ impl Doors {
     /// At start-up: keep (adopt) kernel doors the store recorded and that are still
     /// live; remove every other door found in our own sets. Returns (adopted, removed).
     pub fn reconcile(&self, store: &mut dyn Store) -> Result<(usize, usize), FirewallError> {
+        self.reconcile_logged(store, true)
+    }
+
+    /// [`Doors::reconcile`]; adoptions are logged at info at start-up, at debug later.
+    fn reconcile_logged(&self, store: &mut dyn Store, at_start: bool) -> Result<(usize, usize), FirewallError> {
         let records = match store.live_doors(now()) {
             Ok(r) => r,
             Err(error) => {
@@ -80,7 +85,9 @@ impl Doors {
         for d in self.backend.list()? {
             if records.iter().any(|r| same_door(r, &d)) {
                 adopted += 1;
-                tracing::info!(door = %d.key(), left_s = d.expires_in.as_secs(), "adopted open door");
+                if at_start {
+                    tracing::info!(door = %d.key(), left_s = d.expires_in.as_secs(), "adopted open door");
+                }
                 continue;
             }
             let door = Door {
@@ -93,7 +100,7 @@ impl Doors {
             };
             self.backend.close(&door)?;
             removed += 1;
-            tracing::warn!(door = %d.key(), "removed a door nxknock did not record");
+            tracing::warn!(door = %d.key(), "removed a door no live record accounts for");
         }
         Ok((adopted, removed))
     }
@@ -298,38 +305,15 @@ impl Doors {
     /// user's records in the same transaction, so their doors go at once, even when
     /// both happen between two looks at the store.
     pub fn sync(&self, revoked: &[String], store: &mut dyn Store) {
-        match self.reconcile_quietly(store) {
-            Ok(0) if revoked.is_empty() => {}
-            Ok(removed) => {
+        match self.reconcile_logged(store, false) {
+            Ok((_, 0)) if revoked.is_empty() => {}
+            Ok((_, removed)) => {
                 tracing::info!(revoked = %revoked.join(","), doors_closed = removed, "store changed: doors without a live record closed")
             }
             Err(error) => {
                 tracing::error!(%error, "store changed but doors could not be checked; they expire by themselves")
             }
         }
-    }
-
-    /// Remove kernel doors without a live record; returns how many.
-    fn reconcile_quietly(&self, store: &mut dyn Store) -> Result<usize, FirewallError> {
-        let records = store.live_doors(now()).unwrap_or_default();
-        let mut removed = 0;
-        for d in self.backend.list()? {
-            if records.iter().any(|r| same_door(r, &d)) {
-                continue;
-            }
-            let door = Door {
-                addr: d.addr,
-                prefix_len: d.prefix_len,
-                proto: d.proto,
-                port: d.port,
-                open_for: Duration::from_secs(1),
-                single_use: d.single_use,
-            };
-            self.backend.close(&door)?;
-            removed += 1;
-            tracing::info!(door = %d.key(), "closed a door no live record accounts for");
-        }
-        Ok(removed)
     }
 
     fn hook(&self, svc: &ServiceConfig, event: &'static str, user: &str, door: &Door, via: &str) {

@@ -110,7 +110,7 @@ fn restart_story(prefix: &str, backend: &'static str) {
 
     s.restart();
     assert!(s.daemon.log_text().contains("adopted open door"), "{}", s.daemon.log_text());
-    assert!(s.daemon.log_text().contains("removed a door nxknock did not record"), "{}", s.daemon.log_text());
+    assert!(s.daemon.log_text().contains("removed a door no live record accounts for"), "{}", s.daemon.log_text());
     assert!(try_connect(&s.lab.client, ssh_addr()).is_ok(), "recorded door adopted across the restart");
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "unrecorded door removed at restart");
     let srv = &s.lab.server;
