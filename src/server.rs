@@ -201,7 +201,10 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
             }
         };
         match next {
-            Some(knock) => match verifier.verify_quick(&knock) {
+            Some(knock) => match {
+                tracing::trace!(queued_us = knock.received.elapsed().as_micros() as u64, "knock picked up");
+                verifier.verify_quick(&knock)
+            } {
                 Some(decision) => doors.apply(&knock, &decision, verifier.store_mut()),
                 None => {
                     let (src, form) = (knock.seen_from, knock.token.form());

@@ -416,10 +416,17 @@ fn knocks_spawn_nothing(prefix: &str, backend: &'static str) {
     let lat = open_latencies(&log);
     assert_eq!(lat.len(), KNOCKS, "{log}");
     eprintln!(
-        "{backend}: {KNOCKS} knocks: latency_us {}; firewall_us {}",
+        "{backend}: {KNOCKS} knocks: latency_us {}; verified_us {}; firewall_us {}",
         spread(lat),
+        spread(open_field(&log, "verified_us")),
         spread(open_field(&log, "firewall_us"))
     );
+    let queued: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("knock picked up"))
+        .filter_map(|l| l.split("queued_us=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    eprintln!("{backend}: queued_us (packet received → verifier picks the knock up) {}", spread(queued));
     let (start_up, knocks) = log.split_at(before_knocks);
     assert!(start_up.contains("firewall command"), "the exec module's debug log is not in the daemon log:\n{log}");
     let spawned: Vec<&str> = knocks.lines().filter(|l| l.contains("firewall command")).collect();

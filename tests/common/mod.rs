@@ -133,7 +133,7 @@ impl Setup {
 pub fn start_daemon(ns: &Netns, dir: &Path, config: &Path) -> Daemon {
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
     Serve::new(BIN, config, dir.join(format!("serve-{n}.log")))
-        .log_filter("nxknock=debug,info")
+        .log_filter("nxknock=debug,nxknock::server=trace,info")
         .start(ns)
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
