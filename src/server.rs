@@ -201,21 +201,21 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
             }
         };
         match next {
-            Some(knock) => match {
+            Some(knock) => {
                 tracing::trace!(queued_us = knock.received.elapsed().as_micros() as u64, "knock picked up");
-                verifier.verify_quick(&knock)
-            } {
-                Some(decision) => doors.apply(&knock, &decision, verifier.store_mut()),
-                None => {
-                    let (src, form) = (knock.seen_from, knock.token.form());
-                    if let Err(why) = deep.push(src, form, knock, Instant::now()) {
-                        shed += 1;
-                        if shed.is_power_of_two() {
-                            tracing::debug!(%src, ?why, shed, "knock shed before its deep walk");
+                match verifier.verify_quick(&knock) {
+                    Some(decision) => doors.apply(&knock, &decision, verifier.store_mut()),
+                    None => {
+                        let (src, form) = (knock.seen_from, knock.token.form());
+                        if let Err(why) = deep.push(src, form, knock, Instant::now()) {
+                            shed += 1;
+                            if shed.is_power_of_two() {
+                                tracing::debug!(%src, ?why, shed, "knock shed before its deep walk");
+                            }
                         }
                     }
                 }
-            },
+            }
             None => match deep.pop() {
                 Some(knock) => {
                     let decision = verifier.verify(&knock);
