@@ -247,7 +247,8 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
                 .iter()
                 .map(|f| f.parse::<Prefix>().map_err(|e| anyhow::anyhow!("--from {e}")))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let spec = UserSpec { name: name.clone(), services, from, max_open, chain_len, server };
+            let openable = openable(&cfg, &services);
+            let spec = UserSpec { name: name.clone(), services, from, max_open, chain_len, server, openable };
             let mut store = SqliteStore::open(&cfg.store.path)?;
             let enrol = enrol::add(&mut store, &zone_id(&cfg)?, &spec, &out)?;
             println!(
@@ -292,11 +293,18 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         UserCmd::Rekey { name, out, chain_len, server, config } => {
             let cfg = Config::load(&config.config)?;
             let mut store = SqliteStore::open(&cfg.store.path)?;
-            enrol::rekey(&mut store, &zone_id(&cfg)?, &name, chain_len, server, &out)?;
+            let services =
+                store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.services).unwrap_or_default();
+            enrol::rekey(&mut store, &zone_id(&cfg)?, &name, chain_len, server, openable(&cfg, &services), &out)?;
             println!("rekeyed {name}: {chain_len} knocks; credential written to {} (mode 0600)", out.display());
             Ok(())
         }
     }
+}
+
+/// What a credential records as openable: the user's services, or every configured one.
+fn openable(cfg: &Config, services: &[String]) -> Vec<String> {
+    if services.is_empty() { cfg.services.iter().map(|s| s.name.clone()).collect() } else { services.to_vec() }
 }
 
 fn list_or(v: &[String], empty: &str) -> String {

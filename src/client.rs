@@ -139,8 +139,54 @@ pub fn bound_name(credential: &Path, ip: IpAddr, service: Option<&str>, close: b
     Ok(format!("{}.{}.", Token::Bound(b).to_label(), cred.zone))
 }
 
+/// Why a knock did not reach the knock zone's nameserver. Each has its own exit
+/// status (see [`KnockError::exit_code`]), so scripts can tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum KnockError {
+    #[error("no answer from {server} after {attempts} attempt(s); the knock may not have arrived")]
+    NoAnswer { server: SocketAddr, attempts: u32 },
+    #[error(
+        "{server} answered {rcode}{aa} without the SOA of {zone}: not the knock zone's nameserver \
+         (check --server/--resolver and the zone's delegation)"
+    )]
+    WrongAnswer { server: SocketAddr, rcode: ResponseCode, aa: &'static str, zone: String },
+    #[error("service {0:?} is not one this credential may open (it may open: {1})")]
+    UnknownService(String, String),
+}
+
+impl KnockError {
+    /// 3: no answer; 4: an answer that is not the knock zone's NXDOMAIN (refused,
+    /// wrong zone, broken delegation); 5: a service the credential may not open.
+    /// (1 is any other error; 2 a usage error, as clap reports it.)
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            KnockError::NoAnswer { .. } => 3,
+            KnockError::WrongAnswer { .. } => 4,
+            KnockError::UnknownService(..) => 5,
+        }
+    }
+}
+
+/// Is `resp` the knock zone's NXDOMAIN: the zone's SOA in authority, and the AA bit
+/// when asked directly (a resolver's relayed answer never carries AA)?
+fn zone_answered(resp: &Message, zone: &str, direct: bool) -> bool {
+    let Ok(apex) = Name::from_ascii(format!("{}.", zone.trim_end_matches('.'))) else { return false };
+    resp.metadata.response_code == ResponseCode::NXDomain
+        && (!direct || resp.metadata.authoritative)
+        // hickory compares names without regard to case.
+        && resp.authorities.iter().any(|r| r.record_type() == RecordType::SOA && r.name == apex)
+}
+
 /// Send a bound knock and wait for its (NXDOMAIN) answer, retrying a lost one.
+/// Succeeds only on the knock zone's NXDOMAIN ([`KnockError`] otherwise).
 pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockReport> {
+    if let Some(service) = &req.service {
+        let cred = Credential::load(credential)?;
+        if !cred.services.is_empty() && !cred.services.contains(service) {
+            let may = format!("{}; a service added since needs `nxknock user rekey`", cred.services.join(", "));
+            return Err(KnockError::UnknownService(service.clone(), may).into());
+        }
+    }
     let name = bound_name(credential, req.ip, req.service.as_deref(), req.close)?;
     let (addr, rd) = match req.target {
         Target::Server(a) => (a, false),
@@ -148,8 +194,18 @@ pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockRepor
     };
     let started = Instant::now();
     let mut last_err = None;
+    let zone = name.split_once('.').map(|(_, z)| z.trim_end_matches('.').to_owned()).unwrap_or_default();
     for attempt in 1..=req.attempts.max(1) {
         match exchange(addr, &name, RecordType::A, rd, req.tcp, req.timeout) {
+            Ok(resp) if !zone_answered(&resp, &zone, !rd) => {
+                return Err(KnockError::WrongAnswer {
+                    server: addr,
+                    rcode: resp.metadata.response_code,
+                    aa: if resp.metadata.authoritative { " (authoritative)" } else { "" },
+                    zone,
+                }
+                .into());
+            }
             Ok(resp) => {
                 return Ok(KnockReport {
                     rcode: resp.metadata.response_code,
@@ -162,8 +218,10 @@ pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockRepor
             Err(e) => last_err = Some(e),
         }
     }
-    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
-        .with_context(|| format!("no answer from {addr} after {} attempts", req.attempts.max(1)))
+    if let Some(e) = last_err {
+        tracing::debug!(error = %format!("{e:#}"), "last attempt");
+    }
+    Err(KnockError::NoAnswer { server: addr, attempts: req.attempts.max(1) }.into())
 }
 
 /// Retry a TCP connect to `addr` every few milliseconds until it succeeds or

@@ -36,6 +36,10 @@ pub struct Credential {
     /// Nameserver to knock directly, if the operator filled it in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
+    /// Services this credential may open, as enrolled (the client refuses others
+    /// before knocking); empty when not recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
     /// Length of each of the two chains.
     pub chain_len: u64,
     /// Plain elements handed out so far (names printed by `otp`).
@@ -106,6 +110,7 @@ impl Credential {
             user_id,
             zone: zone.as_str().to_owned(),
             server,
+            services: Vec::new(),
             chain_len,
             used_plain: 0,
             used_bound: 0,

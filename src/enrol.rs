@@ -28,6 +28,8 @@ pub struct UserSpec {
     pub chain_len: u64,
     /// Nameserver to record in the credential for `knock`.
     pub server: Option<String>,
+    /// Service names the credential records as openable (the client refuses others).
+    pub openable: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +107,10 @@ pub fn add(store: &mut dyn Store, zone: &ZoneId, spec: &UserSpec, out: &Path) ->
     }
     let chains = new_chains(spec, zone)?;
     let id = store.add_user(&chains.enrol)?;
-    let written = credential(&chains, id, zone, spec.server.clone(), store).and_then(|c| Ok(c.create(out)?));
+    let written = credential(&chains, id, zone, spec.server.clone(), store).and_then(|mut c| {
+        c.services = spec.openable.clone();
+        Ok(c.create(out)?)
+    });
     if let Err(e) = written {
         // Do not leave a user nobody can knock as, silently.
         let _ = store.revoke(&spec.name);
@@ -126,16 +131,20 @@ pub fn rekey(
     name: &str,
     chain_len: u64,
     server: Option<String>,
+    openable: Vec<String>,
     out: &Path,
 ) -> Result<(), EnrolError> {
     if out.exists() {
         return Err(EnrolError::OutExists(out.to_owned()));
     }
-    let spec = UserSpec { name: name.to_owned(), services: vec![], from: vec![], max_open: None, chain_len, server };
+    let spec =
+        UserSpec { name: name.to_owned(), services: vec![], from: vec![], max_open: None, chain_len, server, openable };
     let chains = new_chains(&spec, zone)?;
     let id = store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.id);
     let id = id.ok_or_else(|| StoreError::NoSuchUser(name.to_owned()))?;
-    credential(&chains, id, zone, spec.server, store)?.create(out)?;
+    let mut cred = credential(&chains, id, zone, spec.server, store)?;
+    cred.services = spec.openable;
+    cred.create(out)?;
     if let Err(e) = store.rekey(&chains.enrol) {
         let _ = std::fs::remove_file(out);
         return Err(e.into());
@@ -149,7 +158,15 @@ mod tests {
     use crate::store::SqliteStore;
 
     fn spec(name: &str) -> UserSpec {
-        UserSpec { name: name.into(), services: vec![], from: vec![], max_open: None, chain_len: 100, server: None }
+        UserSpec {
+            name: name.into(),
+            services: vec![],
+            from: vec![],
+            max_open: None,
+            chain_len: 100,
+            server: None,
+            openable: vec!["ssh".into()],
+        }
     }
 
     #[test]
@@ -168,12 +185,12 @@ mod tests {
             Err(EnrolError::Store(StoreError::BadUserName(_)))
         ));
         let out2 = dir.path().join("alice2.cred");
-        rekey(&mut store, &zone, "alice", 50, None, &out2).unwrap();
+        rekey(&mut store, &zone, "alice", 50, None, vec![], &out2).unwrap();
         assert_eq!(Credential::load(&out2).unwrap().user_id, cred.user_id);
         assert_ne!(store.active_users().unwrap()[0].chains, user.chains);
         let out3 = dir.path().join("nobody.cred");
         assert!(matches!(
-            rekey(&mut store, &zone, "nobody", 50, None, &out3),
+            rekey(&mut store, &zone, "nobody", 50, None, vec![], &out3),
             Err(EnrolError::Store(StoreError::NoSuchUser(_)))
         ));
         assert!(!out3.exists());

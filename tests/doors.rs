@@ -250,8 +250,15 @@ fn policy_refusals_open_nothing() {
 
     // Allowed services: asking for ssh with a web-only user opens nothing; all → web only.
     let webonly = s.add_user("webonly", &["--service", "web"]);
+    // The client refuses to ask for it (exit 5) ...
     let out = s.knock(&s.lab.client, &webonly, &["--ip", CLIENT, "--service", "ssh"]);
-    assert!(out.status.success());
+    assert_eq!(out.status.code(), Some(5), "{}", out_text(&out));
+    // ... and the server refuses a bound name that asks anyway (printed, sent with dig).
+    let out = nx(&["otp", "--credential", webonly.to_str().unwrap(), "--ip", CLIENT, "--service", "ssh"], &[]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let name = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &name]);
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.text);
     assert!(wait_log(&s, "no permitted service"), "{}", s.daemon.log_text());
     assert!(try_connect(&s.lab.client, ssh_addr()).is_err());
     s.dig_knock(&s.lab.client, &webonly);

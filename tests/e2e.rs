@@ -234,3 +234,47 @@ fn a_flood_from_one_source_cannot_crowd_out_another() {
     assert!(verified <= budget, "{verified} garbage knocks verified, budget {budget}");
     assert!(verified >= 50, "the limiter admits the burst ({verified})");
 }
+
+/// `nxknock knock` exits 0 only on the knock zone's NXDOMAIN: 3 when nothing answers,
+/// 4 when the answer is not the knock zone's (here: REFUSED for another zone), 5 for a
+/// service the credential may not open (refused before anything is sent).
+#[test]
+fn knock_exit_codes_say_what_happened() {
+    if !require_root("knock_exit_codes_say_what_happened") {
+        return;
+    }
+    let s = Setup::new("e2eexit", "nftables", 30);
+    let cred = s.add_user("alice", &[]);
+    let code = |o: &std::process::Output| o.status.code();
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let ok = s.knock(&s.lab.client, &cred, &["--ip", CLIENT]);
+    assert_eq!(code(&ok), Some(0), "{}", text(&ok));
+
+    // Nothing listens for DNS on the attacker host.
+    let silent = s
+        .lab
+        .client
+        .cmd(BIN)
+        .args(["knock", "--credential", cred.to_str().unwrap(), "--server", ATTACKER, "--ip", CLIENT])
+        .args(["--attempts", "1"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(code(&silent), Some(3), "{}", text(&silent));
+    assert!(text(&silent).contains("no answer"), "{}", text(&silent));
+
+    let unknown = s.knock(&s.lab.client, &cred, &["--ip", CLIENT, "--service", "nosuch"]);
+    assert_eq!(code(&unknown), Some(5), "{}", text(&unknown));
+    assert!(text(&unknown).contains("nosuch") && text(&unknown).contains("ssh"), "{}", text(&unknown));
+
+    // A credential for another zone: our server refuses names outside its zone.
+    let other = s.dir.join("other.cred");
+    let body =
+        std::fs::read_to_string(&cred).unwrap().replace(&format!("zone = \"{ZONE}\""), "zone = \"other.example\"");
+    std::fs::write(&other, body).unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let wrong = s.knock(&s.lab.client, &other, &["--ip", CLIENT]);
+    assert_eq!(code(&wrong), Some(4), "{}", text(&wrong));
+    assert!(text(&wrong).contains("REFUSED") || text(&wrong).contains("Refused"), "{}", text(&wrong));
+}
