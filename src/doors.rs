@@ -88,6 +88,7 @@ impl Doors {
                 if at_start {
                     tracing::info!(door = %d.key(), left_s = d.expires_in.as_secs(), "adopted open door");
                 }
+                self.trim(&d, &records);
                 continue;
             }
             let door = Door {
@@ -279,15 +280,21 @@ impl Doors {
                 tracing::error!(%user, %error, "could not record the closed door; leaving it to expire");
                 continue;
             }
-            let others = match store.live_doors(now()) {
-                Ok(live) => live.iter().any(|r| r.key() == key),
+            let live = match store.live_doors(now()) {
+                Ok(live) => live,
                 Err(error) => {
                     tracing::error!(%error, "cannot read door records; leaving the door to expire");
                     continue;
                 }
             };
-            if others {
+            if live.iter().any(|r| r.key() == key) {
                 tracing::info!(%user, %door, service = %svc.name, %via, "close knock: the door stays open for another user");
+                // ... but no longer than that user's own door.
+                if let Ok(kernel) = self.backend.list() {
+                    for k in kernel.iter().filter(|k| k.key() == key) {
+                        self.trim(k, &live);
+                    }
+                }
                 continue;
             }
             match self.backend.close(&d) {
@@ -313,6 +320,32 @@ impl Doors {
             Err(error) => {
                 tracing::error!(%error, "store changed but doors could not be checked; they expire by themselves")
             }
+        }
+    }
+
+    /// A kernel door is one element shared by every user who opened it, set to the
+    /// latest of their expiries. When some of those records end early (revoke, close
+    /// knock), the element must not outlive the latest record still live: set its
+    /// timeout again from those records.
+    fn trim(&self, d: &OpenDoor, live: &[DoorRecord]) {
+        let Some(latest) = live.iter().filter(|r| same_door(r, d)).map(|r| r.expires_at).max() else { return };
+        let left = Duration::from_secs(latest.saturating_sub(now()).max(1));
+        if d.expires_in <= left + Duration::from_secs(1) {
+            return;
+        }
+        let door = Door {
+            addr: d.addr,
+            prefix_len: d.prefix_len,
+            proto: d.proto,
+            port: d.port,
+            open_for: left,
+            single_use: d.single_use,
+        };
+        match self.backend.open(&door) {
+            Ok(()) => {
+                tracing::info!(door = %d.key(), left_s = left.as_secs(), "door shortened to its latest live record")
+            }
+            Err(error) => tracing::error!(door = %d.key(), %error, "could not shorten a door; it expires by itself"),
         }
     }
 
@@ -342,4 +375,137 @@ fn same_door(r: &DoorRecord, d: &OpenDoor) -> bool {
 
 fn now() -> u64 {
     crate::clock::unix_now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::{DoorKey, Guarded, OpenDoor};
+    use crate::knock::Via;
+    use crate::store::{Enrolment, SqliteStore};
+    use crate::token::{Element, Token};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// Records the timeout the kernel would hold for each door.
+    #[derive(Default)]
+    struct Fake(Mutex<HashMap<DoorKey, Duration>>);
+    impl DoorBackend for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn install_guard(&self, _: &[Guarded]) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn open(&self, d: &Door) -> Result<(), FirewallError> {
+            self.0.lock().unwrap().insert(d.key(), d.open_for);
+            Ok(())
+        }
+        fn close(&self, d: &Door) -> Result<(), FirewallError> {
+            self.0.lock().unwrap().remove(&d.key());
+            Ok(())
+        }
+        fn list(&self) -> Result<Vec<OpenDoor>, FirewallError> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, t)| OpenDoor {
+                    addr: k.prefix.addr(),
+                    prefix_len: k.prefix.len(),
+                    proto: k.proto,
+                    port: k.port,
+                    expires_in: *t,
+                    single_use: false,
+                })
+                .collect())
+        }
+        fn uninstall(&self) -> Result<(), FirewallError> {
+            Ok(())
+        }
+    }
+
+    fn enrol(name: &str, v: u8, max_open: Option<u64>) -> Enrolment {
+        Enrolment {
+            name: name.into(),
+            verifiers: [Element([v; 12]), Element([v.wrapping_add(100); 12])],
+            chain_len: 100,
+            mac_key: vec![9; 32],
+            services: vec![],
+            from: vec![],
+            max_open,
+        }
+    }
+
+    /// Alice (1 h door) and Bob (max_open 30 s) share a NAT address. Alice is revoked:
+    /// her records close, and the kernel door, kept for Bob's live record, must not
+    /// keep Alice's hour (found by review: it did).
+    #[test]
+    fn a_revoked_users_long_door_is_cut_to_the_shared_records_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.add_user(&enrol("alice", 1, None)).unwrap();
+        store.add_user(&enrol("bob", 2, Some(30))).unwrap();
+        let svc: ServiceConfig = toml::from_str("name = \"ssh\"\nproto = \"tcp\"\nport = 22").unwrap();
+        let fake = Box::new(Fake::default());
+        let doors = Doors::new(fake, vec![svc], Duration::from_secs(3600));
+        let door: Prefix = "198.18.0.9/32".parse().unwrap();
+        let knock = Knock {
+            token: Token::Plain(Element([0; 12])),
+            seen_from: door.addr(),
+            via: Via::DnsUdp,
+            ecs: None,
+            received: Instant::now(),
+        };
+        let open =
+            |user: &str, max_open| Decision::Open { user: user.into(), door, services: vec!["ssh".into()], max_open };
+        doors.apply(&knock, &open("alice", None), &mut store);
+        doors.apply(&knock, &open("bob", Some(30)), &mut store);
+        SqliteStore::open(&path).unwrap().revoke("alice").unwrap();
+        doors.sync(&["alice".to_owned()], &mut store);
+        let live = store.live_doors(now()).unwrap();
+        assert_eq!(live.len(), 1, "only bob's record is live");
+        let latest_live = live[0].expires_at - now();
+        let kernel = doors.backend.list().unwrap()[0].expires_in.as_secs();
+        assert!(
+            kernel <= latest_live + 1,
+            "kernel door {kernel} s, but the latest live record ends in {latest_live} s (alice revoked)"
+        );
+    }
+
+    /// Same with a close knock: Alice closes; Bob's 30 s record keeps the door, for 30 s.
+    #[test]
+    fn a_close_knock_cuts_a_shared_door_to_the_other_users_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        store.add_user(&enrol("alice", 1, None)).unwrap();
+        store.add_user(&enrol("bob", 2, Some(30))).unwrap();
+        let svc: ServiceConfig = toml::from_str("name = \"ssh\"\nproto = \"tcp\"\nport = 22").unwrap();
+        let doors = Doors::new(Box::new(Fake::default()), vec![svc], Duration::from_secs(3600));
+        let door: Prefix = "198.18.0.9/32".parse().unwrap();
+        let knock = Knock {
+            token: Token::Plain(Element([0; 12])),
+            seen_from: door.addr(),
+            via: Via::DnsUdp,
+            ecs: None,
+            received: Instant::now(),
+        };
+        doors.apply(
+            &knock,
+            &Decision::Open { user: "alice".into(), door, services: vec!["ssh".into()], max_open: None },
+            &mut store,
+        );
+        doors.apply(
+            &knock,
+            &Decision::Open { user: "bob".into(), door, services: vec!["ssh".into()], max_open: Some(30) },
+            &mut store,
+        );
+        doors.apply(&knock, &Decision::Close { user: "alice".into(), door, services: vec!["ssh".into()] }, &mut store);
+        let kernel = doors.backend.list().unwrap()[0].expires_in.as_secs();
+        assert!(kernel <= 31, "after alice's close knock the kernel door still has {kernel} s; bob's record has 30 s");
+    }
 }

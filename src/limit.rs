@@ -37,6 +37,8 @@ struct Bucket {
 pub struct SourceLimiter {
     rate: f64,
     burst: f64,
+    /// Account IPv4 sources by /24 and IPv6 by /48 instead of /32 and /64.
+    wide: bool,
     shards: Vec<Mutex<HashMap<IpAddr, Bucket>>>,
 }
 
@@ -46,19 +48,35 @@ impl SourceLimiter {
         SourceLimiter {
             rate: f64::from(rate.max(1)),
             burst: f64::from(burst.max(1)),
+            wide: false,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 
-    /// The network a source is accounted to.
+    /// Account sources by their wider network (IPv4 /24, IPv6 /48).
+    pub fn wide(mut self) -> SourceLimiter {
+        self.wide = true;
+        self
+    }
+
+    /// The network a source is accounted to (a lane of the deep queue).
     fn key(ip: IpAddr) -> IpAddr {
         let ip = ip.to_canonical();
         netaddr::mask(ip, if ip.is_ipv4() { 32 } else { 64 })
     }
 
+    fn key_of(&self, ip: IpAddr) -> IpAddr {
+        let ip = ip.to_canonical();
+        match (self.wide, ip.is_ipv4()) {
+            (false, _) => Self::key(ip),
+            (true, true) => netaddr::mask(ip, 24),
+            (true, false) => netaddr::mask(ip, 48),
+        }
+    }
+
     /// May a knock from `src` be verified now?
     pub fn admit(&self, src: IpAddr, now: Instant) -> bool {
-        let key = Self::key(src);
+        let key = self.key_of(src);
         let shard = match key {
             IpAddr::V4(a) => a.octets()[3] as usize ^ a.octets()[2] as usize,
             IpAddr::V6(a) => a.octets()[7] as usize ^ a.octets()[5] as usize,
@@ -94,6 +112,9 @@ pub struct DeepQueue<T> {
     len: usize,
     /// Per lane: walks per second and burst; `None`: no budget (tests, benchmarks).
     budget: Option<[SourceLimiter; 2]>,
+    /// Per wider network (IPv4 /24, IPv6 /48), four lanes' worth: one holder of many
+    /// addresses cannot fill the queue with one lane per address.
+    wide: Option<SourceLimiter>,
     max_len: usize,
     max_per_lane: usize,
 }
@@ -112,7 +133,8 @@ impl<T> DeepQueue<T> {
     /// most `max_len` knocks waiting, `max_per_lane` of them from one lane.
     pub fn new(rate: u32, max_len: usize, max_per_lane: usize) -> DeepQueue<T> {
         let budget = (rate > 0).then(|| [0, 1].map(|_| SourceLimiter::new(rate, rate.saturating_mul(2))));
-        DeepQueue { lanes: HashMap::new(), turn: VecDeque::new(), len: 0, budget, max_len, max_per_lane }
+        let wide = (rate > 0).then(|| SourceLimiter::new(rate.saturating_mul(4), rate.saturating_mul(8)).wide());
+        DeepQueue { lanes: HashMap::new(), turn: VecDeque::new(), len: 0, budget, wide, max_len, max_per_lane }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -127,6 +149,11 @@ impl<T> DeepQueue<T> {
     pub fn push(&mut self, src: IpAddr, form: Form, item: T, now: Instant) -> Result<(), Shed> {
         if let Some(b) = &self.budget {
             if !b[form.index()].admit(src, now) {
+                return Err(Shed::OverBudget);
+            }
+        }
+        if let Some(w) = &self.wide {
+            if !w.admit(src, now) {
                 return Err(Shed::OverBudget);
             }
         }
@@ -180,7 +207,7 @@ mod tests {
     fn the_deep_queue_serves_lanes_in_turn_within_their_budgets() {
         let t = Instant::now();
         let flood: IpAddr = "198.18.0.4".parse().unwrap();
-        let user: IpAddr = "198.18.0.2".parse().unwrap();
+        let user: IpAddr = "198.51.100.2".parse().unwrap();
         let mut q = DeepQueue::new(10, 1000, 50);
         let shed = (0..100).filter(|i| q.push(flood, Form::Plain, *i, t).is_err()).count();
         assert_eq!(shed, 80, "a burst of 20, then over budget");
@@ -196,6 +223,21 @@ mod tests {
         assert_eq!(small.push(flood, Form::Plain, 3, t), Err(Shed::Full));
         assert!(small.push(user, Form::Plain, 4, t).is_ok());
         assert_eq!(small.push(user, Form::Bound, 5, t), Err(Shed::Full));
+    }
+
+    #[test]
+    fn one_network_cannot_fill_the_deep_queue_through_many_lanes() {
+        let t = Instant::now();
+        let mut q = DeepQueue::new(50, 4096, 256);
+        // One knock from each of 4096 /64s of one /48.
+        let kept = (0..4096u16)
+            .filter(|i| {
+                let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x77, *i, 0, 0, 0, 1));
+                q.push(ip, Form::Plain, 0, t).is_ok()
+            })
+            .count();
+        assert_eq!(kept, 400, "the /48's burst");
+        assert!(q.push("2001:db8:18::2".parse().unwrap(), Form::Plain, 1, t).is_ok(), "a user elsewhere still gets in");
     }
 
     #[test]

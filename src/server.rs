@@ -28,6 +28,10 @@ const VERIFY_QUEUE: usize = 4096;
 /// Knocks waiting for a deep walk, in all and from one lane (see [`DeepQueue`]).
 const DEEP_QUEUE: usize = 4096;
 const DEEP_QUEUE_PER_LANE: usize = 256;
+/// A deep walk at least once every this many cheap checks.
+const DEEP_EVERY: u32 = 64;
+/// Deep-queue knocks older than this are dropped unwalked.
+const DEEP_MAX_WAIT: Duration = Duration::from_secs(10);
 
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
@@ -62,12 +66,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let db = cfg.store.path.clone();
     std::thread::Builder::new()
         .name("integrity".into())
-        .spawn(move || match SqliteStore::open(&db).and_then(|s| s.check_integrity()) {
-            Ok(()) => tracing::debug!(path = %db.display(), "database integrity check passed"),
-            Err(error) => {
-                tracing::error!(%error, "database failed its integrity check; stopping (the guard stays in place)");
+        .spawn(move || match SqliteStore::check_integrity_of(&db) {
+            Ok(None) => tracing::debug!(path = %db.display(), "database integrity check passed"),
+            Ok(Some(problem)) => {
+                tracing::error!(path = %db.display(), %problem, "database is damaged; stopping (the guard stays in place)");
                 std::process::exit(3);
             }
+            // Not a verdict on the file (busy, out of descriptors, …): say so and go on.
+            Err(error) => tracing::warn!(%error, "could not run the database integrity check"),
         })
         .context("spawn integrity thread")?;
 
@@ -186,8 +192,15 @@ const REFRESH_EVERY: Duration = Duration::from_millis(200);
 /// [`REFRESH_EVERY`]) it re-reads the store, so revocations close doors promptly.
 fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut deep: DeepQueue<Knock>) {
     let mut shed = 0u64;
+    let mut since_deep = 0u32;
     loop {
-        let next = if deep.is_empty() {
+        // Deep walks get their turn when no knock waits for its cheap check, and at
+        // least once every DEEP_EVERY knocks, so a flood that keeps the channel busy
+        // cannot starve them.
+        let deep_turn = !deep.is_empty() && since_deep >= DEEP_EVERY;
+        let next = if deep_turn {
+            None
+        } else if deep.is_empty() {
             match rx.recv_timeout(REFRESH_EVERY) {
                 Ok(k) => Some(k),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -202,6 +215,7 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
         };
         match next {
             Some(knock) => {
+                since_deep += 1;
                 tracing::trace!(queued_us = knock.received.elapsed().as_micros() as u64, "knock picked up");
                 match verifier.verify_quick(&knock) {
                     Some(decision) => doors.apply(&knock, &decision, verifier.store_mut()),
@@ -216,17 +230,23 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
                     }
                 }
             }
-            None => match deep.pop() {
-                Some(knock) => {
-                    let decision = verifier.verify(&knock);
-                    doors.apply(&knock, &decision, verifier.store_mut());
-                }
-                None => {
-                    if let Err(error) = verifier.refresh() {
-                        tracing::error!(%error, "cannot re-read the store");
+            None => {
+                since_deep = 0;
+                match deep.pop() {
+                    // A knock that waited this long is stale: a bound one has expired
+                    // anyway, and the user has long since knocked again.
+                    Some(knock) if knock.received.elapsed() > DEEP_MAX_WAIT => shed += 1,
+                    Some(knock) => {
+                        let decision = verifier.verify(&knock);
+                        doors.apply(&knock, &decision, verifier.store_mut());
+                    }
+                    None => {
+                        if let Err(error) = verifier.refresh() {
+                            tracing::error!(%error, "cannot re-read the store");
+                        }
                     }
                 }
-            },
+            }
         }
         if let Some(revoked) = verifier.take_changes() {
             doors.sync(&revoked, verifier.store_mut());

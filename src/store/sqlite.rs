@@ -83,6 +83,24 @@ impl SqliteStore {
         StoreError::Sqlite { path: self.path.clone(), source }
     }
 
+    /// [`SqliteStore::check_integrity`] on a read-only connection of its own:
+    /// `Ok(Some(problem))` if the file is damaged, `Err` if the check could not run.
+    pub fn check_integrity_of(path: &Path) -> Result<Option<String>, StoreError> {
+        let sq = |source| StoreError::Sqlite { path: path.to_owned(), source };
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sq)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(sq)?;
+        match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+            Ok(ok) if ok == "ok" => Ok(None),
+            Ok(problem) => Ok(Some(problem)),
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) =>
+            {
+                Ok(Some(f.to_string()))
+            }
+            Err(e) => Err(sq(e)),
+        }
+    }
+
     /// SQLite's `quick_check` over the whole file: reads every page, so it takes
     /// time in proportion to the database (a third of a second at a million users).
     /// `open` only reads the header and schema (a file that is not a database fails

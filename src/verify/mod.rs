@@ -77,6 +77,8 @@ pub enum Reject {
     NoService,
     /// The chain moved under us (another writer, a revocation): nothing spent here.
     Lost,
+    /// The user's knocks came faster than the verifier serves one user (nothing spent).
+    UserRate,
     /// The store refused or failed; fail closed.
     Store(String),
 }
@@ -99,6 +101,7 @@ impl Reject {
             Reject::OutsideFrom { .. } => "outside-from",
             Reject::NoService => "no-service",
             Reject::Lost => "lost-race",
+            Reject::UserRate => "user-rate",
             Reject::Store(_) => "store",
         }
     }
@@ -123,6 +126,7 @@ impl fmt::Display for Reject {
             Reject::OutsideFrom { door } => write!(f, "{door} is outside the user's --from networks"),
             Reject::NoService => f.write_str("no permitted service matches the request"),
             Reject::Lost => f.write_str("the chain moved meanwhile (another nameserver, or a revocation)"),
+            Reject::UserRate => f.write_str("this user's knocks come faster than the verifier serves one user"),
             Reject::Store(e) => write!(f, "store failed: {e}"),
         }
     }
@@ -139,6 +143,16 @@ struct Target {
     service: u16,
     close: bool,
 }
+
+/// Steps the cheap check walks: the next element, or one after one or two lost
+/// knocks (a client reserves an element before sending it, so a lost knock leaves
+/// a gap that every later knock would otherwise need a deep walk to cross).
+const QUICK_DEPTH: u32 = 3;
+/// How often the knock path asks the store for outside changes, at most.
+const REFRESH_GAP: Duration = Duration::from_millis(20);
+/// Accepted knocks a second one user may have (bursts of [`USER_BURST`]).
+const USER_RATE: f64 = 5.0;
+const USER_BURST: f64 = 20.0;
 
 /// Replays remembered so a replayed element costs no database read twice.
 const STALE_CACHE: usize = 4096;
@@ -169,6 +183,14 @@ pub struct Verifier {
     revoked: Vec<String>,
     /// Another process changed the store since the last [`Verifier::take_changes`].
     changed: bool,
+    /// A reload failed: retry at the next refresh even if nothing changes again.
+    dirty: bool,
+    /// When the store was last asked for outside changes (at most every
+    /// [`REFRESH_GAP`] on the knock path, so a flood does not ask per knock).
+    asked: Option<Instant>,
+    /// Accepted knocks per user: an enrolled user cannot monopolise the verifier
+    /// (and its disk commits) with a stream of their own valid elements.
+    per_user: HashMap<i64, (f64, Instant)>,
     /// Where the DNS listener finds MAC keys to answer whoami, if enabled.
     whoami_keys: Option<Arc<KeyTable>>,
 }
@@ -194,6 +216,9 @@ impl Verifier {
             revoked_names,
             revoked: Vec::new(),
             changed: false,
+            dirty: false,
+            asked: None,
+            per_user: HashMap::new(),
             whoami_keys: None,
         };
         v.reload()?;
@@ -234,13 +259,18 @@ impl Verifier {
     fn reload(&mut self) -> Result<(), StoreError> {
         let (_, chains) = self.store.count_active()?;
         let mut pairs = Vec::with_capacity(chains);
-        let mut users = 0;
+        let (mut users, mut unfit) = (0, 0);
         self.store.active_verifiers(&mut |user, form, verifier| {
             if ChainRef::fits(user) {
                 pairs.push((verifier, ChainRef { user, form }));
                 users += usize::from(form == Form::Plain);
+            } else {
+                unfit += 1;
             }
         })?;
+        if unfit > 0 {
+            tracing::warn!(chains = unfit, "chains of users with ids beyond 2^31 cannot knock; re-add those users");
+        }
         self.index = Index::build(pairs);
         self.users = users;
         let now_revoked: HashSet<String> = self.store.revoked_users()?.into_iter().collect();
@@ -256,11 +286,38 @@ impl Verifier {
     /// nothing changed (no disk I/O in WAL mode); the daemon calls it when idle too,
     /// so a revocation closes doors at once and not at the next knock.
     pub fn refresh(&mut self) -> Result<(), StoreError> {
-        if self.store.changed_elsewhere()? {
+        self.asked = Some(Instant::now());
+        if self.store.changed_elsewhere()? || self.dirty {
             self.changed = true;
+            self.dirty = true;
             self.reload()?;
+            self.dirty = false;
         }
         Ok(())
+    }
+
+    /// [`Verifier::refresh`], at most every [`REFRESH_GAP`]: on the knock path.
+    fn refresh_soon(&mut self, now: Instant) -> Result<(), StoreError> {
+        match self.asked {
+            Some(at) if now.duration_since(at) < REFRESH_GAP && !self.dirty => Ok(()),
+            _ => self.refresh(),
+        }
+    }
+
+    /// May this user have one more accepted knock now? A token bucket per user.
+    fn user_budget(&mut self, user: i64, now: Instant) -> bool {
+        if self.per_user.len() > 65_536 {
+            self.per_user.clear();
+        }
+        let (tokens, last) = self.per_user.entry(user).or_insert((USER_BURST, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * USER_RATE).min(USER_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// `Some(users revoked meanwhile)` if another process changed the store since the
@@ -294,7 +351,7 @@ impl Verifier {
     /// time to spare. A flood of random tokens thus costs one hash each, and a user's
     /// next knock never waits behind it.
     pub fn verify_quick(&mut self, knock: &Knock) -> Option<Decision> {
-        self.verify_depth(knock, unix_now(), Instant::now(), 1)
+        self.verify_depth(knock, unix_now(), Instant::now(), QUICK_DEPTH)
     }
 
     fn verify_at(&mut self, knock: &Knock, now_unix: u64, now: Instant) -> Decision {
@@ -305,7 +362,7 @@ impl Verifier {
     /// Verification with a forward walk of at most `depth` steps; `None` if the walk
     /// found nothing but a longer one (up to `window`) might.
     fn verify_depth(&mut self, knock: &Knock, now_unix: u64, now: Instant, depth: u32) -> Option<Decision> {
-        if let Err(e) = self.refresh() {
+        if let Err(e) = self.refresh_soon(now) {
             return Some(reject(None, Reject::Store(e.to_string())));
         }
         let form = knock.token.form();
@@ -341,6 +398,9 @@ impl Verifier {
         let element = *knock.token.element();
         if chain.form != form {
             return reject(None, Reject::WrongForm);
+        }
+        if !self.user_budget(chain.user, now) {
+            return reject(None, Reject::UserRate);
         }
         let user = match self.load_user(chain.user) {
             Ok(Some(u)) => u,
@@ -561,7 +621,15 @@ port = 443
         fixture_cfg(CFG, from, services)
     }
 
+    fn fixture_n(n: u64) -> Fixture {
+        fixture_cfg_n(CFG, vec![], vec![], n)
+    }
+
     fn fixture_cfg(cfg: &str, from: Vec<String>, services: Vec<String>) -> Fixture {
+        fixture_cfg_n(cfg, from, services, N)
+    }
+
+    fn fixture_cfg_n(cfg: &str, from: Vec<String>, services: Vec<String>, n: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let zone = ZoneId::new("knock.example.com");
@@ -570,8 +638,8 @@ port = 443
         store
             .add_user(&Enrolment {
                 name: "alice".into(),
-                verifiers: [seed.element(&zone, Form::Plain, N), seed.element(&zone, Form::Bound, N)],
-                chain_len: N,
+                verifiers: [seed.element(&zone, Form::Plain, n), seed.element(&zone, Form::Bound, n)],
+                chain_len: n,
                 mac_key: b"key".to_vec(),
                 services,
                 from,
@@ -634,19 +702,34 @@ port = 443
     #[test]
     fn the_quick_check_decides_the_next_element_and_defers_the_rest() {
         let mut f = fixture(vec![], vec![]);
-        // A random plain token and a skipped-ahead one both need the deep walk.
+        // A random plain token and one far ahead both need the deep walk.
         let random = Token::Plain(Element([0x5a; crate::token::ELEMENT_LEN]));
         assert_eq!(f.v.verify_quick(&knock(random.clone())), None);
         assert_eq!(why(f.v.verify(&knock(random))), Reject::Unknown);
-        assert_eq!(f.v.verify_quick(&knock(f.plain(N - 3))), None);
+        assert_eq!(f.v.verify_quick(&knock(f.plain(N - 5))), None);
         // The next element is decided by one hash, for either form.
         assert!(matches!(f.v.verify_quick(&knock(f.plain(N - 1))), Some(Decision::Open { .. })));
         assert!(matches!(f.v.verify_quick(&knock(f.bound(N - 1, "198.18.0.2", 0))), Some(Decision::Open { .. })));
         // Repeats are decided without a walk.
         assert_eq!(f.v.verify_quick(&knock(f.plain(N - 1))), Some(Decision::Repeat));
-        // The deferred knock two ahead now is the next one.
-        assert!(f.v.verify_quick(&knock(f.plain(N - 3))).is_none());
-        assert!(matches!(f.v.verify(&knock(f.plain(N - 3))), Decision::Open { .. }));
+        // Up to two lost knocks are crossed by the cheap check too; more need the walk.
+        assert!(matches!(f.v.verify_quick(&knock(f.plain(N - 4))), Some(Decision::Open { .. })));
+        assert!(f.v.verify_quick(&knock(f.plain(N - 8))).is_none());
+        assert!(matches!(f.v.verify(&knock(f.plain(N - 8))), Decision::Open { .. }));
+    }
+
+    #[test]
+    fn one_user_cannot_monopolise_the_verifier() {
+        let mut f = fixture_n(200);
+        let now = Instant::now();
+        let t = unix_now();
+        let opened = (1..=40)
+            .filter(|j| matches!(f.v.verify_at(&knock(f.plain(200 - j)), t, now), Decision::Open { .. }))
+            .count();
+        assert_eq!(opened, 20, "a burst of 20, then the user waits");
+        // The refused ones spent nothing: a second later the next opens.
+        let later = now + Duration::from_secs(1);
+        assert!(matches!(f.v.verify_at(&knock(f.plain(200 - 21)), t, later), Decision::Open { .. }));
     }
 
     #[test]
