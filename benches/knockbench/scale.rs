@@ -91,7 +91,7 @@ impl Bench {
                 }
             }
             let mut valid_us = Vec::new();
-            for j in 1..=if o.quick { 20 } else { 100 } {
+            for j in 1..=if o.quick { 20u64 } else { 100 } {
                 let who = &probe[(j % 5) as usize];
                 let knock = knock_of(Token::Plain(who.element(&self.zone, Form::Plain, probe_len - j.div_ceil(5))));
                 let t = Instant::now();
