@@ -37,7 +37,7 @@ impl Bench {
             let db = self.dir.join(format!("scale-{n}.db"));
             let t0 = Instant::now();
             let probe_len = 1000u64;
-            // Five probe users take turns: one user's accepted knocks are capped (bursts of 40).
+            // Five probe users take turns: one user's accepted knocks are capped (bursts of 100).
             let probe = self.enrol(
                 &db,
                 &[
