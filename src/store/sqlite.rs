@@ -563,54 +563,6 @@ impl Store for SqliteStore {
     }
 
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError> {
-        self.live_doors_at(now)
-    }
-
-    fn close_door(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError> {
-        self.close_door_of(user, key)
-    }
-}
-
-impl SqliteStore {
-    fn record_doors_tx(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction().map_err(err)?;
-        let mut recorded = 0;
-        {
-            // A revocation may have committed since the knock was verified: its
-            // doors are not recorded, so they are not opened.
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
-                     WHERE EXISTS (SELECT 1 FROM users WHERE name = ?1 AND revoked = 0)",
-                )
-                .map_err(err)?;
-            for d in doors {
-                recorded += stmt
-                    .execute(params![
-                        d.user,
-                        d.service,
-                        d.addr.to_string(),
-                        d.prefix_len,
-                        d.proto.as_str(),
-                        d.port,
-                        d.via,
-                        d.single_use,
-                        d.opened_at as i64,
-                        d.expires_at as i64
-                    ])
-                    .map_err(err)?;
-            }
-            // Keep the table small: forget doors that expired a day ago.
-            tx.execute("DELETE FROM doors WHERE expires_at < ?1", [now() - 86_400]).map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
-        Ok(recorded)
-    }
-
-    fn live_doors_at(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite { path: path.clone(), source };
         let mut stmt = self
@@ -656,7 +608,7 @@ impl SqliteStore {
         Ok(out)
     }
 
-    fn close_door_of(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError> {
+    fn close_door(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError> {
         let (addr, prefix_len, proto, port) = (key.prefix.addr(), key.prefix.len(), key.proto.as_str(), key.port);
         self.conn
             .execute(
@@ -666,6 +618,46 @@ impl SqliteStore {
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+}
+
+impl SqliteStore {
+    fn record_doors_tx(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut recorded = 0;
+        {
+            // A revocation may have committed since the knock was verified: its
+            // doors are not recorded, so they are not opened.
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
+                     WHERE EXISTS (SELECT 1 FROM users WHERE name = ?1 AND revoked = 0)",
+                )
+                .map_err(err)?;
+            for d in doors {
+                recorded += stmt
+                    .execute(params![
+                        d.user,
+                        d.service,
+                        d.addr.to_string(),
+                        d.prefix_len,
+                        d.proto.as_str(),
+                        d.port,
+                        d.via,
+                        d.single_use,
+                        d.opened_at as i64,
+                        d.expires_at as i64
+                    ])
+                    .map_err(err)?;
+            }
+            // Keep the table small: forget doors that expired a day ago.
+            tx.execute("DELETE FROM doors WHERE expires_at < ?1", [now() - 86_400]).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(recorded)
     }
 }
 
