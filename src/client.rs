@@ -129,8 +129,15 @@ pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str
 }
 
 /// Build a bound knock name for the next element (reserving it first).
+/// A service the credential records as not openable is refused before an element is taken.
 pub fn bound_name(credential: &Path, ip: IpAddr, service: Option<&str>, close: bool) -> anyhow::Result<String> {
     let mut cred = Credential::load(credential)?;
+    if let Some(service) = service {
+        if !cred.services.is_empty() && !cred.services.iter().any(|s| s == service) {
+            let may = format!("{}; a service added since needs `nxknock user rekey`", cred.services.join(", "));
+            return Err(KnockError::UnknownService(service.to_owned(), may).into());
+        }
+    }
     let element = cred.take(credential, Form::Bound, 1)?.remove(0);
     let now = crate::clock::unix_now() as u32;
     let sid = service.map(service_id).unwrap_or(0);
@@ -180,13 +187,6 @@ fn zone_answered(resp: &Message, zone: &str, direct: bool) -> bool {
 /// Send a bound knock and wait for its (NXDOMAIN) answer, retrying a lost one.
 /// Succeeds only on the knock zone's NXDOMAIN ([`KnockError`] otherwise).
 pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockReport> {
-    if let Some(service) = &req.service {
-        let cred = Credential::load(credential)?;
-        if !cred.services.is_empty() && !cred.services.contains(service) {
-            let may = format!("{}; a service added since needs `nxknock user rekey`", cred.services.join(", "));
-            return Err(KnockError::UnknownService(service.clone(), may).into());
-        }
-    }
     let name = bound_name(credential, req.ip, req.service.as_deref(), req.close)?;
     let (addr, rd) = match req.target {
         Target::Server(a) => (a, false),
