@@ -439,46 +439,17 @@ mod tests {
         }
     }
 
-    /// Alice (1 h door) and Bob (max_open 30 s) share a NAT address. Alice is revoked:
-    /// her records close, and the kernel door, kept for Bob's live record, must not
-    /// keep Alice's hour (found by review: it did).
-    #[test]
-    fn a_revoked_users_long_door_is_cut_to_the_shared_records_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
-        let mut store = SqliteStore::open(&path).unwrap();
-        store.add_user(&enrol("alice", 1, None)).unwrap();
-        store.add_user(&enrol("bob", 2, Some(30))).unwrap();
-        let svc: ServiceConfig = toml::from_str("name = \"ssh\"\nproto = \"tcp\"\nport = 22").unwrap();
-        let fake = Box::new(Fake::default());
-        let doors = Doors::new(fake, vec![svc], Duration::from_secs(3600));
-        let door: Prefix = "198.18.0.9/32".parse().unwrap();
-        let knock = Knock {
-            token: Token::Plain(Element([0; 12])),
-            seen_from: door.addr(),
-            via: Via::DnsUdp,
-            ecs: None,
-            received: Instant::now(),
-        };
-        let open =
-            |user: &str, max_open| Decision::Open { user: user.into(), door, services: vec!["ssh".into()], max_open };
-        doors.apply(&knock, &open("alice", None), &mut store);
-        doors.apply(&knock, &open("bob", Some(30)), &mut store);
-        SqliteStore::open(&path).unwrap().revoke("alice").unwrap();
-        doors.sync(&["alice".to_owned()], &mut store);
-        let live = store.live_doors(now()).unwrap();
-        assert_eq!(live.len(), 1, "only bob's record is live");
-        let latest_live = live[0].expires_at - now();
-        let kernel = doors.backend.list().unwrap()[0].expires_in.as_secs();
-        assert!(
-            kernel <= latest_live + 1,
-            "kernel door {kernel} s, but the latest live record ends in {latest_live} s (alice revoked)"
-        );
+    /// Alice (1 h door) and Bob (`max_open` 30 s) both open the door of one NAT address.
+    struct Shared {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        store: SqliteStore,
+        doors: Doors,
+        door: Prefix,
+        knock: Knock,
     }
 
-    /// Same with a close knock: Alice closes; Bob's 30 s record keeps the door, for 30 s.
-    #[test]
-    fn a_close_knock_cuts_a_shared_door_to_the_other_users_end() {
+    fn alice_and_bob_share_a_door() -> Shared {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let mut store = SqliteStore::open(&path).unwrap();
@@ -494,16 +465,34 @@ mod tests {
             ecs: None,
             received: Instant::now(),
         };
-        doors.apply(
-            &knock,
-            &Decision::Open { user: "alice".into(), door, services: vec!["ssh".into()], max_open: None },
-            &mut store,
+        for (user, max_open) in [("alice", None), ("bob", Some(30))] {
+            let open = Decision::Open { user: user.into(), door, services: vec!["ssh".into()], max_open };
+            doors.apply(&knock, &open, &mut store);
+        }
+        Shared { _dir: dir, path, store, doors, door, knock }
+    }
+
+    /// Alice is revoked: her records close, and the kernel door, kept for Bob's live
+    /// record, must not keep Alice's hour (found by review: it did).
+    #[test]
+    fn a_revoked_users_long_door_is_cut_to_the_shared_records_end() {
+        let Shared { _dir: _keep, path, mut store, doors, .. } = alice_and_bob_share_a_door();
+        SqliteStore::open(&path).unwrap().revoke("alice").unwrap();
+        doors.sync(&["alice".to_owned()], &mut store);
+        let live = store.live_doors(now()).unwrap();
+        assert_eq!(live.len(), 1, "only bob's record is live");
+        let latest_live = live[0].expires_at - now();
+        let kernel = doors.backend.list().unwrap()[0].expires_in.as_secs();
+        assert!(
+            kernel <= latest_live + 1,
+            "kernel door {kernel} s, but the latest live record ends in {latest_live} s (alice revoked)"
         );
-        doors.apply(
-            &knock,
-            &Decision::Open { user: "bob".into(), door, services: vec!["ssh".into()], max_open: Some(30) },
-            &mut store,
-        );
+    }
+
+    /// Same with a close knock: Alice closes; Bob's 30 s record keeps the door, for 30 s.
+    #[test]
+    fn a_close_knock_cuts_a_shared_door_to_the_other_users_end() {
+        let Shared { _dir: _keep, mut store, doors, door, knock, .. } = alice_and_bob_share_a_door();
         doors.apply(&knock, &Decision::Close { user: "alice".into(), door, services: vec!["ssh".into()] }, &mut store);
         let kernel = doors.backend.list().unwrap()[0].expires_in.as_secs();
         assert!(kernel <= 31, "after alice's close knock the kernel door still has {kernel} s; bob's record has 30 s");
