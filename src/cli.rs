@@ -60,6 +60,13 @@ pub enum Command {
         /// With --ip: the service to open.
         #[arg(long, requires = "ip")]
         service: Option<String>,
+        /// `dns` (names), `udp` (bound labels to send as one datagram each; needs
+        /// --ip), `tcp` or `udp-seq` (port sequences, one per line).
+        #[arg(long, default_value = "dns")]
+        via: String,
+        /// With --via tcp|udp-seq: the server's sequence range LO-HI (default: the credential's).
+        #[arg(long)]
+        port: Option<String>,
     },
     /// Send a knock.
     Knock(KnockArgs),
@@ -70,6 +77,9 @@ pub enum Command {
         /// One JSON array, for scripts.
         #[arg(long)]
         json: bool,
+        /// List the sources the block list holds (bad direct knocks) instead of doors.
+        #[arg(long)]
+        blocked: bool,
     },
     /// Remove nxknock's own firewall table/chain and sets (the daemon must be stopped).
     UninstallFirewall(ConfigArg),
@@ -133,9 +143,15 @@ pub enum UserCmd {
 pub struct KnockArgs {
     #[arg(long)]
     pub credential: PathBuf,
-    /// Knock transport (only dns for now).
+    /// Knock transport: `dns` (a query), `udp` (one datagram to the server's UDP
+    /// knock port; needs --ip), `tcp` or `udp-seq` (a port sequence of SYNs or
+    /// datagrams; opens for the address the server sees).
     #[arg(long, default_value = "dns")]
     pub via: String,
+    /// With --via udp: the server's UDP knock port; with --via tcp|udp-seq: its
+    /// sequence range LO-HI. Default: what the credential records.
+    #[arg(long)]
+    pub port: Option<String>,
     /// Query this nameserver directly (ADDR or ADDR:PORT). With --resolver too, the
     /// knock goes through the resolver and the server is only asked for --ip auto.
     #[arg(long)]
@@ -195,9 +211,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Otp { credential, count, ip, service } => {
+        Command::Otp { credential, count, ip, service, via, port } => {
             if count == 0 || count > 1000 {
                 bail!("--count must be between 1 and 1000");
+            }
+            if let Some(how) = crate::direct::Direct::parse(&via)? {
+                return otp_direct(&credential, count, ip, service.as_deref(), how, port.as_deref());
             }
             let names = match ip {
                 Some(ip) => client::otp_bound(&credential, count, ip, service.as_deref())?,
@@ -209,7 +228,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Knock(k) => knock(k),
-        Command::Doors { config, json } => doors(&Config::load(&config.config)?, json),
+        Command::Doors { config, json, blocked: false } => doors(&Config::load(&config.config)?, json),
+        Command::Doors { config, json, blocked: true } => blocked(&Config::load(&config.config)?, json),
         Command::UninstallFirewall(c) => {
             let cfg = Config::load(&c.config)?;
             let doors = crate::doors::Doors::from_config(&cfg);
@@ -257,7 +277,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
                 list_or(&enrol.from, "anywhere"),
                 out.display()
             );
-            Ok(())
+            record_knock_ports(&cfg, &out)
         }
         UserCmd::List(c) => {
             let cfg = Config::load(&c.config)?;
@@ -297,9 +317,20 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
                 store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.services).unwrap_or_default();
             enrol::rekey(&mut store, &zone_id(&cfg)?, &name, chain_len, server, openable(&cfg, &services), &out)?;
             println!("rekeyed {name}: {chain_len} knocks; credential written to {} (mode 0600)", out.display());
-            Ok(())
+            record_knock_ports(&cfg, &out)
         }
     }
+}
+
+/// The capture listener's ports go into the credential, so `knock --via udp|tcp`
+/// needs no `--port`.
+fn record_knock_ports(cfg: &Config, out: &std::path::Path) -> anyhow::Result<()> {
+    let Some(p) = &cfg.pcap else { return Ok(()) };
+    let mut cred = Credential::load(out)?;
+    cred.udp_port = p.udp_port;
+    cred.sequence_ports = p.sequence_ports.clone();
+    cred.save(out)?;
+    Ok(())
 }
 
 /// What a credential records as openable: the user's services, or every configured one.
@@ -311,9 +342,77 @@ fn list_or(v: &[String], empty: &str) -> String {
     if v.is_empty() { empty.to_owned() } else { v.join(",") }
 }
 
+/// `otp --via udp|tcp|udp-seq`: what to send by hand (payloads or port lists).
+fn otp_direct(
+    credential: &std::path::Path,
+    count: u64,
+    ip: Option<IpAddr>,
+    service: Option<&str>,
+    how: crate::direct::Direct,
+    port: Option<&str>,
+) -> anyhow::Result<()> {
+    use crate::direct::{self, Direct};
+    let cred = Credential::load(credential)?;
+    if how == Direct::Udp {
+        let Some(ip) = ip else { bail!("--via udp prints bound labels: --ip ADDR (the address to admit) is required") };
+        let port = direct::udp_port(&cred, port)?;
+        for name in client::otp_bound(credential, count, ip, service)? {
+            println!("{}", direct::label_of(&name));
+        }
+        eprintln!(
+            "send each line as one datagram: printf %s LABEL > /dev/udp/HOST/{port}  (or: echo LABEL | socat - UDP:HOST:{port})"
+        );
+        return Ok(());
+    }
+    if ip.is_some() {
+        bail!("port sequences open for the address the server sees; --ip does not apply");
+    }
+    let code = direct::sequence_code(&cred, port)?;
+    for _ in 0..count {
+        let ports = direct::next_sequence(credential, &code)?;
+        println!("{}", ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" "));
+    }
+    match how {
+        Direct::TcpSequence => eprintln!(
+            "knock each line in order: for p in LINE; do (exec 3<>/dev/tcp/HOST/$p) 2>/dev/null; done  (or: nc -z -w1 HOST $p)"
+        ),
+        _ => eprintln!("knock each line in order: for p in LINE; do printf '' > /dev/udp/HOST/$p; done"),
+    }
+    Ok(())
+}
+
+/// `knock --via udp|tcp|udp-seq`: straight to the host (the capture listener).
+fn knock_direct(k: &KnockArgs, how: crate::direct::Direct) -> anyhow::Result<()> {
+    use crate::direct::{self, Direct};
+    let cred = Credential::load(&k.credential)?;
+    let server = k.server.as_ref().or(cred.server.as_ref()).context("--server ADDR: the host to knock at")?;
+    let server = client::parse_endpoint(server)?.ip();
+    if how == Direct::Udp {
+        let ip: IpAddr = match k.ip.as_deref() {
+            Some(s) => s.parse().with_context(|| format!("--ip {s:?} is not an IP address"))?,
+            None => bail!("--via udp sends a bound knock: --ip ADDR (the address the door should admit) is required"),
+        };
+        let port = direct::udp_port(&cred, k.port.as_deref())?;
+        let name = client::bound_name(&k.credential, ip, k.service.as_deref(), k.close)?;
+        direct::send_udp(server, port, direct::label_of(&name))?;
+        eprintln!("knocked for {ip}: one datagram to {server} port {port}");
+    } else {
+        if k.close || k.service.is_some() || k.ip.is_some() {
+            bail!(
+                "port sequences carry a plain element: no --close, --service or --ip (use --via udp or dns for those)"
+            );
+        }
+        let code = direct::sequence_code(&cred, k.port.as_deref())?;
+        let ports = direct::next_sequence(&k.credential, &code)?;
+        direct::send_sequence(server, &ports, how)?;
+        eprintln!("knocked: {} packets to {server} ports {}-{}", ports.len(), code.range().0, code.range().1);
+    }
+    after_knock(k)
+}
+
 fn knock(k: KnockArgs) -> anyhow::Result<()> {
-    if k.via != "dns" {
-        bail!("--via {}: only \"dns\" is available in this version", k.via);
+    if let Some(how) = crate::direct::Direct::parse(&k.via)? {
+        return knock_direct(&k, how);
     }
     let cred = Credential::load(&k.credential)?;
     let target = match (&k.server, &k.resolver, &cred.server) {
@@ -350,6 +449,11 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
         report.elapsed.as_secs_f64() * 1000.0,
         report.attempts
     );
+    after_knock(&k)
+}
+
+/// `--wait` and the program to run, after any kind of knock.
+fn after_knock(k: &KnockArgs) -> anyhow::Result<()> {
     if let Some(addr) = k.wait {
         let waited = client::wait_for_door(addr, Duration::from_secs(3))
             .with_context(|| format!("{addr} did not accept a connection within 3 s of the knock"))?;
@@ -374,6 +478,24 @@ fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
     let addr = client::parse_endpoint(server)?;
     client::whoami(addr, cred, Duration::from_millis(1500))
         .with_context(|| format!("--ip auto: no trustworthy whoami answer from {addr}"))
+}
+
+/// The kernel's block list: what the guard drops at the knock ports.
+fn blocked(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let list = crate::doors::Doors::from_config(cfg).blocked()?;
+    if json {
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(|(p, left)| serde_json::json!({ "source": p.to_string(), "seconds_left": left.as_secs() }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<44} {:>7}", "BLOCKED SOURCE", "LEFT(s)");
+    for (p, left) in list {
+        println!("{:<44} {:>7}", p.to_string(), left.as_secs());
+    }
+    Ok(())
 }
 
 fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {

@@ -30,7 +30,66 @@ pub struct Config {
     pub token: TokenConfig,
     #[serde(rename = "service", default)]
     pub services: Vec<ServiceConfig>,
+    /// The capture listener (UDP, port-sequence and passive DNS knocks); absent = no capture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcap: Option<PcapConfig>,
 }
+
+/// `[pcap]`: knocks read off the wire with libpcap (ARCHITECTURE.md, "The capture
+/// listener"). Each knock kind is on when its key is set.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PcapConfig {
+    /// Interfaces to capture on; `any` is every interface.
+    #[serde(default = "default_interfaces")]
+    pub interfaces: Vec<String>,
+    /// Closed UDP port that takes single-datagram bound knocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_port: Option<u16>,
+    /// Closed port range `"LO-HI"` for port-sequence knocks (TCP SYNs or UDP datagrams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence_ports: Option<String>,
+    /// Read knock queries sent to another nameserver on this host (port 53).
+    #[serde(default)]
+    pub passive_dns: bool,
+    /// Bad direct knocks (UDP or sequence) from one source, within a minute, before
+    /// the source is blocked; 0 = never block. DNS knocks never count.
+    #[serde(default = "default_block_after")]
+    pub block_after: u32,
+    /// How long a block lasts (in the kernel, like a door).
+    #[serde(default = "default_block_seconds")]
+    pub block_seconds: u64,
+}
+
+impl Default for PcapConfig {
+    fn default() -> Self {
+        PcapConfig {
+            interfaces: default_interfaces(),
+            udp_port: None,
+            sequence_ports: None,
+            passive_dns: false,
+            block_after: default_block_after(),
+            block_seconds: default_block_seconds(),
+        }
+    }
+}
+
+impl PcapConfig {
+    /// Ports of this host that take direct knocks (inclusive ranges).
+    pub fn knock_ports(&self) -> Vec<(u16, u16)> {
+        let mut ports: Vec<(u16, u16)> = self.udp_port.map(|p| (p, p)).into_iter().collect();
+        ports.extend(self.sequence_code().map(|c| c.range()));
+        ports
+    }
+
+    /// The port-sequence code, if sequences are on (validated at load).
+    pub fn sequence_code(&self) -> Option<crate::token::SequenceCode> {
+        self.sequence_ports.as_deref().and_then(|r| crate::token::SequenceCode::parse(r).ok())
+    }
+}
+
+/// The port passive mode reads DNS queries on.
+pub const PASSIVE_DNS_PORT: u16 = 53;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +232,15 @@ impl ServiceConfig {
     }
 }
 
+fn default_interfaces() -> Vec<String> {
+    vec!["any".to_owned()]
+}
+fn default_block_after() -> u32 {
+    5
+}
+fn default_block_seconds() -> u64 {
+    600
+}
 fn default_tcp_timeout() -> u64 {
     5
 }
@@ -233,8 +301,18 @@ impl Config {
         let bad = |key: &str, expected: String| {
             Err(ConfigError::Invalid { path: path.to_owned(), key: key.to_owned(), expected })
         };
-        if self.dns.listen.is_empty() {
-            return bad("dns.listen", "at least one address such as \"0.0.0.0:53\"".into());
+        if self.dns.listen.is_empty() && self.pcap.is_none() {
+            return bad(
+                "dns.listen",
+                "at least one address such as \"0.0.0.0:53\" (an empty list needs a [pcap] listener)".into(),
+            );
+        }
+        if let Some(p) = &self.pcap {
+            self.validate_pcap(p).map_err(|(key, expected)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: format!("pcap.{key}"),
+                expected,
+            })?;
         }
         if !(1..=86_400).contains(&self.firewall.open_seconds) {
             return bad("firewall.open_seconds", format!("between 1 and 86400, got {}", self.firewall.open_seconds));
@@ -277,6 +355,49 @@ impl Config {
             if !names.insert(s.name.as_str()) {
                 return bad(&format!("service[{i}].name"), format!("a unique name, {:?} appears twice", s.name));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_pcap(&self, p: &PcapConfig) -> Result<(), (&'static str, String)> {
+        if p.udp_port.is_none() && p.sequence_ports.is_none() && !p.passive_dns {
+            return Err(("udp_port", "[pcap] enables no knock: set udp_port, sequence_ports or passive_dns".into()));
+        }
+        if p.interfaces.is_empty() || p.interfaces.iter().any(|i| i.is_empty() || i.len() > 15 || i.contains('/')) {
+            return Err((
+                "interfaces",
+                format!("interface names such as [\"eth0\"] or [\"any\"], got {:?}", p.interfaces),
+            ));
+        }
+        let code = match &p.sequence_ports {
+            Some(r) => Some(crate::token::SequenceCode::parse(r).map_err(|e| ("sequence_ports", e.to_string()))?),
+            None => None,
+        };
+        let in_seq = |port: u16| code.is_some_and(|c| (c.range().0..=c.range().1).contains(&port));
+        if let Some(u) = p.udp_port {
+            if u == 0 || in_seq(u) || (p.passive_dns && u == PASSIVE_DNS_PORT) {
+                return Err(("udp_port", format!("a port of its own (not 0, DNS or in sequence_ports), got {u}")));
+            }
+        }
+        if let Some(s) = self.services.iter().find(|s| in_seq(s.port) || p.udp_port == Some(s.port)) {
+            return Err((
+                "sequence_ports",
+                format!("ports apart from the guarded services; {} uses {}", s.name, s.port),
+            ));
+        }
+        if let Some(l) = self.dns.listen.iter().find(|l| in_seq(l.port()) || p.udp_port == Some(l.port())) {
+            return Err(("sequence_ports", format!("ports apart from dns.listen ({l})")));
+        }
+        if p.passive_dns && self.dns.listen.iter().any(|l| l.port() == PASSIVE_DNS_PORT) {
+            return Err((
+                "passive_dns",
+                "passive mode reads queries for another nameserver on port 53; with nxknock listening there too \
+                 every knock would be seen twice: set [dns] listen = [] (or another port)"
+                    .into(),
+            ));
+        }
+        if !(1..=86_400).contains(&p.block_seconds) {
+            return Err(("block_seconds", format!("between 1 and 86400, got {}", p.block_seconds)));
         }
         Ok(())
     }

@@ -40,6 +40,12 @@ pub struct Credential {
     /// before knocking); empty when not recorded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
+    /// The server's closed UDP port for `knock --via udp` (its `[pcap] udp_port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_port: Option<u16>,
+    /// The server's port range for `knock --via tcp|udp-seq` (its `[pcap] sequence_ports`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence_ports: Option<String>,
     /// Length of each of the two chains.
     pub chain_len: u64,
     /// Plain elements handed out so far (names printed by `otp`).
@@ -111,6 +117,8 @@ impl Credential {
             zone: zone.as_str().to_owned(),
             server,
             services: Vec::new(),
+            udp_port: None,
+            sequence_ports: None,
             chain_len,
             used_plain: 0,
             used_bound: 0,

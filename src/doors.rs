@@ -61,6 +61,17 @@ impl Doors {
         self.backend.install_guard(&Self::guarded(&self.services))
     }
 
+    /// Tell the guard which ports a blocked source may not reach (the capture
+    /// listener's UDP port and sequence range).
+    pub fn set_knock_ports(&self, ports: &[(u16, u16)]) -> Result<(), FirewallError> {
+        self.backend.set_knock_ports(ports)
+    }
+
+    /// Sources the kernel blocks, with their time left (`nxknock doors`).
+    pub fn blocked(&self) -> Result<Vec<(crate::netaddr::Prefix, Duration)>, FirewallError> {
+        self.backend.blocked()
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
     }

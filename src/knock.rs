@@ -14,6 +14,14 @@ use crate::token::Token;
 pub enum Via {
     DnsUdp,
     DnsTcp,
+    /// A DNS query to another nameserver on this host, read from the wire (pcap).
+    DnsPassive,
+    /// One UDP datagram carrying a bound label to the knock port (pcap).
+    Udp,
+    /// A port sequence of TCP SYNs (pcap).
+    TcpSequence,
+    /// A port sequence of UDP datagrams (pcap).
+    UdpSequence,
 }
 
 impl Via {
@@ -21,7 +29,23 @@ impl Via {
         match self {
             Via::DnsUdp => "dns/udp",
             Via::DnsTcp => "dns/tcp",
+            Via::DnsPassive => "dns/passive",
+            Via::Udp => "udp",
+            Via::TcpSequence => "tcp-seq",
+            Via::UdpSequence => "udp-seq",
         }
+    }
+
+    /// Sent straight to this host, so the packet source is the sender's own
+    /// address (or its NAT's): no resolver in between. Only these knocks feed the
+    /// block list; a DNS knock's source may be a resolver that many users share.
+    pub fn is_direct(self) -> bool {
+        matches!(self, Via::Udp | Via::TcpSequence | Via::UdpSequence)
+    }
+
+    /// A port sequence: the bare element of the plain chain, spread over ports.
+    pub fn is_sequence(self) -> bool {
+        matches!(self, Via::TcpSequence | Via::UdpSequence)
     }
 }
 

@@ -13,12 +13,14 @@
 //! [`client`] is the user side (`otp`, `knock`), [`config`] the operator's TOML, and
 //! [`lab`] the network-namespace harness shared by `nxknock demo`, the tests and the benchmark.
 
+pub mod capture;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod demo;
+pub mod direct;
 pub mod dns;
 pub mod doors;
 pub mod enrol;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::capture::block::{Blocklist, KernelBlocks};
 use crate::config::Config;
 use crate::dns::fast::FastPath;
 use crate::dns::{DnsStats, KnockHandler, SharedHandler, Zone};
@@ -19,7 +20,7 @@ use crate::knock::Knock;
 use crate::limit::DeepQueue;
 use crate::store::SqliteStore;
 use crate::token::ZoneId;
-use crate::verify::Verifier;
+use crate::verify::{Decision, Reject, Verifier};
 
 /// Knocks waiting for the cheap check. Beyond this the listener drops knocks (and
 /// counts them) rather than let a flood grow memory without bound; at one hash a
@@ -44,6 +45,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         verifier.publish_keys(whoami_keys.clone())?;
     }
     let doors = Doors::from_config(&cfg);
+    // Capture handles open before anything is installed: a missing interface or
+    // CAP_NET_RAW stops the daemon here with the interface named.
+    let captures = match &cfg.pcap {
+        Some(p) => Some((crate::capture::open(p)?, p.clone())),
+        None => None,
+    };
     let _owner = match cfg.firewall.backend {
         crate::firewall::BackendKind::None => None,
         _ => Some(claim_firewall(doors.backend_name())?),
@@ -51,15 +58,24 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     doors.install_guard().with_context(|| {
         format!("cannot install the {} guard; refusing to serve knocks that could open nothing", doors.backend_name())
     })?;
+    if let Some(p) = &cfg.pcap {
+        doors.set_knock_ports(&p.knock_ports()).context("cannot set the knock ports for the block list")?;
+    }
     let (adopted, removed) = doors.reconcile(verifier.store_mut()).context("reconcile open doors")?;
     tracing::info!(adopted, removed, "doors reconciled");
 
     let (tx, rx) = sync_channel::<Knock>(VERIFY_QUEUE);
     let deep = DeepQueue::new(cfg.dns.knocks_per_source, DEEP_QUEUE, DEEP_QUEUE_PER_LANE);
     let users = verifier.active_users();
+    let blocklist = cfg.pcap.as_ref().map(|p| {
+        let (list, kernel) = Blocklist::new(p.block_after, Duration::from_secs(p.block_seconds));
+        spawn_blocker(kernel, &cfg);
+        Arc::new(list)
+    });
+    let verify_blocks = blocklist.clone();
     std::thread::Builder::new()
         .name("verify".into())
-        .spawn(move || verify_loop(verifier, doors, rx, deep))
+        .spawn(move || verify_loop(verifier, doors, rx, deep, verify_blocks))
         .context("spawn verifier thread")?;
     // The whole-file integrity check reads every page: it runs beside serving, so a
     // large database starts fast; a damaged one stops the daemon (the guard stays).
@@ -95,6 +111,13 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     handler = handler.with_admission(crate::token::ZoneKey::new(&zone_key, &zone_id));
     let handler = Arc::new(handler);
+    let mut capture = None;
+    if let (Some((opened, pcfg)), Some(block)) = (captures, blocklist) {
+        let listener = Arc::new(crate::capture::Listener::new(&pcfg, handler.clone(), block));
+        let threads =
+            crate::capture::spawn(opened, listener.clone(), stop_rx.clone()).context("spawn capture thread")?;
+        capture = Some((listener, threads));
+    }
     let mut udp = sockets.udp.into_iter();
     let main_udp = udp.next().unwrap_or_default();
     let mut workers = Vec::new();
@@ -131,6 +154,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         // TCP stays on hickory.
         let mut server = hickory_server::Server::new(SharedHandler(handler));
+        let has_tcp = !sockets.tcp.is_empty();
         for l in sockets.tcp {
             server.register_listener(tokio::net::TcpListener::from_std(l)?, tcp_timeout, 65_535);
         }
@@ -143,7 +167,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping; the guard stays in place"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping; the guard stays in place"),
-            r = server.block_until_done() => r.context("dns server stopped")?,
+            r = server.block_until_done(), if has_tcp => r.context("dns server stopped")?,
             Some(r) = udp_tasks.join_next() => r.context("dns task")?.context("dns socket failed")?,
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
@@ -159,6 +183,20 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         not_tokens = load(&stats.not_tokens),
         "dns totals"
     );
+    if let Some((listener, threads)) = capture {
+        let s = &listener.stats;
+        tracing::info!(
+            udp_knocks = load(&s.udp_knocks),
+            sequences = load(&s.sequences),
+            passive_knocks = load(&s.passive_knocks),
+            bad = load(&s.bad),
+            ignored_blocked = load(&s.ignored_blocked),
+            "capture totals"
+        );
+        for t in threads {
+            let _ = t.join();
+        }
+    }
     for w in workers {
         let _ = w.join();
     }
@@ -190,7 +228,25 @@ const REFRESH_EVERY: Duration = Duration::from_millis(200);
 /// it cannot decide waits in the fair [`DeepQueue`] for a full walk, done only
 /// when no knock is waiting for its cheap check. Between knocks (and at least every
 /// [`REFRESH_EVERY`]) it re-reads the store, so revocations close doors promptly.
-fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut deep: DeepQueue<Knock>) {
+fn verify_loop(
+    mut verifier: Verifier,
+    doors: Doors,
+    rx: Receiver<Knock>,
+    mut deep: DeepQueue<Knock>,
+    blocklist: Option<Arc<Blocklist>>,
+) {
+    // A refused or shed *direct* knock is a strike against its source (block list).
+    let judge = |knock: &Knock, decision: Option<&Decision>| {
+        let Some(list) = &blocklist else { return };
+        let strike = match decision {
+            None => true,
+            Some(Decision::Reject { why, .. }) => !matches!(why, Reject::Store(_) | Reject::Lost | Reject::UserRate),
+            Some(_) => false,
+        };
+        if strike && knock.via.is_direct() {
+            list.strike(knock.seen_from, Instant::now());
+        }
+    };
     let mut shed = 0u64;
     let mut since_deep = 0u32;
     loop {
@@ -218,10 +274,18 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
                 since_deep += 1;
                 tracing::trace!(queued_us = knock.received.elapsed().as_micros() as u64, "knock picked up");
                 match verifier.verify_quick(&knock) {
-                    Some(decision) => doors.apply(&knock, &decision, verifier.store_mut()),
+                    Some(decision) => {
+                        doors.apply(&knock, &decision, verifier.store_mut());
+                        judge(&knock, Some(&decision));
+                    }
                     None => {
-                        let (src, form) = (knock.seen_from, knock.token.form());
+                        let (src, form, direct) = (knock.seen_from, knock.token.form(), knock.via.is_direct());
                         if let Err(why) = deep.push(src, form, knock, Instant::now()) {
+                            if direct {
+                                if let Some(list) = &blocklist {
+                                    list.strike(src, Instant::now());
+                                }
+                            }
                             shed += 1;
                             if shed.is_power_of_two() {
                                 tracing::debug!(%src, ?why, shed, "knock shed before its deep walk");
@@ -239,6 +303,7 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
                     Some(knock) => {
                         let decision = verifier.verify(&knock);
                         doors.apply(&knock, &decision, verifier.store_mut());
+                        judge(&knock, Some(&decision));
                     }
                     None => {
                         if let Err(error) = verifier.refresh() {
@@ -251,5 +316,21 @@ fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut de
         if let Some(revoked) = verifier.take_changes() {
             doors.sync(&revoked, verifier.store_mut());
         }
+    }
+}
+
+/// Blocks reach the kernel from a thread of their own with its own backend handle,
+/// so neither the capture nor the verify thread ever waits on the firewall for them.
+fn spawn_blocker(kernel: KernelBlocks, cfg: &Config) {
+    let backend = crate::firewall::backend(cfg.firewall.backend);
+    let spawned = std::thread::Builder::new().name("block".into()).spawn(move || {
+        for (source, length) in kernel {
+            if let Err(error) = backend.block(source, length) {
+                tracing::warn!(%source, %error, "cannot add the block to the kernel (nxknock still ignores the source)");
+            }
+        }
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the block thread; blocks stay in nxknock only");
     }
 }

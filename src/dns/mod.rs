@@ -218,31 +218,78 @@ impl KnockHandler {
     }
 
     /// Decode the label and queue it for verification. Runs after the answer is
-    /// sent, on both paths (hickory's and the UDP fast path in [`fast`]).
-    fn enqueue(&self, label: &[u8], seen_from: IpAddr, via: Via, ecs: Option<Prefix>, received: Instant) {
+    /// sent, on both paths (hickory's and the UDP fast path in [`fast`]), and for
+    /// knocks the capture listener read off the wire (`crate::capture`).
+    pub fn enqueue(
+        &self,
+        label: &[u8],
+        seen_from: IpAddr,
+        via: Via,
+        ecs: Option<Prefix>,
+        received: Instant,
+    ) -> Offered {
         let token = match Token::parse(label) {
             Ok(t) => t,
             Err(_) => {
                 self.stats.not_tokens.fetch_add(1, Ordering::Relaxed);
-                return;
+                return Offered::NotToken;
             }
         };
         if let (Token::Bound(b), Some(key)) = (&token, &self.admission) {
             if b.check_admission(key).is_err() {
                 self.stats.lookalikes.fetch_add(1, Ordering::Relaxed);
-                return;
+                return Offered::LookAlike;
             }
         }
-        let knock = Knock { token, seen_from, via, ecs, received };
+        self.queue(Knock { token, seen_from, via, ecs, received })
+    }
+
+    /// Queue a decoded knock for the verifier, or count it dropped when the queue is full.
+    pub fn queue(&self, knock: Knock) -> Offered {
         match self.knocks.try_send(knock) {
             Ok(()) => {
                 self.stats.knocks_queued.fetch_add(1, Ordering::Relaxed);
+                Offered::Queued
             }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.knocks_dropped.fetch_add(1, Ordering::Relaxed);
+                Offered::Dropped
             }
         }
     }
+
+    /// A DNS message read off the wire on its way to another nameserver (passive
+    /// mode): if it is a knock query for this zone, queue it as one, with the same
+    /// rules as a query we answer ourselves. Nothing is ever sent.
+    pub fn passive(&self, message: &[u8], src: IpAddr, received: Instant) -> Option<Offered> {
+        let msg = hickory_proto::op::Message::from_vec(message).ok()?;
+        let [q] = msg.queries.as_slice() else { return None };
+        if msg.metadata.message_type != MessageType::Query || msg.metadata.op_code != OpCode::Query {
+            return None;
+        }
+        let name = LowerName::new(q.name());
+        if !self.zone.is_knock(&name) || q.query_type() == RecordType::AXFR || q.query_type() == RecordType::IXFR {
+            return None;
+        }
+        let ecs = msg.edns.as_ref().and_then(|e| match e.option(EdnsCode::Subnet) {
+            Some(EdnsOption::Subnet(cs)) => Some(Prefix::new(cs.addr(), cs.source_prefix())),
+            _ => None,
+        });
+        let label = q.name().iter().next()?;
+        Some(self.enqueue(label, src, Via::DnsPassive, ecs, received))
+    }
+}
+
+/// What became of a knock offered to the verifier queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offered {
+    Queued,
+    /// The label is no token of any form.
+    NotToken,
+    /// A bound label without the zone's admission tag.
+    LookAlike,
+    /// The verifier queue was full.
+    Dropped,
 }
 
 #[async_trait::async_trait]

@@ -72,6 +72,7 @@ use super::exec;
 use super::ipset_netlink::{self, Command, Entry};
 use super::nfnl::NfnlSocket;
 use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto, by_kind};
+use crate::netaddr::Prefix;
 
 const CHAIN: &str = "NXKNOCK";
 const IPSET: &str = "ipset";
@@ -81,6 +82,11 @@ const ONCE4: &str = "nxknock-once4";
 /// Single-use IPv6 /64s, and nothing else: see the module docs.
 const ONCE6: &str = "nxknock-once6";
 const ONCE6HOST: &str = "nxknock-once6host";
+/// The block list (capture/block.rs) and the ports it closes to blocked sources.
+const BLOCKED4: &str = "nxknock-blocked4";
+const BLOCKED6: &str = "nxknock-blocked6";
+const KNOCKPORTS: &str = "nxknock-knockports";
+const KNOCKPORTS_CREATE: &[&str] = &["bitmap:port", "range", "0-65535"];
 
 /// A set of single-use doors and the chain that consumes its entries.
 struct OnceSet {
@@ -95,6 +101,8 @@ struct Family {
     restore: &'static str,
     set: &'static str,
     create: &'static [&'static str],
+    blocked: &'static str,
+    blocked_create: &'static [&'static str],
     /// In the order their rules are tried.
     once: &'static [OnceSet],
 }
@@ -105,6 +113,8 @@ const FAMILIES: [Family; 2] = [
         restore: "iptables-restore",
         set: SET4,
         create: &["hash:ip,port", "family", "inet", "timeout", "0"],
+        blocked: BLOCKED4,
+        blocked_create: &["hash:ip", "family", "inet", "timeout", "0"],
         once: &[OnceSet {
             set: ONCE4,
             chain: "NXKNOCK-ONCE4",
@@ -116,6 +126,8 @@ const FAMILIES: [Family; 2] = [
         restore: "ip6tables-restore",
         set: SET6,
         create: &["hash:net,port", "family", "inet6", "timeout", "0"],
+        blocked: BLOCKED6,
+        blocked_create: &["hash:net", "family", "inet6", "timeout", "0"],
         once: &[
             OnceSet {
                 set: ONCE6HOST,
@@ -192,6 +204,12 @@ impl IptablesBackend {
         s.push_str(&format!("-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n"));
         s.push_str(&format!("-A {CHAIN} -m conntrack --ctstatus CONFIRMED -j RETURN\n"));
         s.push_str(&format!("-A {CHAIN} -m set --match-set {} src,dst -j RETURN\n", fam.set));
+        for p in ["tcp", "udp"] {
+            s.push_str(&format!(
+                "-A {CHAIN} -p {p} -m set --match-set {} src -m set --match-set {KNOCKPORTS} dst -j DROP\n",
+                fam.blocked
+            ));
+        }
         for once in fam.once {
             for first in ["-p tcp -m tcp --syn", "-p udp"] {
                 s.push_str(&format!(
@@ -226,7 +244,9 @@ impl DoorBackend for IptablesBackend {
     /// stays where it is.
     fn install_guard(&self, services: &[Guarded]) -> Result<(), FirewallError> {
         for fam in &FAMILIES {
-            let sets = std::iter::once((fam.set, fam.create)).chain(fam.once.iter().map(|o| (o.set, o.create)));
+            let sets = [(fam.set, fam.create), (fam.blocked, fam.blocked_create), (KNOCKPORTS, KNOCKPORTS_CREATE)]
+                .into_iter()
+                .chain(fam.once.iter().map(|o| (o.set, o.create)));
             for (set, kind) in sets {
                 let mut create = vec!["create", set];
                 create.extend_from_slice(kind);
@@ -282,6 +302,47 @@ impl DoorBackend for IptablesBackend {
         Ok(doors)
     }
 
+    fn set_knock_ports(&self, ports: &[(u16, u16)]) -> Result<(), FirewallError> {
+        exec::run(IPSET, &["flush", KNOCKPORTS], None)?;
+        for (lo, hi) in ports {
+            exec::run(IPSET, &["add", KNOCKPORTS, &format!("{lo}-{hi}"), "-exist"], None)?;
+        }
+        Ok(())
+    }
+
+    /// Rare (a few per attacker), so through `ipset`; the block thread calls it,
+    /// never the knock path. `-exist` refreshes the timeout of a repeat block.
+    fn block(&self, source: Prefix, length: Duration) -> Result<(), FirewallError> {
+        let (set, entry) = match source.addr() {
+            IpAddr::V4(a) => (BLOCKED4, a.to_string()),
+            IpAddr::V6(_) => (BLOCKED6, source.to_string()),
+        };
+        let secs = ipset_timeout(length).max(1).to_string();
+        exec::run(IPSET, &["add", set, &entry, "timeout", &secs, "-exist"], None).map(drop)
+    }
+
+    fn blocked(&self) -> Result<Vec<(Prefix, Duration)>, FirewallError> {
+        let mut out = Vec::new();
+        for set in [BLOCKED4, BLOCKED6] {
+            let listing = exec::run(IPSET, &["list", set, "-output", "save"], None)?;
+            for line in listing.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let ["add", s, entry, "timeout", secs, ..] = words.as_slice() {
+                    if *s == set {
+                        let bad = |detail: String| FirewallError::Parse { cmd: format!("{IPSET} list {set}"), detail };
+                        let prefix = match entry.parse::<IpAddr>() {
+                            Ok(a) => Prefix::source_door(a),
+                            Err(_) => entry.parse::<Prefix>().map_err(|e| bad(format!("{entry}: {e}")))?,
+                        };
+                        let left = secs.parse::<u64>().map_err(|e| bad(format!("{secs}: {e}")))?;
+                        out.push((prefix, Duration::from_secs(left)));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes every jump to our chain, then our chains (all flushed before
     /// any is deleted, since `NXKNOCK` refers to the single-use chains), then
     /// the sets (a set cannot be destroyed while a rule references it).
@@ -304,12 +365,16 @@ impl DoorBackend for IptablesBackend {
             for c in &chains {
                 exec::run(ipt, &["-w", "-X", c], None)?;
             }
-            let sets = std::iter::once(fam.set).chain(fam.once.iter().map(|o| o.set));
+            let sets = [fam.set, fam.blocked].into_iter().chain(fam.once.iter().map(|o| o.set));
             for set in sets {
                 if exec::succeeds(IPSET, &["list", "-n", set])? {
                     destroy_set(set)?;
                 }
             }
+        }
+        // Shared by both families' rules: only now is nothing left that uses it.
+        if exec::succeeds(IPSET, &["list", "-n", KNOCKPORTS])? {
+            destroy_set(KNOCKPORTS)?;
         }
         tracing::info!(chain = CHAIN, "iptables chain and ipsets removed");
         Ok(())

@@ -226,6 +226,20 @@ pub trait DoorBackend: Send + Sync {
     fn list(&self) -> Result<Vec<OpenDoor>, FirewallError>;
     /// Remove our table/chain and sets entirely (operator is uninstalling).
     fn uninstall(&self) -> Result<(), FirewallError>;
+    /// The knock ports (inclusive ranges) that blocked sources may not reach.
+    /// Called after [`DoorBackend::install_guard`] when the capture listener is on.
+    fn set_knock_ports(&self, _ports: &[(u16, u16)]) -> Result<(), FirewallError> {
+        Ok(())
+    }
+    /// Drop `source`'s packets to the knock ports until `length` expires in the
+    /// kernel (the block list). Never touches doors: the guard checks them first.
+    fn block(&self, _source: Prefix, _length: Duration) -> Result<(), FirewallError> {
+        Ok(())
+    }
+    /// Blocks the kernel holds, with their time left.
+    fn blocked(&self) -> Result<Vec<(Prefix, Duration)>, FirewallError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Which backend the config selects.

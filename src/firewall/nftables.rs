@@ -14,6 +14,9 @@
 //!     set once6host  { type ipv6_addr . inet_proto . inet_service; flags dynamic,timeout; }
 //!     set once6net   { type ipv6_addr . inet_proto . inet_service; flags dynamic,timeout; }
 //!     set guarded    { type inet_proto . inet_service; }
+//!     set blocked4   { type ipv4_addr; flags timeout; }              (the block list,
+//!     set blocked6   { type ipv6_addr; flags interval,timeout; }      see capture/block.rs)
+//!     set knockports { type inet_service; flags interval; }
 //!     chain input {
 //!         type filter hook input priority filter - 10; policy accept;
 //!         ct state established,related accept
@@ -21,6 +24,8 @@
 //!         ip saddr . meta l4proto . th dport @doors4 accept
 //!         ip6 saddr . meta l4proto . th dport @doors6 accept
 //!         ip6 saddr . meta l4proto . th dport @doors6host accept
+//!         meta l4proto { tcp, udp } ip saddr @blocked4 th dport @knockports counter drop
+//!         meta l4proto { tcp, udp } ip6 saddr @blocked6 th dport @knockports counter drop
 //!         tcp flags & (fin | syn | rst | ack) != syn meta l4proto . th dport @guarded counter drop
 //!         ct state new ip saddr . meta l4proto . th dport @once4
 //!             delete @once4 { ip saddr . meta l4proto . th dport } accept
@@ -96,6 +101,7 @@ use super::exec;
 use super::nfnl::NfnlSocket;
 use super::nft_netlink::{self, Change, Element};
 use super::{Door, DoorBackend, FirewallError, Guarded, OpenDoor, Proto, by_kind};
+use crate::netaddr::Prefix;
 
 const NFT: &str = "nft";
 const FAMILY: &str = "inet";
@@ -150,6 +156,9 @@ impl NftablesBackend {
              \tset once6host {{ type ipv6_addr . inet_proto . inet_service; flags dynamic, timeout; }}\n\
              \tset once6net {{ type ipv6_addr . inet_proto . inet_service; flags dynamic, timeout; }}\n\
              \tset guarded {{ type inet_proto . inet_service; }}\n\
+             \tset blocked4 {{ type ipv4_addr; flags timeout; }}\n\
+             \tset blocked6 {{ type ipv6_addr; flags interval, timeout; }}\n\
+             \tset knockports {{ type inet_service; flags interval; }}\n\
              \tchain input {{ type filter hook input priority filter - 10; policy accept; }}\n\
              }}\n",
             t = self.table_ref()
@@ -171,6 +180,8 @@ impl NftablesBackend {
             "ip saddr . meta l4proto . th dport @doors4 accept".to_owned(),
             "ip6 saddr . meta l4proto . th dport @doors6 accept".to_owned(),
             "ip6 saddr . meta l4proto . th dport @doors6host accept".to_owned(),
+            "meta l4proto { tcp, udp } ip saddr @blocked4 th dport @knockports counter drop".to_owned(),
+            "meta l4proto { tcp, udp } ip6 saddr @blocked6 th dport @knockports counter drop".to_owned(),
             "tcp flags & (fin | syn | rst | ack) != syn meta l4proto . th dport @guarded counter drop".to_owned(),
             once("ip", "", "once4"),
             once("ip6", "", "once6host"),
@@ -304,12 +315,77 @@ impl DoorBackend for NftablesBackend {
         parse_list(&out).map_err(|detail| FirewallError::Parse { cmd, detail })
     }
 
+    fn set_knock_ports(&self, ports: &[(u16, u16)]) -> Result<(), FirewallError> {
+        let t = self.table_ref();
+        let mut script = format!("flush set {t} knockports\n");
+        if !ports.is_empty() {
+            let elems: Vec<String> =
+                ports.iter().map(|(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") }).collect();
+            script.push_str(&format!("add element {t} knockports {{ {} }}\n", elems.join(", ")));
+        }
+        self.script(&script)
+    }
+
+    /// Rare (a few per attacker), so through `nft`; the block thread calls it, never
+    /// the knock path.
+    fn block(&self, source: Prefix, length: Duration) -> Result<(), FirewallError> {
+        let t = self.table_ref();
+        // One IPv4 address (a plain set), or an IPv6 /64 (an interval set).
+        let (set, source) = match source.addr() {
+            IpAddr::V4(a) => ("blocked4", a.to_string()),
+            IpAddr::V6(_) => ("blocked6", source.to_string()),
+        };
+        let secs = length.as_secs().max(1);
+        // `add` of an existing element keeps its old timeout: delete first (after an
+        // add, so the delete cannot fail), then add, in one transaction.
+        let e = format!("{t} {set} {{ {source} }}");
+        self.script(&format!(
+            "add element {t} {set} {{ {source} timeout {secs}s }}\ndelete element {e}\nadd element {t} {set} {{ {source} timeout {secs}s }}\n"
+        ))
+    }
+
+    fn blocked(&self) -> Result<Vec<(Prefix, Duration)>, FirewallError> {
+        let mut out = Vec::new();
+        for set in ["blocked4", "blocked6"] {
+            let args = ["-j", "list", "set", FAMILY, &self.table, set];
+            let json = exec::run(NFT, &args, None)?;
+            let cmd = format!("{NFT} {}", args.join(" "));
+            out.extend(parse_blocked(&json).map_err(|detail| FirewallError::Parse { cmd, detail })?);
+        }
+        Ok(out)
+    }
+
     fn uninstall(&self) -> Result<(), FirewallError> {
         let t = self.table_ref();
         self.script(&format!("table {t}\ndelete table {t}\n"))?;
         tracing::info!(table = %t, "nftables table removed");
         Ok(())
     }
+}
+
+/// Elements of a block set: `{"elem": {"val": addr | {"prefix": …}, "expires": s}}`.
+fn parse_blocked(json: &str) -> Result<Vec<(Prefix, Duration)>, String> {
+    let root: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let items = root.get("nftables").and_then(Value::as_array).ok_or("no top-level \"nftables\" array")?;
+    let mut out = Vec::new();
+    for set in items.iter().filter_map(|i| i.get("set")) {
+        for e in set.get("elem").and_then(Value::as_array).into_iter().flatten() {
+            let elem = e.get("elem").ok_or("element without \"elem\"")?;
+            let val = elem.get("val").ok_or("element without \"val\"")?;
+            let prefix = match val {
+                Value::String(a) => a.parse::<IpAddr>().map(Prefix::source_door).map_err(|e| e.to_string())?,
+                v => {
+                    let p = v.get("prefix").ok_or("value is neither an address nor a prefix")?;
+                    let addr = p.get("addr").and_then(Value::as_str).ok_or("prefix without addr")?;
+                    let len = p.get("len").and_then(Value::as_u64).ok_or("prefix without len")?;
+                    format!("{addr}/{len}").parse::<Prefix>().map_err(|e| e.to_string())?
+                }
+            };
+            let left = elem.get("expires").and_then(Value::as_u64).unwrap_or(0);
+            out.push((prefix, Duration::from_secs(left)));
+        }
+    }
+    Ok(out)
 }
 
 /// Extracts the doors from `nft -j list table inet nxknock` output.

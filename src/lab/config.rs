@@ -58,8 +58,15 @@ impl ConfigBuilder {
             firewall: FirewallConfig::new(backend),
             token: TokenConfig::default(),
             services: vec![ssh()],
+            pcap: None,
         };
         ConfigBuilder { config, raw: Vec::new() }
+    }
+
+    /// Adds a `[pcap]` listener.
+    pub fn pcap(mut self, pcap: crate::config::PcapConfig) -> Self {
+        self.config.pcap = Some(pcap);
+        self
     }
 
     pub fn open_seconds(mut self, seconds: u64) -> Self {

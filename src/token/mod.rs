@@ -13,6 +13,8 @@
 
 pub mod chain;
 pub mod form;
+pub mod sequence;
 
 pub use chain::{ELEMENT_LEN, Element, Form, Seed, ZoneId};
 pub use form::{Bound, BoundAddr, BoundKnock, Token, TokenError, ZONE_KEY_LEN, ZoneKey, service_id};
+pub use sequence::{SequenceCode, SequenceError};

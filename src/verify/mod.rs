@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::unix_now;
 use crate::config::{Config, PlainPolicy, ServiceConfig};
-use crate::knock::Knock;
+use crate::knock::{Knock, Via};
 use crate::netaddr::{DoorSizeError, Prefix};
 use crate::store::{Store, StoreError, UserRecord};
 use crate::token::{Element, Form, Token, TokenError, ZoneId, ZoneKey, chain, service_id};
@@ -63,6 +63,9 @@ pub enum Reject {
     Exhausted,
     /// `plain = "off"`.
     PlainOff,
+    /// A bare element in a single UDP datagram: that transport takes bound knocks
+    /// only (a plain one would open for whoever races the copy of the datagram).
+    PlainOverUdp,
     /// `plain = "ecs"` and the query carried no usable ECS.
     NoEcs,
     /// ECS from a source outside `[token] ecs_from`.
@@ -95,6 +98,7 @@ impl Reject {
             Reject::TooOld { .. } => "too-old",
             Reject::Exhausted => "exhausted",
             Reject::PlainOff => "plain-off",
+            Reject::PlainOverUdp => "plain-over-udp",
             Reject::NoEcs => "no-ecs",
             Reject::EcsUntrusted => "ecs-untrusted",
             Reject::DoorSize(_) => "door-size",
@@ -120,6 +124,9 @@ impl fmt::Display for Reject {
             Reject::TooOld { delta } => write!(f, "bound knock made {delta} s away from now, beyond max_age_seconds"),
             Reject::Exhausted => f.write_str("chain used up; `nxknock user rekey` the user"),
             Reject::PlainOff => f.write_str("plain knocks are off (plain = \"off\"); use a bound knock"),
+            Reject::PlainOverUdp => {
+                f.write_str("a plain element in a UDP knock; send a bound knock (`--via udp --ip`)")
+            }
             Reject::NoEcs => f.write_str("plain knock without EDNS Client Subnet (plain = \"ecs\")"),
             Reject::EcsUntrusted => f.write_str("EDNS Client Subnet from a source outside [token] ecs_from"),
             Reject::DoorSize(e) => write!(f, "{e}"),
@@ -498,6 +505,13 @@ impl Verifier {
                 let door = b.addr.to_prefix().door().map_err(Reject::DoorSize)?;
                 Ok(Target { door, service: b.service, close: b.close })
             }
+            Token::Plain(_) if knock.via.is_sequence() => {
+                // Sequences come straight to this host: the packet source is the
+                // sender (or its NAT); resolvers and ECS play no part.
+                let door = Prefix::source_door(knock.seen_from);
+                Ok(Target { door: door.door().map_err(Reject::DoorSize)?, service: 0, close: false })
+            }
+            Token::Plain(_) if knock.via == Via::Udp => Err(Reject::PlainOverUdp),
             Token::Plain(_) => {
                 let door = match self.plain {
                     PlainPolicy::Off => return Err(Reject::PlainOff),
