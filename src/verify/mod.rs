@@ -895,6 +895,26 @@ port = 443
     }
 
     #[test]
+    fn direct_transports_decide_where_a_plain_element_may_open() {
+        let mut f = fixture(vec![], vec![]);
+        // A bare element in a UDP datagram: refused by name, nothing spent.
+        let mut k = knock_from(f.plain(N - 1), "198.18.0.2");
+        k.via = Via::Udp;
+        assert_eq!(why(f.v.verify(&k)), Reject::PlainOverUdp);
+        // A port sequence opens for its packet source whatever `plain` says about DNS
+        // (no resolver, no ECS on that path) — with the element the datagram did not spend.
+        f.v.plain = PlainPolicy::Off;
+        let mut k = knock_from(f.plain(N - 1), "198.18.0.2");
+        k.via = Via::TcpSequence;
+        k.ecs = Some("203.0.113.9/32".parse().unwrap());
+        assert!(matches!(f.v.verify(&k), Decision::Open { door, .. } if door == p("198.18.0.2/32")));
+        // Passive DNS is DNS: the policy applies.
+        let mut k = knock_from(f.plain(N - 2), "198.18.0.2");
+        k.via = Via::DnsPassive;
+        assert_eq!(why(f.v.verify(&k)), Reject::PlainOff);
+    }
+
+    #[test]
     fn plain_off_refuses_plain_knocks_without_spending() {
         let mut f = fixture(vec![], vec![]);
         f.v.plain = PlainPolicy::Off;
