@@ -59,6 +59,14 @@ pub fn run(argv: &[String], timeout: Duration, ev: &HookEvent) -> bool {
         cmd.env(format!("NXKNOCK_{}", k.to_ascii_uppercase()), v);
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // Hooks run with no capability: the daemon's ambient set (kept for nft/ipset) is
+    // cleared in the child, and with the NOROOT securebits root gains nothing at exec.
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(crate::privilege::clear_for_child);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(error) => {

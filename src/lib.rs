@@ -30,6 +30,7 @@ pub mod knock;
 pub mod lab;
 pub mod limit;
 pub mod netaddr;
+pub mod privilege;
 pub mod server;
 pub mod store;
 pub mod token;

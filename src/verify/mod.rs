@@ -568,6 +568,10 @@ impl Verifier {
             }
             Err(e) => return Err(Reject::Store(e.to_string())),
         }
+        // Committed: from here the element is spent for good. The position (how far
+        // down the chain) is no secret (`user list` shows it) and lets an operator —
+        // and the crash test — see that no position is ever accepted twice.
+        tracing::debug!(user_id = chain.user, form = ?chain.form, position = counter, "element spent");
         self.index.remove(old);
         self.index.insert(element, chain);
         let grace = self.grace;

@@ -1,0 +1,103 @@
+//! Least privilege once the daemon has started (ARCHITECTURE.md, "Privileges").
+//!
+//! After the sockets are bound, the capture handles open and the guard installed,
+//! `serve` keeps only what running needs:
+//! - `CAP_NET_ADMIN` (doors over netlink, blocks and reloads through `nft`/`ipset`),
+//! - `CAP_NET_BIND_SERVICE` (a reload that binds again), and
+//! - `CAP_NET_RAW` (capture),
+//!
+//! in the effective, permitted and inheritable sets and the bounding set, with
+//! `no_new_privs` (no setuid or file-capability program can give any back) and the
+//! `NOROOT` securebits (running a program as root no longer grants every
+//! capability). The three stay *ambient*, so the `nft`/`ipset` tools the daemon
+//! runs can still change its own firewall; hooks are started with the ambient set
+//! cleared ([`clear_for_child`]) and so run with no capability at all.
+//!
+//! Capabilities belong to threads in Linux: this must run while the daemon is still
+//! single-threaded, so every thread started afterwards inherits the reduced sets.
+
+use caps::{CapSet, Capability, CapsHashSet};
+
+/// What the daemon keeps.
+pub const KEEP: [Capability; 3] =
+    [Capability::CAP_NET_ADMIN, Capability::CAP_NET_BIND_SERVICE, Capability::CAP_NET_RAW];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("cannot set the {set} capability set: {source}")]
+    Caps {
+        set: &'static str,
+        #[source]
+        source: caps::errors::CapsError,
+    },
+    #[error("cannot set no_new_privs: {0}")]
+    NoNewPrivs(std::io::Error),
+    #[error("capabilities beyond the three nxknock keeps are still effective: {0}")]
+    Leftover(String),
+}
+
+/// What [`restrict`] could not do and why (it never fails for these).
+#[derive(Debug, Default)]
+pub struct Restricted {
+    /// The bounding set could not be cut (no CAP_SETPCAP): the process already
+    /// runs with fewer privileges than root, and `no_new_privs` keeps it so.
+    pub bounding_kept: bool,
+    /// The NOROOT securebits could not be set (no CAP_SETPCAP).
+    pub securebits_kept: bool,
+}
+
+fn keep() -> CapsHashSet {
+    KEEP.into_iter().collect()
+}
+
+/// Reduce this (single) thread's capabilities to [`KEEP`] and set `no_new_privs`.
+pub fn restrict() -> Result<Restricted, PrivilegeError> {
+    let mut done = Restricted::default();
+    let permitted =
+        caps::read(None, CapSet::Permitted).map_err(|source| PrivilegeError::Caps { set: "permitted", source })?;
+    let keep_now: CapsHashSet = keep().intersection(&permitted).copied().collect();
+    // The bounding set and the securebits need CAP_SETPCAP: first, while we have it.
+    for cap in caps::all() {
+        if !KEEP.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            if caps::drop(None, CapSet::Bounding, cap).is_err() {
+                done.bounding_kept = true;
+            }
+        }
+    }
+    // SECBIT_NOROOT | SECBIT_NOROOT_LOCKED: a program run as root gets only what is
+    // inheritable and ambient, not every capability of the bounding set.
+    const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
+    const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED, 0, 0, 0) };
+    if rc != 0 {
+        done.securebits_kept = true;
+    }
+    for (set, name) in
+        [(CapSet::Effective, "effective"), (CapSet::Permitted, "permitted"), (CapSet::Inheritable, "inheritable")]
+    {
+        caps::set(None, set, &keep_now).map_err(|source| PrivilegeError::Caps { set: name, source })?;
+    }
+    for cap in &keep_now {
+        caps::raise(None, CapSet::Ambient, *cap).map_err(|source| PrivilegeError::Caps { set: "ambient", source })?;
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(PrivilegeError::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    let effective =
+        caps::read(None, CapSet::Effective).map_err(|source| PrivilegeError::Caps { set: "effective", source })?;
+    let extra: Vec<String> = effective.difference(&keep()).map(|c| c.to_string()).collect();
+    if !extra.is_empty() {
+        return Err(PrivilegeError::Leftover(extra.join(",")));
+    }
+    Ok(done)
+}
+
+/// For a child that must run with no capability (hooks): called between fork and
+/// exec, so only async-signal-safe work — one prctl.
+pub fn clear_for_child() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only; async-signal-safe.
+    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
