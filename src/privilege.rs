@@ -58,10 +58,11 @@ pub fn restrict() -> Result<Restricted, PrivilegeError> {
     let keep_now: CapsHashSet = keep().intersection(&permitted).copied().collect();
     // The bounding set and the securebits need CAP_SETPCAP: first, while we have it.
     for cap in caps::all() {
-        if !KEEP.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
-            if caps::drop(None, CapSet::Bounding, cap).is_err() {
-                done.bounding_kept = true;
-            }
+        if !KEEP.contains(&cap)
+            && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false)
+            && caps::drop(None, CapSet::Bounding, cap).is_err()
+        {
+            done.bounding_kept = true;
         }
     }
     // SECBIT_NOROOT | SECBIT_NOROOT_LOCKED: a program run as root gets only what is
