@@ -15,7 +15,7 @@ use crate::dnsperf::{DNSPERF_CLIENTS, Dnsperf};
 use crate::exec::{run_in, wait_bounded};
 use crate::knock_to_open::{accept_and_drop, brief};
 use crate::report::{fmt_k, fmt_ms};
-use crate::sniffer::Sniffer;
+use crate::sniffer::{Probe, Sniffer};
 use crate::stats::summarize;
 use crate::{BIN, Bench, CLIENT, RESOLVER, SERVER, SSH_PORT};
 
@@ -94,7 +94,7 @@ impl Bench {
                         ]);
                         c
                     },
-                    (17, if via_resolver { RESOLVER } else { SERVER }, 53),
+                    Probe::udp(if via_resolver { RESOLVER } else { SERVER }, 53),
                 )?);
                 peak = peak.max(d.memory().0);
                 if flood.is_some() {

@@ -1,9 +1,11 @@
 //! Section 2, `latency`: knock-to-open, from the knock's first packet leaving
 //! the client (kernel timestamp, see `sniffer`) to the first TCP connect that
-//! succeeds: nxknock bound direct, dig plain, bound via unbound; fwknop; knockd.
+//! succeeds: nxknock bound direct, dig plain, bound via unbound, and the capture
+//! listener's UDP datagram (`--via udp`) and TCP port sequence (`--via tcp`);
+//! fwknop; knockd.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,10 +15,10 @@ use nxknock::lab::interrupt;
 use crate::exec::{now_ns, run_in, wait_bounded};
 use crate::peers::{FWKNOP_PORT, KNOCKD_PORTS};
 use crate::report::fmt_ms;
-use crate::sniffer::Sniffer;
+use crate::sniffer::{Probe, Sniffer};
 use crate::stats::summarize;
 use crate::users::otp;
-use crate::{BIN, Bench, CLIENT, RESOLVER, SERVER, SSH_PORT};
+use crate::{BIN, Bench, CLIENT, PCAP_SEQUENCE_PORTS, PCAP_UDP_PORT, RESOLVER, SERVER, SSH_PORT};
 
 /// Timeout of each connect attempt of the knock-to-open loop (a dropped SYN costs this much).
 const CONNECT_EACH: Duration = Duration::from_millis(1);
@@ -30,21 +32,25 @@ impl Bench {
         let sniffer = Sniffer::open(self.cli())?;
         let mut rows: Vec<(String, Vec<Trial>, String)> = Vec::new();
         #[allow(clippy::type_complexity)]
-        // nxknock: nftables backend, three users so each method has its own chain.
+        // nxknock: nftables backend and the capture listener (`[pcap]`: its own thread,
+        // a BPF filter that lets no DNS packet through), one user per method so each
+        // method has its own chain. `user add` records the capture ports in the credential.
         let db = self.dir.join("lat.db");
-        let cfg = self.nx_config("lat", &db)?;
+        let cfg = self.nx_config_pcap("lat", &db)?;
         let alice = self.user_add(&cfg, "alice")?;
         let bob = self.user_add(&cfg, "bob")?;
         let carol = self.user_add(&cfg, "carol")?;
+        let dave = self.user_add(&cfg, "dave")?;
+        let erin = self.user_add(&cfg, "erin")?;
         let names = otp(&bob, trials)?;
         let mut nx = self.start_nxknock(&cfg, "nxknock-lat.log", &[])?;
         let unbound = self.start_unbound()?;
         let flush_nft = || {
             run_in(self.srv(), &["nft", "flush", "set", "inet", "nxknock", "doors4"], Duration::from_secs(5)).map(drop)
         };
-        let server53 = (17u8, SERVER, 53u16);
-        type Method<'a> = (&'a str, Box<dyn Fn(usize) -> Command + Sync + 'a>, (u8, Ipv4Addr, u16), &'a str);
-        let methods: Vec<Method<'_>> = vec![
+        let server53 = Probe::udp(SERVER, 53);
+        type Method<'a> = (&'a str, Box<dyn Fn(usize) -> Command + Sync + 'a>, Probe, &'a str);
+        let dns_methods: Vec<Method<'_>> = vec![
             (
                 "nxknock knock (bound, direct)",
                 Box::new(|_| {
@@ -88,20 +94,70 @@ impl Bench {
                     ]);
                     c
                 }),
-                (17, RESOLVER, 53),
+                Probe::udp(RESOLVER, 53),
                 "`nxknock knock --resolver 198.18.0.4 --ip 198.18.0.2` (unbound 1.17, stub-zone)",
             ),
         ];
-        for (label, cmd, pkt, how) in &methods {
+        // The capture listener: one datagram to the UDP knock port (a bound label, as
+        // over DNS), and a plain element as a sequence of SYNs to the sequence range
+        // (the first SYN's port changes with every knock, so the probe takes the range).
+        let sequence = nxknock::token::SequenceCode::parse(PCAP_SEQUENCE_PORTS)?;
+        let seq_how = format!(
+            "`nxknock knock --server 198.18.0.1 --via tcp` ({} SYNs to ports {PCAP_SEQUENCE_PORTS})",
+            sequence.len()
+        );
+        let udp_how = format!("`nxknock knock --server 198.18.0.1 --via udp --ip 198.18.0.2` (UDP {PCAP_UDP_PORT})");
+        let capture_methods: Vec<Method<'_>> = vec![
+            (
+                "nxknock knock --via udp",
+                Box::new(|_| {
+                    let mut c = Command::new(BIN);
+                    c.args([
+                        "knock",
+                        "--credential",
+                        dave.to_str().unwrap(),
+                        "--server",
+                        &SERVER.to_string(),
+                        "--via",
+                        "udp",
+                        "--ip",
+                        &CLIENT.to_string(),
+                    ]);
+                    c
+                }),
+                Probe::udp(SERVER, PCAP_UDP_PORT),
+                &udp_how,
+            ),
+            (
+                "nxknock knock --via tcp",
+                Box::new(|_| {
+                    let mut c = Command::new(BIN);
+                    c.args(["knock", "--credential", erin.to_str().unwrap(), "--server", &SERVER.to_string()]);
+                    c.args(["--via", "tcp"]);
+                    c
+                }),
+                Probe::tcp_range(SERVER, sequence.range()),
+                &seq_how,
+            ),
+        ];
+        for (label, cmd, pkt, how) in &dns_methods {
+            let v = self.trials(&sniffer, trials, &flush_nft, cmd, *pkt)?;
+            eprintln!("  {label}: {}", brief(&v));
+            rows.push((label.to_string(), v, how.to_string()));
+        }
+        // The daemon's own view of the DNS knocks: `latency_us` on each "door opened"
+        // line runs from the knock packet's receipt to the door being in the kernel;
+        // `firewall_us` is the backend's share. Set beside the outside probe, they must
+        // tell the same story. (Taken before the capture rows: a sequence's `latency_us`
+        // starts at its last packet, the probe at its first.)
+        let log = nx.log_text();
+        let probe: Vec<f64> = rows.iter().flat_map(|(_, v, _)| v.iter().filter_map(|t| t.packet_ms)).collect();
+        for (label, cmd, pkt, how) in &capture_methods {
             let v = self.trials(&sniffer, trials, &flush_nft, cmd, *pkt)?;
             eprintln!("  {label}: {}", brief(&v));
             rows.push((label.to_string(), v, how.to_string()));
         }
         let (_, nx_hwm) = nx.memory();
-        // The daemon's own view: `latency_us` on each "door opened" line runs from the
-        // knock packet's receipt to the door being in the kernel; `firewall_us` is the
-        // backend's share. Set beside the outside probe, they must tell the same story.
-        let log = nx.log_text();
         let field = |name: &str| -> Vec<f64> {
             log.lines()
                 .filter(|l| l.contains("door opened"))
@@ -111,12 +167,11 @@ impl Bench {
         };
         let (inside, fw) = (summarize(&field("latency_us")), summarize(&field("firewall_us")));
         let verified = summarize(&field("verified_us"));
-        let probe: Vec<f64> = rows.iter().flat_map(|(_, v, _)| v.iter().filter_map(|t| t.packet_ms)).collect();
         let probe = summarize(&probe);
         self.notes.push(format!(
-            "nxknock's own log, the same {n} knocks: `latency_us` (packet received → door in the kernel) p50 {} p99 {}; \
+            "nxknock's own log, the same {n} DNS knocks: `latency_us` (packet received → door in the kernel) p50 {} p99 {}; \
              `verified_us` (→ the verifier's committed decision) p50 {} p99 {}; `firewall_us` (the netlink door) \
-             p50 {} p99 {}; the outside probe (packet sent → first connect that succeeds, all three nxknock methods) \
+             p50 {} p99 {}; the outside probe (packet sent → first connect that succeeds, the three nxknock DNS methods) \
              p50 {} p99 {}.",
             fmt_ms(inside.p50),
             fmt_ms(inside.p99),
@@ -180,7 +235,7 @@ impl Bench {
                 ]);
                 c
             };
-            let v = self.trials(&sniffer, trials, &flush_kb, fwknop, (17, SERVER, FWKNOP_PORT))?;
+            let v = self.trials(&sniffer, trials, &flush_kb, fwknop, Probe::udp(SERVER, FWKNOP_PORT))?;
             eprintln!("  fwknop: {}", brief(&v));
             rows.push((
                 "fwknop SPA (fwknopd defaults, pcap)".into(),
@@ -196,7 +251,7 @@ impl Bench {
                 c.arg(SERVER.to_string()).args(KNOCKD_PORTS.map(|p| p.to_string()));
                 c
             };
-            let v = self.trials(&sniffer, trials, &flush_kb, knock, (6, SERVER, KNOCKD_PORTS[0]))?;
+            let v = self.trials(&sniffer, trials, &flush_kb, knock, Probe::tcp(SERVER, KNOCKD_PORTS[0]))?;
             eprintln!("  knockd: {}", brief(&v));
             rows.push(("knockd (3-port TCP sequence)".into(), v, "`knock 198.18.0.1 7000 8000 9000`".into()));
         }
@@ -232,10 +287,15 @@ impl Bench {
             );
             self.cdf.insert(label.clone(), (ok, v.len()));
         }
-        t.push_str(
-            "\nThe UDP single-packet knock of nxknock (pcap listener) does not exist yet, so it has no row.\n\
+        let _ = write!(
+            t,
+            "\nThe `--via udp` and `--via tcp` rows go to nxknock's capture listener (`[pcap] udp_port = \
+             {PCAP_UDP_PORT}, sequence_ports = \"{PCAP_SEQUENCE_PORTS}\"`, the same daemon as the rows above): \"from \
+             the knock packet\" is the UDP datagram to port {PCAP_UDP_PORT}, or the first SYN of the sequence (the door \
+             opens only once the last one is in, so the sequence's own sending time is part of the figure, as with \
+             knockd's three ports).\n\
              A plain knock through a resolver opens for the resolver's address (by design), so plain via unbound is not a \
-             knock-to-open path for the client and has no row either.\n\n",
+             knock-to-open path for the client and has no row.\n\n",
         );
         eprint!("{t}");
         self.report.push_str(&t);
@@ -249,7 +309,7 @@ impl Bench {
         n: usize,
         close: &dyn Fn() -> Result<()>,
         cmd: impl Fn(usize) -> Command + Sync,
-        pkt: (u8, Ipv4Addr, u16),
+        pkt: Probe,
     ) -> Result<Vec<Trial>> {
         let mut v = Vec::new();
         for i in 0..n {
@@ -261,12 +321,7 @@ impl Bench {
     }
 
     /// One knock trial: run the client in the client namespace, then connect until open.
-    pub(crate) fn trial(
-        &self,
-        sniffer: &Sniffer,
-        cmd: impl Fn() -> Command + Sync,
-        pkt: (u8, Ipv4Addr, u16),
-    ) -> Result<Trial> {
+    pub(crate) fn trial(&self, sniffer: &Sniffer, cmd: impl Fn() -> Command + Sync, pkt: Probe) -> Result<Trial> {
         let target = SocketAddr::new(SERVER.into(), SSH_PORT);
         let (t0, done, ok) = self.cli().enter(|| -> Result<(i128, i128, Option<i128>)> {
             let t0 = now_ns();

@@ -13,8 +13,8 @@
 //!   saturation, and p50/p99 at a fixed offered rate.
 //! * `latency`: knock-to-open, from the knock's first packet leaving the client
 //!   (kernel timestamp on the client's interface) to the first TCP connect that
-//!   succeeds, for nxknock (bound direct, dig plain, bound via unbound), fwknop
-//!   and knockd.
+//!   succeeds, for nxknock (bound direct, dig plain, bound via unbound, and the
+//!   capture listener's `knock --via udp` and `--via tcp`), fwknop and knockd.
 //! * `scale`: bulk enrolment of 10, 10k and 1M users; verification cost, start-up,
 //!   memory and DNS rate for each.
 //! * `attack`: legitimate knocks while a flood of random knock labels runs at full rate.
@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use nxknock::config::PcapConfig;
 use nxknock::firewall::BackendKind;
 use nxknock::lab::config::{ConfigBuilder, ZONE};
 use nxknock::lab::daemon::{Daemon, Serve};
@@ -53,6 +54,10 @@ const CLIENT: Ipv4Addr = nxknock::lab::CLIENT_V4;
 const RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 const RESOLVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 4);
 const SSH_PORT: u16 = 22;
+/// nxknock's `[pcap] udp_port` in the latency section (fwknop's port too; they never run together).
+const PCAP_UDP_PORT: u16 = 62201;
+/// nxknock's `[pcap] sequence_ports` in the latency section.
+const PCAP_SEQUENCE_PORTS: &str = "40000-40999";
 
 #[derive(Clone, Debug)]
 struct Opts {
@@ -217,6 +222,19 @@ impl Bench {
     fn nx_config(&self, name: &str, db: &Path) -> Result<PathBuf> {
         let p = self.dir.join(format!("{name}.toml"));
         ConfigBuilder::new(BackendKind::Nftables).store(db).write(&p)?;
+        Ok(p)
+    }
+
+    /// [`Bench::nx_config`] with the capture listener on: `[pcap]` with a UDP knock
+    /// port and a sequence range (the knock-to-open rows for `knock --via udp|tcp`).
+    fn nx_config_pcap(&self, name: &str, db: &Path) -> Result<PathBuf> {
+        let p = self.dir.join(format!("{name}.toml"));
+        let pcap = PcapConfig {
+            udp_port: Some(PCAP_UDP_PORT),
+            sequence_ports: Some(PCAP_SEQUENCE_PORTS.to_owned()),
+            ..PcapConfig::default()
+        };
+        ConfigBuilder::new(BackendKind::Nftables).store(db).pcap(pcap).write(&p)?;
         Ok(p)
     }
 

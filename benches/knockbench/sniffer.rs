@@ -18,6 +18,32 @@ type Packet = (i128, u8, Ipv4Addr, u16);
 /// Packets seen so far, shared with the sniffer thread.
 type Packets = Arc<Mutex<Vec<Packet>>>;
 
+/// What a knock's first packet looks like: IP protocol, destination and a range of
+/// destination ports (one port for a DNS query or an SPA datagram; nxknock's port
+/// sequences start on a port of `sequence_ports` that changes with every knock).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Probe {
+    proto: u8,
+    dst: Ipv4Addr,
+    ports: (u16, u16),
+}
+
+impl Probe {
+    pub(crate) fn udp(dst: Ipv4Addr, port: u16) -> Probe {
+        Probe { proto: 17, dst, ports: (port, port) }
+    }
+    pub(crate) fn tcp(dst: Ipv4Addr, port: u16) -> Probe {
+        Probe { proto: 6, dst, ports: (port, port) }
+    }
+    /// A TCP packet to any port in `lo..=hi` (the client sends only SYNs there).
+    pub(crate) fn tcp_range(dst: Ipv4Addr, (lo, hi): (u16, u16)) -> Probe {
+        Probe { proto: 6, dst, ports: (lo, hi) }
+    }
+    fn matches(&self, proto: u8, dst: Ipv4Addr, port: u16) -> bool {
+        proto == self.proto && dst == self.dst && (self.ports.0..=self.ports.1).contains(&port)
+    }
+}
+
 /// Outgoing IPv4 packets on the client's `eth0`, with kernel timestamps (AF_PACKET, SO_TIMESTAMPNS).
 pub(crate) struct Sniffer {
     packets: Packets,
@@ -77,21 +103,13 @@ impl Sniffer {
         Ok(Sniffer { packets, stop, thread: Mutex::new(Some(thread)) })
     }
 
-    /// The first captured packet (proto, dst, dport) at or after `t0`, waiting up to `wait` for the capture thread.
-    pub(crate) fn first_after(
-        &self,
-        t0: i128,
-        (proto, dst, dport): (u8, Ipv4Addr, u16),
-        wait: Duration,
-    ) -> Option<i128> {
+    /// The first captured packet matching `probe` at or after `t0`, waiting up to `wait` for the capture thread.
+    pub(crate) fn first_after(&self, t0: i128, probe: Probe, wait: Duration) -> Option<i128> {
         let until = Instant::now() + wait;
         loop {
             let found = {
                 let mut p = self.packets.lock().unwrap();
-                let hit = p
-                    .iter()
-                    .find(|(ts, pr, d, port)| *ts >= t0 && *pr == proto && *d == dst && *port == dport)
-                    .map(|x| x.0);
+                let hit = p.iter().find(|(ts, pr, d, port)| *ts >= t0 && probe.matches(*pr, *d, *port)).map(|x| x.0);
                 // Keep the list short: nothing before t0 is needed again.
                 p.retain(|(ts, ..)| *ts >= t0);
                 hit
@@ -99,7 +117,7 @@ impl Sniffer {
             if found.is_some() || Instant::now() >= until {
                 if found.is_none() && std::env::var_os("KB_DEBUG").is_some() {
                     eprintln!(
-                        "no packet {proto}/{dst}/{dport} after {t0}: {:?}",
+                        "no packet {probe:?} after {t0}: {:?}",
                         self.packets.lock().unwrap().iter().take(5).collect::<Vec<_>>()
                     );
                 }
