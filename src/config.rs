@@ -114,6 +114,14 @@ pub struct DnsConfig {
     /// Seconds an idle TCP connection may stay open.
     #[serde(default = "default_tcp_timeout")]
     pub tcp_timeout_seconds: u64,
+    /// Response rate limiting: the zone's ordinary UDP answers (not knock answers)
+    /// per second to one source network (IPv4 /24, IPv6 /56); 0 = no limit.
+    #[serde(default = "default_rrl_per_second")]
+    pub rrl_per_second: u32,
+    /// Over that rate, every this-many-th answer is sent truncated (the client
+    /// retries over TCP) and the rest dropped; 0 = drop them all.
+    #[serde(default = "default_rrl_slip")]
+    pub rrl_slip: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -207,6 +215,8 @@ impl DnsConfig {
             whoami: false,
             knocks_per_source: default_knocks_per_source(),
             tcp_timeout_seconds: default_tcp_timeout(),
+            rrl_per_second: default_rrl_per_second(),
+            rrl_slip: default_rrl_slip(),
         }
     }
 }
@@ -232,6 +242,12 @@ impl ServiceConfig {
     }
 }
 
+fn default_rrl_per_second() -> u32 {
+    20
+}
+fn default_rrl_slip() -> u32 {
+    2
+}
 fn default_interfaces() -> Vec<String> {
     vec!["any".to_owned()]
 }

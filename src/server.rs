@@ -110,6 +110,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         handler = handler.with_whoami(whoami_keys, zone_key.to_vec());
     }
     handler = handler.with_admission(crate::token::ZoneKey::new(&zone_key, &zone_id));
+    handler = handler.with_rrl(cfg.dns.rrl_per_second, cfg.dns.rrl_slip);
     let handler = Arc::new(handler);
     let mut capture = None;
     if let (Some((opened, pcfg)), Some(block)) = (captures, blocklist) {
@@ -181,6 +182,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         knocks_dropped = load(&stats.knocks_dropped),
         lookalikes = load(&stats.lookalikes),
         not_tokens = load(&stats.not_tokens),
+        rrl_dropped = load(&stats.rrl_dropped),
+        rrl_slipped = load(&stats.rrl_slipped),
         "dns totals"
     );
     if let Some((listener, threads)) = capture {

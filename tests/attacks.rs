@@ -776,3 +776,49 @@ fn another_users_short_door_does_not_cut_a_longer_one() {
     assert!(echo_works(&mut conn));
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "bob's knock was for alice's address, not his");
 }
+
+/// Amplification: a forged source floods the zone's ordinary questions (the SOA at
+/// the apex) over UDP. The answers to that source network are capped at the RRL
+/// rate; every second answer over it is truncated (TC, no records) so a real client
+/// would retry over TCP. Knock answers are never limited, and TCP still answers.
+#[test]
+fn the_server_is_no_amplifier() {
+    if !require_root("the_server_is_no_amplifier") {
+        return;
+    }
+    let s = Setup::with("atkrrl", config("nftables", 30));
+    let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    const SENT: u16 = 200;
+    for id in 0..SENT {
+        sock.send_to(&dns_query(id, ZONE, 6, None), server53()).unwrap();
+    }
+    let (mut full, mut truncated, mut bytes) = (0usize, 0usize, 0usize);
+    let mut buf = [0u8; 4096];
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        bytes += n;
+        if buf[2] & 0x02 != 0 {
+            assert_eq!(&buf[6..12], &[0, 0, 0, 0, 0, 0], "a truncated answer carries no records");
+            truncated += 1;
+        } else {
+            full += 1;
+        }
+    }
+    // The default budget: 20 a second per /24, a burst of 20.
+    assert!((20..=30).contains(&full), "full answers to one network are capped: {full} of {SENT}");
+    assert!((60..=100).contains(&truncated), "every second answer over the rate slips: {truncated}");
+    assert!(bytes < usize::from(SENT) * 40, "far fewer bytes out than a flood of SOAs would draw: {bytes}");
+    // Knock answers from the same network are not limited...
+    let mut answered = 0;
+    for id in 0..50u16 {
+        let name = format!("{}.{ZONE}", "a".repeat(20 + usize::from(id % 5)));
+        sock.send_to(&dns_query(1000 + id, &name, QTYPE_A, None), server53()).unwrap();
+        if sock.recv_from(&mut buf).is_ok_and(|(n, _)| n > 12 && rcode(&buf[..n]) == 3) {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 50, "every knock is answered NXDOMAIN");
+    // ...and a real client gets its SOA over TCP.
+    let d = dig(&s.lab.attacker, &[&format!("@{SERVER}"), "+tcp", "+norec", ZONE, "SOA"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.text);
+}

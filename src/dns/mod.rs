@@ -37,6 +37,7 @@ use crate::token::{Token, ZoneId, ZoneKey};
 use crate::whoami::{KeyTable, Nonces};
 
 pub mod fast;
+pub mod rrl;
 mod socket;
 
 use socket::udp_socket;
@@ -126,6 +127,9 @@ pub struct DnsStats {
     /// Bound labels without the zone's admission tag: look-alikes, never queued.
     pub lookalikes: AtomicU64,
     pub not_tokens: AtomicU64,
+    /// Ordinary answers over a source network's rate: dropped, or sent truncated.
+    pub rrl_dropped: AtomicU64,
+    pub rrl_slipped: AtomicU64,
 }
 
 /// What answering whoami needs: its name, the users' keys, the zone key.
@@ -146,13 +150,22 @@ pub struct KnockHandler {
     whoami: Option<Whoami>,
     /// The zone key that bound labels must carry an admission tag under.
     admission: Option<ZoneKey>,
+    /// Response rate limiting of the zone's ordinary UDP answers ([`rrl`]).
+    rrl: Option<rrl::Rrl>,
     knocks: SyncSender<Knock>,
     pub stats: Arc<DnsStats>,
 }
 
 impl KnockHandler {
     pub fn new(zone: Zone, knocks: SyncSender<Knock>, stats: Arc<DnsStats>) -> KnockHandler {
-        KnockHandler { zone, whoami: None, admission: None, knocks, stats }
+        KnockHandler { zone, whoami: None, admission: None, rrl: None, knocks, stats }
+    }
+
+    /// Limit the zone's ordinary UDP answers to `rate` a second per source network,
+    /// every `slip`-th answer over it sent truncated ([`rrl`]). `rate` 0: no limit.
+    pub fn with_rrl(mut self, rate: u32, slip: u32) -> KnockHandler {
+        self.rrl = (rate > 0).then(|| rrl::Rrl::new(rate, slip));
+        self
     }
 
     /// Answer whoami questions ([`crate::whoami`]) with the querier's address under
@@ -318,7 +331,7 @@ impl RequestHandler for KnockHandler {
             {
                 q
             }
-            _ => return self.zone.catalog.handle_request::<R, T>(request, response_handle).await,
+            _ => return self.zone_answer::<R, T>(request, response_handle).await,
         };
 
         let mut metadata = Metadata::response_from_request(&request.metadata);
@@ -351,6 +364,35 @@ impl RequestHandler for KnockHandler {
             self.enqueue(label, request.src().ip(), via, ecs, received);
         }
         info
+    }
+}
+
+impl KnockHandler {
+    /// An ordinary answer from the zone, through the rate limiter when it goes over UDP.
+    async fn zone_answer<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let verdict = match (&self.rrl, request.protocol()) {
+            (Some(rrl), Protocol::Udp) => rrl.check(request.src().ip(), Instant::now()),
+            _ => rrl::Verdict::Send,
+        };
+        match verdict {
+            rrl::Verdict::Send => self.zone.catalog.handle_request::<R, T>(request, response_handle).await,
+            rrl::Verdict::Drop => {
+                self.stats.rrl_dropped.fetch_add(1, Ordering::Relaxed);
+                servfail(request)
+            }
+            rrl::Verdict::Slip => {
+                self.stats.rrl_slipped.fetch_add(1, Ordering::Relaxed);
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.truncation = true;
+                let edns = response_edns(request);
+                let response = MessageResponseBuilder::new(&request.queries, edns.as_ref()).build_no_records(metadata);
+                response_handle.send_response(response).await.unwrap_or_else(|_| servfail(request))
+            }
+        }
     }
 }
 
