@@ -269,7 +269,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if count == 0 || count > 1000 {
                 bail!("--count must be between 1 and 1000");
             }
-            let credential = match (credential, client_profile(profile.as_deref(), true)?) {
+            let needed = credential.is_none();
+            let credential = match (credential, client_profile(profile.as_deref(), needed)?) {
                 (Some(c), _) => c,
                 (None, Some((p, path))) => profile_credential(p, &path)?,
                 (None, None) => unreachable!("client_profile returns a profile when it is needed"),
@@ -457,12 +458,11 @@ impl KnockPlan {
     }
 }
 
-/// Send the knock `o` describes. Returns the address the door admits and the report.
-fn send_knock(o: &KnockOpts, close: bool) -> anyhow::Result<(IpAddr, client::KnockReport)> {
+/// Send the knock `o` and `plan` describe. Returns the address the door admits and the report.
+fn send_knock(o: &KnockOpts, plan: &KnockPlan, close: bool) -> anyhow::Result<(IpAddr, client::KnockReport)> {
     if o.via != "dns" {
         bail!("--via {}: only \"dns\" is available in this version", o.via);
     }
-    let plan = KnockPlan::new(o)?;
     let cred = Credential::load(&plan.credential)?;
     let target = match (&plan.server, &plan.resolver, &cred.server) {
         (_, Some(r), _) if r == "system" => {
@@ -498,9 +498,10 @@ fn send_knock(o: &KnockOpts, close: bool) -> anyhow::Result<(IpAddr, client::Kno
 }
 
 fn knock(k: KnockArgs) -> anyhow::Result<()> {
+    let plan = KnockPlan::new(&k.opts)?;
     // Resolve --wait before knocking: a name that does not resolve spends no element.
     let wait = k.wait.as_deref().map(|w| client::resolve_endpoint(w, None).context("--wait")).transpose()?;
-    let (ip, report) = send_knock(&k.opts, k.close)?;
+    let (ip, report) = send_knock(&k.opts, &plan, k.close)?;
     eprintln!(
         "knocked for {ip}: {} answer in {:.1} ms after {} attempt(s)",
         report.rcode,
@@ -523,9 +524,10 @@ fn knock(k: KnockArgs) -> anyhow::Result<()> {
 /// `connect`: knock, get through the door, relay stdin/stdout. Quiet on success
 /// (ssh shows a ProxyCommand's stderr); stdout carries only the relayed bytes.
 fn connect(c: ConnectArgs) -> anyhow::Result<()> {
+    let plan = KnockPlan::new(&c.opts)?;
     // Resolve the host before knocking: a name that does not resolve spends no element.
     let addrs = client::resolve_host(&c.host, c.port)?;
-    let (ip, report) = send_knock(&c.opts, false)?;
+    let (ip, report) = send_knock(&c.opts, &plan, false)?;
     tracing::debug!(%ip, rcode = %report.rcode, attempts = report.attempts, "knocked");
     // The door admits `ip`: connect over its address family when the host has one.
     let same: Vec<SocketAddr> = addrs.iter().copied().filter(|a| a.is_ipv4() == ip.is_ipv4()).collect();
