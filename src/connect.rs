@@ -89,7 +89,7 @@ where
     std::thread::scope(|s| {
         let up = s.spawn(move || {
             let mut conn = up_conn;
-            let copied = std::io::copy(&mut input, &mut conn);
+            let copied = pump(&mut input, &mut conn);
             // Our side is done sending: tell the server, but keep reading its answer.
             let _ = conn.shutdown(Shutdown::Write);
             copied.map(drop)
@@ -97,7 +97,7 @@ where
         let down = s.spawn(move || {
             let mut conn = conn;
             let mut output = output;
-            let copied = std::io::copy(&mut conn, &mut output).and_then(|_| output.flush());
+            let copied = pump(&mut conn, &mut output);
             drop(output); // closes our stdout: the reader (ssh) sees the end
             if copied.is_err() {
                 // The connection broke: nothing more can be sent either.
@@ -109,6 +109,25 @@ where
         let up = up.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         down.and(up)
     })
+}
+
+/// Copy until the end of `from`, passing each read on at once. Not
+/// `std::io::copy`: between a pipe and a socket it uses `splice(2)`, and a
+/// splice from a blocking TCP socket into ssh's pipe was seen (kernel 6.18) to
+/// keep waiting with the server's first bytes already taken, so ssh never saw
+/// the server's banner.
+fn pump(from: &mut impl Read, to: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        to.flush()?;
+    }
 }
 
 #[cfg(test)]
