@@ -54,6 +54,7 @@ pub fn open_door(addrs: &[SocketAddr], within: Duration) -> Result<(TcpStream, D
         let mut next = addrs.iter().copied().cycle();
         let mut pending = tokio::task::JoinSet::new();
         let mut last = "no attempt finished (the guard drops packets until the door opens)".to_owned();
+        // Returning drops `pending`, which aborts the attempts still waiting.
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Err(last),
@@ -68,7 +69,6 @@ pub fn open_door(addrs: &[SocketAddr], within: Duration) -> Result<(TcpStream, D
                 },
             }
         }
-        // Dropping `pending` here aborts the attempts still waiting.
     });
     let stream = won.map_err(shut)?;
     let stream = stream.into_std().map_err(|e| shut(e.to_string()))?;
