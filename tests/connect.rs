@@ -273,14 +273,16 @@ fn connect_relays_to_the_end_and_says_why_it_could_not_get_in() {
     let s = Setup::with("conexit", config("nftables", 30).services([ssh(), web]));
     let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _web = echo_service(&s.lab.server, &format!("{SERVER}:80"));
+    let _ssh6 = echo_service(&s.lab.server, &format!("[{}]:22", nxknock::lab::SERVER_V6));
     let cred = s.add_user("alice", &[]);
     let connect = |extra: &[&str], host_port: [&str; 2], input: &[u8]| {
         let mut child = s
             .lab
             .client
             .cmd("timeout")
-            .args(["20", BIN, "connect", "--credential", cred.to_str().unwrap(), "--ip", CLIENT])
+            .args(["20", BIN, "connect", "--credential", cred.to_str().unwrap()])
             .args(if extra.contains(&"--server") { &[][..] } else { &["--server", SERVER][..] })
+            .args(if extra.contains(&"--ip") { &[][..] } else { &["--ip", CLIENT][..] })
             .args(extra)
             .args(host_port)
             .stdin(Stdio::piped())
@@ -300,6 +302,12 @@ fn connect_relays_to_the_end_and_says_why_it_could_not_get_in() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == data, "relayed {} of {} bytes back", out.stdout.len(), data.len());
     assert!(out.stderr.is_empty(), "connect is quiet on success: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Over IPv6, the host given as ssh gives %h: a bare address.
+    let v6 = nxknock::lab::CLIENT_V6.to_string();
+    let out = connect(&["--ip", &v6], [&nxknock::lab::SERVER_V6.to_string(), "22"], b"over six");
+    assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
+    assert_eq!(out.stdout, b"over six");
 
     // A door for ssh does not admit port 80: 6, after the bounded retries.
     let out = connect(&["--service", "ssh"], [SERVER, "80"], b"x");
