@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::client::{self, KnockRequest, Target};
 use crate::config::Config;
@@ -15,6 +15,7 @@ use crate::credential::Credential;
 use crate::dns::Zone;
 use crate::enrol::{self, UserSpec};
 use crate::netaddr::Prefix;
+use crate::profile::{self, Profile, ProfileFile};
 use crate::store::{SqliteStore, Store};
 use crate::token::{Form, ZoneId};
 
@@ -49,8 +50,13 @@ pub enum Command {
     Store(StoreCmd),
     /// Print the next one-time knock names (for dig, host, nslookup or a printed list).
     Otp {
+        /// Profile whose credential to use (default: the profile file's `default`).
         #[arg(long)]
-        credential: PathBuf,
+        profile: Option<String>,
+        /// Credential file (default: the profile's).
+        #[arg(long)]
+        credential: Option<PathBuf>,
+        /// How many names to print (1 to 1000), each usable once, in order.
         #[arg(long, default_value_t = 1)]
         count: u64,
         /// Print *bound* names that open for this address (valid for the server's
@@ -70,6 +76,9 @@ pub enum Command {
     },
     /// Send a knock.
     Knock(KnockArgs),
+    /// Knock, get through the door and relay stdin/stdout over the connection:
+    /// `ssh -o ProxyCommand="nxknock connect %h %p" HOST`.
+    Connect(ConnectArgs),
     /// List open doors: user, address, service, time left, via.
     Doors {
         #[command(flatten)]
@@ -85,6 +94,17 @@ pub enum Command {
     UninstallFirewall(ConfigArg),
     /// Run the whole story in throwaway network namespaces (root).
     Demo,
+    /// Write manual pages (troff), one per command, into a directory.
+    Man {
+        /// Directory to write `nxknock.1`, `nxknock-knock.1`, … into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,7 +118,9 @@ pub enum StoreCmd {
 pub enum UserCmd {
     /// Enrol a user and write their credential file (0600).
     Add {
+        /// The user's name (for the operator's eyes; never sent in a knock).
         name: String,
+        /// Where to write the user's credential file (0600; never overwritten).
         #[arg(long)]
         out: PathBuf,
         /// Service the user may open (repeat; default: all).
@@ -119,19 +141,26 @@ pub enum UserCmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// List users: knocks used per chain, state, services, source networks.
     List(ConfigArg),
+    /// Revoke a user: their knocks stop working and their open doors close.
     Revoke {
+        /// The user to revoke.
         name: String,
         #[command(flatten)]
         config: ConfigArg,
     },
     /// Give a user a fresh chain and MAC key (and un-revoke).
     Rekey {
+        /// The user to rekey.
         name: String,
+        /// Where to write the new credential file (0600; never overwritten).
         #[arg(long)]
         out: PathBuf,
+        /// Knocks in the new chain before the next rekey is needed.
         #[arg(long, default_value_t = 10_000)]
         chain_len: u64,
+        /// Nameserver address to record in the credential for `knock`.
         #[arg(long)]
         server: Option<String>,
         #[command(flatten)]
@@ -139,10 +168,17 @@ pub enum UserCmd {
     },
 }
 
-#[derive(Args, Debug)]
-pub struct KnockArgs {
+/// Where and how to knock: shared by `knock` and `connect`. Every value not given
+/// here comes from the client profile (see [`crate::profile`]).
+#[derive(Args, Debug, Clone)]
+pub struct KnockOpts {
+    /// Client profile to use (default: the `default` of the profile file,
+    /// $XDG_CONFIG_HOME/nxknock/client.toml); flags override its values.
     #[arg(long)]
-    pub credential: PathBuf,
+    pub profile: Option<String>,
+    /// Credential file (default: the profile's).
+    #[arg(long)]
+    pub credential: Option<PathBuf>,
     /// Knock transport: `dns` (a query), `udp` (one datagram to the server's UDP
     /// knock port; needs --ip), `tcp` or `udp-seq` (a port sequence of SYNs or
     /// datagrams; opens for the address the server sees).
@@ -150,13 +186,14 @@ pub struct KnockArgs {
     pub via: String,
     /// With --via udp: the server's UDP knock port; with --via tcp|udp-seq: its
     /// sequence range LO-HI. Default: what the credential records.
-    #[arg(long)]
-    pub port: Option<String>,
-    /// Query this nameserver directly (ADDR or ADDR:PORT). With --resolver too, the
-    /// knock goes through the resolver and the server is only asked for --ip auto.
+    #[arg(long = "port", id = "knock_port", value_name = "PORT|LO-HI")]
+    pub knock_port: Option<String>,
+    /// Query this nameserver directly (HOST or HOST:PORT; a name or an address). With
+    /// --resolver too, the knock goes through the resolver and the server is only
+    /// asked for --ip auto.
     #[arg(long)]
     pub server: Option<String>,
-    /// Query through this recursive resolver (ADDR or ADDR:PORT), or `system` for
+    /// Query through this recursive resolver (HOST or HOST:PORT), or `system` for
     /// the first nameserver in /etc/resolv.conf.
     #[arg(long)]
     pub resolver: Option<String>,
@@ -170,19 +207,52 @@ pub struct KnockArgs {
     /// Service to open (default: every service you may open).
     #[arg(long)]
     pub service: Option<String>,
-    /// Close your open doors for this address instead of opening.
-    #[arg(long)]
-    pub close: bool,
     /// Attempts before giving up.
     #[arg(long, default_value_t = 3)]
     pub attempts: u32,
-    /// After the answer, retry a TCP connect to ADDR:PORT quickly (up to 3 s) until
+}
+
+#[derive(Args, Debug)]
+pub struct KnockArgs {
+    #[command(flatten)]
+    pub opts: KnockOpts,
+    /// Close your open doors for this address instead of opening.
+    #[arg(long)]
+    pub close: bool,
+    /// After the answer, retry a TCP connect to HOST:PORT quickly (up to 3 s) until
     /// the door admits it: closes the short race between the NXDOMAIN and the door.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub wait: Option<SocketAddr>,
+    /// The test connection spends a single-use door; `connect` does not.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub wait: Option<String>,
     /// Program to run after the knock (and --wait), e.g. `-- ssh user@host`; never a shell.
     #[arg(last = true)]
     pub run: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub opts: KnockOpts,
+    /// Host to connect to after the knock (a name or an address; ssh's %h).
+    pub host: String,
+    /// TCP port to connect to (ssh's %p).
+    pub port: u16,
+}
+
+/// How long `--wait` and `connect` retry the connection after the knock's answer.
+const DOOR_WAIT: Duration = Duration::from_secs(3);
+
+/// The process exit status for an error: a knock that reached nothing, the wrong
+/// server or an unknown service says which (3, 4, 5, see [`client::KnockError`]);
+/// a door that did not admit the connection after a good knock is 6; anything else 1.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(k) = e.downcast_ref::<client::KnockError>() {
+        k.exit_code()
+    } else if e.downcast_ref::<crate::connect::DoorShut>().is_some() {
+        6
+    } else {
+        1
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -211,10 +281,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Otp { credential, count, ip, service, via, port } => {
+        Command::Otp { profile, credential, count, ip, service, via, port } => {
             if count == 0 || count > 1000 {
                 bail!("--count must be between 1 and 1000");
             }
+            let needed = credential.is_none();
+            let credential = match (credential, client_profile(profile.as_deref(), needed)?) {
+                (Some(c), _) => c,
+                (None, Some((p, path))) => profile_credential(p, &path)?,
+                (None, None) => unreachable!("client_profile returns a profile when it is needed"),
+            };
             if let Some(how) = crate::direct::Direct::parse(&via)? {
                 return otp_direct(&credential, count, ip, service.as_deref(), how, port.as_deref());
             }
@@ -228,6 +304,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Knock(k) => knock(k),
+        Command::Connect(c) => connect(c),
         Command::Doors { config, json, blocked: false } => doors(&Config::load(&config.config)?, json),
         Command::Doors { config, json, blocked: true } => blocked(&Config::load(&config.config)?, json),
         Command::UninstallFirewall(c) => {
@@ -246,6 +323,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => crate::demo::run(),
+        Command::Man { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out)
+                .with_context(|| format!("write pages to {}", out.display()))?;
+            eprintln!("manual pages written to {}", out.display());
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "nxknock", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 
@@ -381,83 +469,146 @@ fn otp_direct(
     Ok(())
 }
 
-/// `knock --via udp|tcp|udp-seq`: straight to the host (the capture listener).
-fn knock_direct(k: &KnockArgs, how: crate::direct::Direct) -> anyhow::Result<()> {
+/// `--via udp|tcp|udp-seq`: straight to the host (the capture listener). Returns
+/// what to tell the user.
+fn send_direct(o: &KnockOpts, plan: &KnockPlan, close: bool, how: crate::direct::Direct) -> anyhow::Result<String> {
     use crate::direct::{self, Direct};
-    let cred = Credential::load(&k.credential)?;
-    let server = k.server.as_ref().or(cred.server.as_ref()).context("--server ADDR: the host to knock at")?;
-    let server = client::parse_endpoint(server)?.ip();
+    let cred = Credential::load(&plan.credential)?;
+    let server = plan.server.as_ref().or(cred.server.as_ref()).context("--server HOST: the host to knock at")?;
+    let server = client::parse_endpoint(server).context("--server")?.ip();
     if how == Direct::Udp {
-        let ip: IpAddr = match k.ip.as_deref() {
+        let ip: IpAddr = match plan.ip.as_deref() {
             Some(s) => s.parse().with_context(|| format!("--ip {s:?} is not an IP address"))?,
             None => bail!("--via udp sends a bound knock: --ip ADDR (the address the door should admit) is required"),
         };
-        let port = direct::udp_port(&cred, k.port.as_deref())?;
-        let name = client::bound_name(&k.credential, ip, k.service.as_deref(), k.close)?;
+        let port = direct::udp_port(&cred, o.knock_port.as_deref())?;
+        let name = client::bound_name(&plan.credential, ip, plan.service.as_deref(), close)?;
         direct::send_udp(server, port, direct::label_of(&name))?;
-        eprintln!("knocked for {ip}: one datagram to {server} port {port}");
-    } else {
-        if k.close || k.service.is_some() || k.ip.is_some() {
-            bail!(
-                "port sequences carry a plain element: no --close, --service or --ip (use --via udp or dns for those)"
-            );
-        }
-        let code = direct::sequence_code(&cred, k.port.as_deref())?;
-        let ports = direct::next_sequence(&k.credential, &code)?;
-        direct::send_sequence(server, &ports, how)?;
-        eprintln!("knocked: {} packets to {server} ports {}-{}", ports.len(), code.range().0, code.range().1);
+        return Ok(format!("knocked for {ip}: one datagram to {server} port {port}"));
     }
-    after_knock(k)
+    if close || plan.service.is_some() || plan.ip.is_some() {
+        bail!("port sequences carry a plain element: no --close, --service or --ip (use --via udp or dns for those)");
+    }
+    let code = direct::sequence_code(&cred, o.knock_port.as_deref())?;
+    let ports = direct::next_sequence(&plan.credential, &code)?;
+    direct::send_sequence(server, &ports, how)?;
+    Ok(format!("knocked: {} packets to {server} ports {}-{}", ports.len(), code.range().0, code.range().1))
 }
 
-fn knock(k: KnockArgs) -> anyhow::Result<()> {
-    if let Some(how) = crate::direct::Direct::parse(&k.via)? {
-        return knock_direct(&k, how);
+/// The knock options with the profile filled in: flags win, then the profile.
+struct KnockPlan {
+    credential: PathBuf,
+    server: Option<String>,
+    resolver: Option<String>,
+    ip: Option<String>,
+    service: Option<String>,
+}
+
+/// The client profile when one is asked for (`--profile`) or `needed` (no
+/// `--credential`), with the file it came from; `None` when neither.
+fn client_profile(name: Option<&str>, needed: bool) -> anyhow::Result<Option<(Profile, PathBuf)>> {
+    if name.is_none() && !needed {
+        return Ok(None);
     }
-    let cred = Credential::load(&k.credential)?;
-    let target = match (&k.server, &k.resolver, &cred.server) {
+    let path = profile::default_path()?;
+    if name.is_none() && !path.exists() {
+        bail!(
+            "no --credential given and no client profile file {p}: pass --credential FILE, or write {p} \
+             (mode 0600) with `default = \"NAME\"` and a [profile.NAME] table with `credential = \"FILE\"`",
+            p = path.display()
+        );
+    }
+    let file = ProfileFile::load(&path)?;
+    Ok(Some((file.select(&path, name)?.clone(), path)))
+}
+
+fn profile_credential(p: Profile, path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    p.credential.ok_or_else(|| {
+        anyhow::anyhow!("no --credential given and the profile in {} has no `credential = \"FILE\"`", path.display())
+    })
+}
+
+impl KnockPlan {
+    fn new(o: &KnockOpts) -> anyhow::Result<KnockPlan> {
+        let Some((p, path)) = client_profile(o.profile.as_deref(), o.credential.is_none())? else {
+            let credential = o.credential.clone().expect("a profile is needed without --credential");
+            return Ok(KnockPlan {
+                credential,
+                server: o.server.clone(),
+                resolver: o.resolver.clone(),
+                ip: o.ip.clone(),
+                service: o.service.clone(),
+            });
+        };
+        let pick = |flag: &Option<String>, from_profile: &Option<String>| flag.clone().or_else(|| from_profile.clone());
+        Ok(KnockPlan {
+            server: pick(&o.server, &p.server),
+            resolver: pick(&o.resolver, &p.resolver),
+            ip: pick(&o.ip, &p.ip),
+            service: pick(&o.service, &p.service),
+            credential: match &o.credential {
+                Some(c) => c.clone(),
+                None => profile_credential(p, &path)?,
+            },
+        })
+    }
+}
+
+/// Send the knock `o` and `plan` describe. Returns the address the door admits and the report.
+fn send_knock(o: &KnockOpts, plan: &KnockPlan, close: bool) -> anyhow::Result<(IpAddr, client::KnockReport)> {
+    let cred = Credential::load(&plan.credential)?;
+    let target = match (&plan.server, &plan.resolver, &cred.server) {
         (_, Some(r), _) if r == "system" => {
             Target::Resolver(client::system_resolver(std::path::Path::new("/etc/resolv.conf"))?)
         }
-        (_, Some(r), _) => Target::Resolver(client::parse_endpoint(r)?),
-        (Some(s), None, _) => Target::Server(client::parse_endpoint(s)?),
-        (None, None, Some(s)) => Target::Server(client::parse_endpoint(s)?),
-        _ => bail!("say where to knock: --server ADDR (the zone's nameserver) or --resolver ADDR"),
+        (_, Some(r), _) => Target::Resolver(client::parse_endpoint(r).context("--resolver")?),
+        (Some(s), None, _) => Target::Server(client::parse_endpoint(s).context("--server")?),
+        (None, None, Some(s)) => Target::Server(
+            client::parse_endpoint(s).with_context(|| format!("`server` in {}", plan.credential.display()))?,
+        ),
+        _ => bail!("say where to knock: --server HOST (the zone's nameserver) or --resolver HOST"),
     };
-    let ip: IpAddr = match k.ip.as_deref() {
-        Some("auto") => auto_ip(&k, &cred)?,
+    let ip: IpAddr = match plan.ip.as_deref() {
+        Some("auto") => auto_ip(plan.server.as_ref(), &cred)?,
         Some(s) => s.parse().with_context(|| format!("--ip {s:?} is not an IP address or \"auto\""))?,
         None => bail!(
             "--ip ADDR is required: the public address the door should admit (the one your connection will come from)"
         ),
     };
     let report = client::knock(
-        &k.credential,
+        &plan.credential,
         &KnockRequest {
             target,
             ip,
-            service: k.service.clone(),
-            close: k.close,
-            attempts: k.attempts,
+            service: plan.service.clone(),
+            close,
+            attempts: o.attempts,
             timeout: Duration::from_millis(1000),
-            tcp: k.tcp,
+            tcp: o.tcp,
         },
     )?;
-    eprintln!(
-        "knocked for {ip}: {} answer in {:.1} ms after {} attempt(s)",
-        report.rcode,
-        report.elapsed.as_secs_f64() * 1000.0,
-        report.attempts
-    );
-    after_knock(&k)
+    Ok((ip, report))
 }
 
-/// `--wait` and the program to run, after any kind of knock.
-fn after_knock(k: &KnockArgs) -> anyhow::Result<()> {
-    if let Some(addr) = k.wait {
-        let waited = client::wait_for_door(addr, Duration::from_secs(3))
-            .with_context(|| format!("{addr} did not accept a connection within 3 s of the knock"))?;
-        eprintln!("door open: {addr} accepted a connection {:.1} ms after the answer", waited.as_secs_f64() * 1000.0);
+fn knock(k: KnockArgs) -> anyhow::Result<()> {
+    let plan = KnockPlan::new(&k.opts)?;
+    // Resolve --wait before knocking: a name that does not resolve spends no element.
+    let wait = k.wait.as_deref().map(|w| client::resolve_endpoint(w, None).context("--wait")).transpose()?;
+    if let Some(how) = crate::direct::Direct::parse(&k.opts.via)? {
+        eprintln!("{}", send_direct(&k.opts, &plan, k.close, how)?);
+    } else {
+        let (ip, report) = send_knock(&k.opts, &plan, k.close)?;
+        eprintln!(
+            "knocked for {ip}: {} answer in {:.1} ms after {} attempt(s)",
+            report.rcode,
+            report.elapsed.as_secs_f64() * 1000.0,
+            report.attempts
+        );
+    }
+    if let Some(addrs) = wait {
+        let (conn, waited) = crate::connect::open_door(&addrs, DOOR_WAIT)?;
+        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        eprintln!("door open: {peer} accepted a connection {:.1} ms after the answer", waited.as_secs_f64() * 1000.0);
     }
     if let Some((program, args)) = k.run.split_first() {
         use std::os::unix::process::CommandExt;
@@ -467,12 +618,52 @@ fn after_knock(k: &KnockArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `connect`: knock, get through the door, relay stdin/stdout. Quiet on success
+/// (ssh shows a ProxyCommand's stderr); stdout carries only the relayed bytes.
+fn connect(c: ConnectArgs) -> anyhow::Result<()> {
+    let plan = KnockPlan::new(&c.opts)?;
+    // Resolve the host before knocking: a name that does not resolve spends no element.
+    let addrs = client::resolve_host(&c.host, c.port)?;
+    let ip = match crate::direct::Direct::parse(&c.opts.via)? {
+        Some(how) => {
+            let said = send_direct(&c.opts, &plan, false, how)?;
+            tracing::debug!(said, "knocked");
+            plan.ip.as_deref().and_then(|i| i.parse::<IpAddr>().ok())
+        }
+        None => {
+            let (ip, report) = send_knock(&c.opts, &plan, false)?;
+            tracing::debug!(%ip, rcode = %report.rcode, attempts = report.attempts, "knocked");
+            Some(ip)
+        }
+    };
+    // The door admits `ip`: connect over its address family when the host has one.
+    let same: Vec<SocketAddr> =
+        addrs.iter().copied().filter(|a| ip.is_none_or(|ip| a.is_ipv4() == ip.is_ipv4())).collect();
+    let addrs = if same.is_empty() { addrs } else { same };
+    let (conn, waited) = crate::connect::open_door(&addrs, DOOR_WAIT)?;
+    tracing::debug!(peer = ?conn.peer_addr().ok(), waited_ms = waited.as_millis() as u64, "door open");
+    crate::connect::relay(conn, std::io::stdin(), stdout_file()).context("relay")
+}
+
+/// Standard output as a file this process owns, so that the relay can close it
+/// when the server closes (ssh reads that end of file as the connection's end).
+fn stdout_file() -> std::fs::File {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let _ = std::io::stdout().flush();
+    // SAFETY: fd 1 is open for the life of the process, and after this point
+    // nothing in `connect` writes to stdout except through this File (all
+    // diagnostics go to stderr), so closing it here cannot pull it from under
+    // another user.
+    unsafe { std::fs::File::from_raw_fd(1) }
+}
+
 /// `--ip auto`: ask the nameserver directly which address it sees.
-fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
-    let server = k.server.as_ref().or(cred.server.as_ref()).ok_or_else(|| {
+fn auto_ip(server: Option<&String>, cred: &Credential) -> anyhow::Result<IpAddr> {
+    let server = server.or(cred.server.as_ref()).ok_or_else(|| {
         anyhow::anyhow!(
-            "--ip auto needs the nameserver's address (--server ADDR, or `server` in the credential) to ask it directly; \
-             through a resolver it would see the resolver. Pass --ip YOUR.PUBLIC.IP instead"
+            "--ip auto needs the nameserver's address (--server HOST, or `server` in the credential) to ask it \
+             directly; through a resolver it would see the resolver. Pass --ip YOUR.PUBLIC.IP instead"
         )
     })?;
     let addr = client::parse_endpoint(server)?;
@@ -519,4 +710,47 @@ fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command and every argument says what it is for: `--help`, the man
+    /// pages and the shell completions are all generated from these strings.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "nxknock", &mut missing);
+        assert!(missing.is_empty(), "no help text for: {}", missing.join(", "));
+    }
+
+    #[test]
+    fn knock_and_connect_share_their_options() {
+        let knock = Cli::try_parse_from(["nxknock", "knock", "--profile", "w", "--ip", "auto", "--close"]).unwrap();
+        let Command::Knock(k) = knock.command else { panic!("knock") };
+        assert_eq!((k.opts.profile.as_deref(), k.opts.ip.as_deref(), k.close), (Some("w"), Some("auto"), true));
+        let c = Cli::try_parse_from(["nxknock", "connect", "--credential", "c", "--server", "ns1", "h.example", "22"])
+            .unwrap();
+        let Command::Connect(c) = c.command else { panic!("connect") };
+        assert_eq!((c.host.as_str(), c.port, c.opts.server.as_deref()), ("h.example", 22, Some("ns1")));
+        // `connect` only knocks to open: it has no --close, --wait or program to run.
+        assert!(Cli::try_parse_from(["nxknock", "connect", "--close", "h", "22"]).is_err());
+    }
 }

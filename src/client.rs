@@ -102,13 +102,46 @@ pub fn whoami(server: SocketAddr, cred: &Credential, timeout: Duration) -> anyho
     }
 }
 
-/// Parse `ADDR` or `ADDR:PORT` (port 53 by default; IPv6 as `[::1]:53` or bare).
+/// A nameserver or resolver: `HOST` or `HOST:PORT` (port 53 by default), where HOST
+/// is an address (IPv6 bare or as `[::1]:53`) or a name the system resolves.
+/// A name with several addresses gives the first.
 pub fn parse_endpoint(s: &str) -> anyhow::Result<SocketAddr> {
+    Ok(resolve_endpoint(s, Some(53))?.remove(0))
+}
+
+/// `HOST:PORT` (or `HOST` when `default_port` is given) to its addresses, in the
+/// system resolver's order (`/etc/hosts`, then DNS, as `getaddrinfo` does). Never empty.
+pub fn resolve_endpoint(s: &str, default_port: Option<u16>) -> anyhow::Result<Vec<SocketAddr>> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok(sa);
+        return Ok(vec![sa]);
     }
-    let ip: IpAddr = s.parse().with_context(|| format!("{s:?} is not an address or address:port"))?;
-    Ok(SocketAddr::new(ip, 53))
+    let (host, port) = match s.rsplit_once(':') {
+        // `[v6]:port`, or `name:port`; a bare IPv6 address has more than one colon.
+        Some((h, p)) if h.starts_with('[') || !h.contains(':') => {
+            (h, p.parse::<u16>().with_context(|| format!("{s:?}: {p:?} is not a port number"))?)
+        }
+        _ => (s, default_port.with_context(|| format!("{s:?}: give HOST:PORT"))?),
+    };
+    resolve_host(host, port)
+}
+
+/// `host` (an address, `[v6]`, or a name) and `port` to socket addresses. A name
+/// that does not resolve is an error that names it. Never empty.
+pub fn resolve_host(host: &str, port: u16) -> anyhow::Result<Vec<SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    if bare.is_empty() || bare.contains(['[', ']', '/', ' ']) {
+        bail!("{host:?} is not a host name or address");
+    }
+    let addrs: Vec<SocketAddr> =
+        (bare, port).to_socket_addrs().with_context(|| format!("cannot resolve host name {bare:?}"))?.collect();
+    if addrs.is_empty() {
+        bail!("host name {bare:?} has no address");
+    }
+    Ok(addrs)
 }
 
 /// The next `count` *bound* knock names for `ip`, stamped now: usable with `dig`
@@ -224,23 +257,6 @@ pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockRepor
     Err(KnockError::NoAnswer { server: addr, attempts: req.attempts.max(1) }.into())
 }
 
-/// Retry a TCP connect to `addr` every few milliseconds until it succeeds or
-/// `within` passes. A dropped SYN would otherwise cost a 1 s retransmit if the
-/// first attempt raced the door. Returns how long it took.
-pub fn wait_for_door(addr: SocketAddr, within: Duration) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    loop {
-        let left = within.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            bail!("no connection within {within:?}");
-        }
-        if std::net::TcpStream::connect_timeout(&addr, left.min(Duration::from_millis(50))).is_ok() {
-            return Ok(started.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// One query, one answer (UDP or TCP), checked to be the answer to *this* query.
 fn exchange(
     addr: SocketAddr,
@@ -303,5 +319,28 @@ fn exchange(
         if matches(&resp) {
             return Ok(resp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_take_addresses_names_and_ports() {
+        let one = |s: &str| parse_endpoint(s).unwrap().to_string();
+        assert_eq!(one("198.18.0.1"), "198.18.0.1:53");
+        assert_eq!(one("198.18.0.1:5353"), "198.18.0.1:5353");
+        assert_eq!(one("2001:db8::1"), "[2001:db8::1]:53");
+        assert_eq!(one("[2001:db8::1]:5353"), "[2001:db8::1]:5353");
+        // `localhost` is in every /etc/hosts.
+        assert!(parse_endpoint("localhost:5353").unwrap().ip().is_loopback());
+        assert_eq!(resolve_host("[::1]", 22).unwrap(), vec!["[::1]:22".parse().unwrap()]);
+        let e = format!("{:#}", resolve_endpoint("localhost", None).unwrap_err());
+        assert!(e.contains("HOST:PORT"), "{e}");
+        let e = format!("{:#}", parse_endpoint("198.18.0.1:dns").unwrap_err());
+        assert!(e.contains("port"), "{e}");
+        let e = format!("{:#}", resolve_host("bad host", 22).unwrap_err());
+        assert!(e.contains("bad host"), "{e}");
     }
 }

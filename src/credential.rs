@@ -10,7 +10,11 @@
 //! an atomic rename (a crash leaves the old or the new file, never half of one),
 //! and refused when group or others can read it (Doorman's `.knockcf` rule).
 //! Elements are reserved — the counter saved — *before* they are printed or
-//! sent, so no element is ever handed out twice.
+//! sent, so no element is ever handed out twice: [`Credential::take`] holds an
+//! exclusive `flock` on a sibling lock file (`.NAME.lock`) while it re-reads,
+//! advances and saves the counter, so two `otp`/`knock` processes on one
+//! credential never hand out the same element. (The lock cannot be on the
+//! credential itself: the rename replaces its inode.)
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -247,9 +251,30 @@ impl Credential {
         Ok(())
     }
 
+    /// The lock file beside `path` (`.NAME.lock`, 0600, never removed: removing it
+    /// would let a later process lock a new inode while an old holder still runs).
+    fn lock_file(path: &Path) -> Result<std::fs::File, CredentialError> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let lock = dir.join(format!(".{name}.lock"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock)
+            .map_err(|source| CredentialError::Io { path: lock, source })
+    }
+
     /// Reserve the next `n` elements of `form`'s chain, save the file, then return
     /// them in knock order.
+    ///
+    /// The counters are re-read under the credential's lock first: another
+    /// process may have advanced them since this copy was loaded.
     pub fn take(&mut self, path: &Path, form: Form, n: u64) -> Result<Vec<Element>, CredentialError> {
+        let mut lock = fd_lock::RwLock::new(Self::lock_file(path)?);
+        let _held = lock.write().map_err(|source| CredentialError::Io { path: path.to_owned(), source })?;
+        *self = Credential::load(path)?;
         let used = self.used(form);
         let left = self.chain_len - used;
         if n > left {
@@ -316,6 +341,28 @@ mod tests {
         assert_eq!(c.take(&path, Form::Plain, 6).unwrap().last(), Some(&p(0)));
         assert_eq!(Credential::load(&path).unwrap().used_bound, 1);
         assert!(cred("alice", &seed, &[1; 32], 10).create(&path).is_err());
+    }
+
+    #[test]
+    fn concurrent_takes_never_hand_out_an_element_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        cred("dora", &Seed([9; 32]), &[2; 32], 400).create(&path).unwrap();
+        // Each thread loads its own (soon stale) copy first, as a separate process would.
+        let copies: Vec<Credential> = (0..8).map(|_| Credential::load(&path).unwrap()).collect();
+        let handed: Vec<Element> = std::thread::scope(|s| {
+            let threads: Vec<_> = copies
+                .into_iter()
+                .map(|mut c| {
+                    let path = &path;
+                    s.spawn(move || (0..5).flat_map(|_| c.take(path, Form::Plain, 5).unwrap()).collect::<Vec<_>>())
+                })
+                .collect();
+            threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+        });
+        let distinct: std::collections::HashSet<_> = handed.iter().map(|e| e.0).collect();
+        assert_eq!((handed.len(), distinct.len()), (200, 200), "an element was handed out twice");
+        assert_eq!(Credential::load(&path).unwrap().used_plain, 200);
     }
 
     #[test]

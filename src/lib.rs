@@ -10,7 +10,8 @@
 //!   commits the chain advance to the [`store`] *before* asking for a door.
 //! * [`firewall`] backends turn a door request into a kernel set element with a timeout.
 //!
-//! [`client`] is the user side (`otp`, `knock`), [`config`] the operator's TOML, and
+//! [`client`] is the user side (`otp`, `knock`; [`connect`] for ssh's ProxyCommand,
+//! [`profile`] for the options a user would otherwise type), [`config`] the operator's TOML, and
 //! [`lab`] the network-namespace harness shared by `nxknock demo`, the tests and the benchmark.
 
 pub mod capture;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod connect;
 pub mod credential;
 pub mod demo;
 pub mod direct;
@@ -31,6 +33,7 @@ pub mod lab;
 pub mod limit;
 pub mod netaddr;
 pub mod privilege;
+pub mod profile;
 pub mod server;
 pub mod store;
 pub mod token;

@@ -24,11 +24,8 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nxknock: error: {e:#}");
-            // A knock that reached nothing, or the wrong server, says which (3, 4, 5).
-            match e.downcast_ref::<nxknock::client::KnockError>() {
-                Some(k) => std::process::ExitCode::from(k.exit_code()),
-                None => std::process::ExitCode::FAILURE,
-            }
+            // A knock that reached nothing, or the wrong server, says which (3, 4, 5, 6).
+            std::process::ExitCode::from(nxknock::cli::exit_code(&e))
         }
     }
 }
