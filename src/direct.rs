@@ -15,7 +15,6 @@
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -95,9 +94,6 @@ pub fn send_sequence(server: IpAddr, ports: &[u16], how: Direct) -> anyhow::Resu
             }
             None => syn(to).with_context(|| format!("connect to {to}"))?,
         }
-        // A breath between packets keeps them in order on the wire (the listener
-        // does not need the order, but fewer surprises for middleboxes).
-        std::thread::sleep(Duration::from_micros(200));
     }
     Ok(())
 }
