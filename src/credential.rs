@@ -183,9 +183,14 @@ impl Credential {
             return Err(CredentialError::Permissions { path: path.to_owned(), mode: mode & 0o777 });
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
+        Credential::parse(&text, path)
+    }
+
+    /// Parse and check a credential's text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Credential, CredentialError> {
         let invalid = |detail: String| CredentialError::Invalid { path: path.to_owned(), detail };
         // Tell an old format apart before the strict parse, so its error says what to do.
-        let loose: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
+        let loose: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
         let found = loose.get("format").and_then(|v| v.as_integer()).unwrap_or(1);
         if found != i64::from(FORMAT) {
             let user = loose.get("user").and_then(|v| v.as_str()).unwrap_or("NAME").to_owned();
@@ -195,7 +200,7 @@ impl Credential {
                 user,
             });
         }
-        let c: Credential = toml::from_str(&text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
+        let c: Credential = toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
         if HEXLOWER.decode(c.seed.as_bytes()).map(|b| b.len()) != Ok(32) {
             return Err(invalid("seed: expected 64 lowercase hex digits".into()));
         }

@@ -27,6 +27,8 @@ pub mod dns;
 pub mod doors;
 pub mod enrol;
 pub mod firewall;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 pub mod knock;
 pub mod lab;

@@ -354,36 +354,84 @@ fn soa_after_label_of(handler: &KnockHandler, len: usize) -> Option<Vec<u8>> {
     fits.then(|| bytes[question_end..].to_vec())
 }
 
+/// Captures what hickory's path would send (for [`Differential`] and the tests).
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Capture {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode_udp(response)?;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = bytes;
+        Ok(info)
+    }
+}
+
+/// The fast path and hickory's path side by side, for the fuzz target and the
+/// corpus replay (`crate::fuzzing`): neither may panic on any datagram, and where
+/// the fast path answers, its bytes must be exactly hickory's.
+#[doc(hidden)]
+pub struct Differential {
+    fp: FastPath,
+    _knocks: std::sync::Mutex<std::sync::mpsc::Receiver<crate::knock::Knock>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Differential {
+    pub fn new(zone: super::Zone) -> Differential {
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let h = KnockHandler::new(zone, tx, Arc::new(super::DnsStats::default()))
+            .with_whoami(Default::default(), vec![0; 16]);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        Differential { fp: FastPath::new(Arc::new(h)), _knocks: std::sync::Mutex::new(rx), rt }
+    }
+
+    /// hickory's answer to `q` (empty when it sends nothing).
+    pub fn hickory(&self, q: &[u8]) -> Vec<u8> {
+        let cap = Capture::default();
+        self.rt.block_on(slow_path(
+            &self.fp.handler,
+            q.to_vec(),
+            SocketAddr::from(([192, 0, 2, 7], 5353)),
+            cap.clone(),
+        ));
+        cap.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The fast path's answer, if it takes `q` at all.
+    pub fn fast(&self, q: &[u8]) -> Option<Vec<u8>> {
+        let k = self.fp.classify(q)?;
+        let mut out = Vec::new();
+        self.fp.answer(q, k, &mut out);
+        Some(out)
+    }
+
+    /// Both paths on `q`; an error when the fast path's bytes differ from hickory's.
+    pub fn check(&self, q: &[u8]) -> Result<(), String> {
+        let slow = self.hickory(q);
+        match self.fast(q) {
+            Some(fast) if fast != slow => Err(format!("fast {fast:02x?} != hickory {slow:02x?} for {q:02x?}")),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
     use std::sync::mpsc::sync_channel;
 
     use crate::dns::{DnsStats, Zone};
-
-    /// Captures what hickory's path would send.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    #[async_trait::async_trait]
-    impl ResponseHandler for Capture {
-        async fn send_response<'a>(
-            &mut self,
-            response: MessageResponse<
-                '_,
-                'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-            >,
-        ) -> Result<ResponseInfo, NetError> {
-            let (info, bytes) = encode_udp(response)?;
-            *self.0.lock().unwrap() = bytes;
-            Ok(info)
-        }
-    }
 
     fn fast_path(whoami: bool) -> (FastPath, std::sync::mpsc::Receiver<crate::knock::Knock>) {
         let zone_file = concat!(env!("CARGO_MANIFEST_DIR"), "/zones/knock.example.com.zone");
