@@ -24,6 +24,9 @@ pub struct Cli {
     /// Log filter (also RUST_LOG), e.g. "info" or "nxknock=debug".
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
+    /// Log as text or as one JSON object a line (default: `[log] format` for serve, else text).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -169,15 +172,24 @@ pub struct KnockArgs {
     pub run: Vec<String>,
 }
 
+impl Cli {
+    /// The log format: `--log-format`, else for `serve` the config's `[log] format`
+    /// (a config that does not load is reported by `serve` itself), else text.
+    pub fn log_format(&self) -> crate::config::LogFormat {
+        if let Some(f) = self.log_format {
+            return f;
+        }
+        match &self.command {
+            Command::Serve(c) => Config::load(&c.config).map(|c| c.log.format).unwrap_or_default(),
+            _ => crate::config::LogFormat::default(),
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(c) => crate::server::serve(Config::load(&c.config)?),
-        Command::CheckConfig(c) => {
-            let cfg = Config::load(&c.config)?;
-            let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
-            println!("{}: ok (zone {}, {} services)", c.config.display(), zone.apex, cfg.services.len());
-            Ok(())
-        }
+        Command::Serve(c) => crate::server::serve(&c.config),
+        Command::CheckConfig(c) => check_config(&c.config),
         Command::User(u) => user(u),
         Command::Store(StoreCmd::Upgrade(c)) => {
             let cfg = Config::load(&c.config)?;
@@ -229,6 +241,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Every check `serve` would make, every problem listed; exit status 1 on errors.
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let report = crate::check::check(path);
+    for f in &report.findings {
+        match f.severity {
+            crate::check::Severity::Error => eprintln!("error: {}", f.message),
+            crate::check::Severity::Warning => eprintln!("warning: {}", f.message),
+        }
+    }
+    match report.errors() {
+        0 => {
+            println!("{}: ok ({})", path.display(), report.summary.as_deref().unwrap_or("-"));
+            Ok(())
+        }
+        1 => bail!("{}: 1 error", path.display()),
+        n => bail!("{}: {n} errors", path.display()),
+    }
+}
+
 fn zone_id(cfg: &Config) -> anyhow::Result<ZoneId> {
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
     Ok(ZoneId::new(&zone.apex.to_ascii()))
@@ -261,7 +292,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::List(c) => {
             let cfg = Config::load(&c.config)?;
-            let mut store = SqliteStore::open(&cfg.store.path)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
             println!(
                 "{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} FROM",
                 "USER", "PLAIN", "BOUND", "CHAIN", "STATE", "SERVICES"
@@ -282,7 +313,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Revoke { name, config } => {
             let cfg = Config::load(&config.config)?;
-            let mut store = SqliteStore::open(&cfg.store.path)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
             if store.revoke(&name)? {
                 println!("revoked {name}");
             } else {
@@ -292,7 +323,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Rekey { name, out, chain_len, server, config } => {
             let cfg = Config::load(&config.config)?;
-            let mut store = SqliteStore::open(&cfg.store.path)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
             let services =
                 store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.services).unwrap_or_default();
             enrol::rekey(&mut store, &zone_id(&cfg)?, &name, chain_len, server, openable(&cfg, &services), &out)?;
@@ -377,7 +408,7 @@ fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
 }
 
 fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let mut store = SqliteStore::open(&cfg.store.path)?;
+    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
     let view = crate::doors::Doors::from_config(cfg).view(&mut store)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);

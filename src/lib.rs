@@ -13,6 +13,7 @@
 //! [`client`] is the user side (`otp`, `knock`), [`config`] the operator's TOML, and
 //! [`lab`] the network-namespace harness shared by `nxknock demo`, the tests and the benchmark.
 
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -27,7 +28,10 @@ pub mod hooks;
 pub mod knock;
 pub mod lab;
 pub mod limit;
+pub mod metrics;
 pub mod netaddr;
+pub mod notify;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod token;

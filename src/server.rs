@@ -1,12 +1,17 @@
 //! `nxknock serve`: wires listener -> knock -> verify -> door and runs until signalled.
 //!
-//! Start-up order matters: the store and zone are checked and the guard is
-//! installed *before* any socket answers, so a daemon that cannot protect its
-//! services refuses to start instead of serving knocks that open nothing.
-//! On SIGTERM/SIGINT the listeners stop and the guard stays in place (fail closed).
+//! Start-up order matters: the store and zone are checked and every socket is
+//! bound (DNS, metrics) *before* the guard is installed, so a daemon that cannot
+//! answer fails without leaving a guard behind; and the guard is installed before
+//! any socket answers, so a daemon that cannot protect its services refuses to
+//! start instead of serving knocks that open nothing. Only then does it tell
+//! systemd it is ready (`READY=1`, see [`crate::notify`]).
+//! SIGHUP reloads the config ([`crate::reload`]); on SIGTERM/SIGINT the listeners
+//! stop and the guard stays in place (fail closed).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, sync_channel};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -17,6 +22,8 @@ use crate::dns::{DnsStats, KnockHandler, SharedHandler, Zone};
 use crate::doors::Doors;
 use crate::knock::Knock;
 use crate::limit::DeepQueue;
+use crate::metrics::Metrics;
+use crate::reload;
 use crate::store::SqliteStore;
 use crate::token::ZoneId;
 use crate::verify::Verifier;
@@ -33,7 +40,9 @@ const DEEP_EVERY: u32 = 64;
 /// Deep-queue knocks older than this are dropped unwalked.
 const DEEP_MAX_WAIT: Duration = Duration::from_secs(10);
 
-pub fn serve(cfg: Config) -> anyhow::Result<()> {
+/// Serve the config at `path` (read again on SIGHUP).
+pub fn serve(path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
     let zone_id = ZoneId::new(&zone.apex.to_ascii());
     let mut store = SqliteStore::open(&cfg.store.path)?;
@@ -43,10 +52,25 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.dns.whoami {
         verifier.publish_keys(whoami_keys.clone())?;
     }
-    let doors = Doors::from_config(&cfg);
+    let metrics = Arc::new(Metrics::default());
+    let doors = Doors::from_config(&cfg).with_metrics(metrics.clone());
     let _owner = match cfg.firewall.backend {
         crate::firewall::BackendKind::None => None,
         _ => Some(claim_firewall(doors.backend_name())?),
+    };
+    // Every socket before the guard: an address that cannot be bound stops the
+    // daemon here, with nothing installed.
+    let threads = crate::dns::dns_threads();
+    let sockets = crate::dns::bind(&cfg.dns.listen, threads)
+        .context("cannot bind [dns] listen; nothing was installed in the firewall")?;
+    let metrics_listener = match &cfg.metrics {
+        Some(m) => {
+            let l = std::net::TcpListener::bind(m.listen)
+                .with_context(|| format!("cannot bind [metrics] listen {}; nothing was installed", m.listen))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
     };
     doors.install_guard().with_context(|| {
         format!("cannot install the {} guard; refusing to serve knocks that could open nothing", doors.backend_name())
@@ -57,9 +81,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let (tx, rx) = sync_channel::<Knock>(VERIFY_QUEUE);
     let deep = DeepQueue::new(cfg.dns.knocks_per_source, DEEP_QUEUE, DEEP_QUEUE_PER_LANE);
     let users = verifier.active_users();
+    let (reload_tx, reload_rx) = std::sync::mpsc::channel::<reload::Request>();
+    let summary_every = Duration::from_secs(cfg.log.summary_seconds);
     std::thread::Builder::new()
         .name("verify".into())
-        .spawn(move || verify_loop(verifier, doors, rx, deep))
+        .spawn(move || verify_loop(verifier, doors, rx, deep, reload_rx, summary_every))
         .context("spawn verifier thread")?;
     // The whole-file integrity check reads every page: it runs beside serving, so a
     // large database starts fast; a damaged one stops the daemon (the guard stays).
@@ -82,8 +108,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // query is received, answered and sent on one thread, with no task migration
     // or cross-core wake-up. Thread 0 (this one) also serves TCP (hickory) and
     // handles signals.
-    let threads = crate::dns::dns_threads();
-    let sockets = crate::dns::bind(&cfg.dns.listen, threads)?;
     let tcp_timeout = Duration::from_secs(cfg.dns.tcp_timeout_seconds);
     let stats = Arc::new(DnsStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -123,7 +147,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         workers.push(worker);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let (path, running) = (path.to_owned(), cfg.clone());
+    let metrics_stats = stats.clone();
     let result = runtime.block_on(async move {
+        if let Some(l) = metrics_listener {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!(listen = %l.local_addr()?, "metrics at /metrics");
+            tokio::spawn(crate::metrics::serve(l, metrics.clone(), metrics_stats));
+        }
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(reload_on_hup(hup, path, running, reload_tx, metrics));
         let fast = Arc::new(FastPath::new(handler.clone()));
         let mut udp_tasks = tokio::task::JoinSet::new();
         for s in main_udp {
@@ -139,6 +172,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             services = ?cfg.services.iter().map(|s| format!("{}={}/{}", s.name, s.proto, s.port)).collect::<Vec<_>>(),
             "nxknock serving"
         );
+        crate::notify::notify("READY=1\nSTATUS=serving");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping; the guard stays in place"),
@@ -146,6 +180,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             r = server.block_until_done() => r.context("dns server stopped")?,
             Some(r) = udp_tasks.join_next() => r.context("dns task")?.context("dns socket failed")?,
         }
+        crate::notify::notify("STOPPING=1");
         let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
         anyhow::Ok(())
     });
@@ -163,6 +198,56 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let _ = w.join();
     }
     result
+}
+
+/// SIGHUP, for as long as the daemon runs: read the config file again and hand
+/// what may change to the verify thread ([`crate::reload`]). A file that does not
+/// load is refused with the reason in the log, and the daemon goes on as it was.
+async fn reload_on_hup(
+    mut hup: tokio::signal::unix::Signal,
+    path: PathBuf,
+    mut running: Config,
+    to_verifier: Sender<reload::Request>,
+    metrics: Arc<Metrics>,
+) {
+    while hup.recv().await.is_some() {
+        crate::notify::reloading();
+        let outcome = match Config::load(&path) {
+            Err(error) => Err(format!("{error}")),
+            Ok(new) => {
+                for key in reload::restart_only(&running, &new) {
+                    tracing::warn!(key, "SIGHUP: this key changed but needs a restart; keeping the running value");
+                }
+                let next = reload::applicable(&running, new);
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                match to_verifier.send(reload::Request { config: next.clone(), reply }) {
+                    Err(_) => Err("the verifier thread has stopped".to_owned()),
+                    Ok(()) => match tokio::time::timeout(reload::APPLY_WITHIN, answer).await {
+                        Ok(Ok(Ok(()))) => {
+                            running = next;
+                            Ok(())
+                        }
+                        Ok(Ok(Err(why))) => Err(why),
+                        Ok(Err(_)) => Err("the verifier thread has stopped".to_owned()),
+                        Err(_) => Err("the verifier did not take the new config in time".to_owned()),
+                    },
+                }
+            }
+        };
+        metrics.reload(outcome.is_ok());
+        match outcome {
+            Ok(()) => tracing::info!(
+                config = %path.display(),
+                services = ?running.services.iter().map(|s| format!("{}={}/{}", s.name, s.proto, s.port)).collect::<Vec<_>>(),
+                open_seconds = running.firewall.open_seconds,
+                "SIGHUP: config reloaded"
+            ),
+            Err(error) => {
+                tracing::error!(config = %path.display(), %error, "SIGHUP: reload refused; still serving the previous config")
+            }
+        }
+        crate::notify::notify("READY=1\nSTATUS=serving");
+    }
 }
 
 /// One daemon per firewall per network namespace: two daemons sharing a table
@@ -190,10 +275,40 @@ const REFRESH_EVERY: Duration = Duration::from_millis(200);
 /// it cannot decide waits in the fair [`DeepQueue`] for a full walk, done only
 /// when no knock is waiting for its cheap check. Between knocks (and at least every
 /// [`REFRESH_EVERY`]) it re-reads the store, so revocations close doors promptly.
-fn verify_loop(mut verifier: Verifier, doors: Doors, rx: Receiver<Knock>, mut deep: DeepQueue<Knock>) {
+fn verify_loop(
+    mut verifier: Verifier,
+    mut doors: Doors,
+    rx: Receiver<Knock>,
+    mut deep: DeepQueue<Knock>,
+    reloads: Receiver<reload::Request>,
+    summary_every: Duration,
+) {
     let mut shed = 0u64;
     let mut since_deep = 0u32;
+    let mut summary_every = summary_every;
+    let mut summarised = Instant::now();
+    let mut gauge_at: Option<Instant> = None;
+    let mut shed_counted = 0u64;
     loop {
+        // Between two knocks: a reloaded config, the periodic summary of refusals
+        // not logged one by one, the open-doors gauge.
+        if let Ok(req) = reloads.try_recv() {
+            let result = reload::apply(&req.config, &mut verifier, &mut doors, &mut deep);
+            if result.is_ok() {
+                summary_every = Duration::from_secs(req.config.log.summary_seconds);
+            }
+            let _ = req.reply.send(result);
+        }
+        if summarised.elapsed() >= summary_every {
+            doors.log_summary(summary_every);
+            summarised = Instant::now();
+        }
+        if gauge_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            doors.count_open(verifier.store_mut());
+            doors.count_shed(shed - shed_counted);
+            shed_counted = shed;
+            gauge_at = Some(Instant::now());
+        }
         // Deep walks get their turn when no knock waits for its cheap check, and at
         // least once every DEEP_EVERY knocks, so a flood that keeps the channel busy
         // cannot starve them.

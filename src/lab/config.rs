@@ -58,6 +58,8 @@ impl ConfigBuilder {
             firewall: FirewallConfig::new(backend),
             token: TokenConfig::default(),
             services: vec![ssh()],
+            metrics: None,
+            log: Default::default(),
         };
         ConfigBuilder { config, raw: Vec::new() }
     }

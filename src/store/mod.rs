@@ -117,6 +117,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A command that only reads found no database: nothing was created.
+    #[error("database {path} does not exist (check [store] path; `nxknock serve` and `nxknock user add` create it)")]
+    Missing { path: PathBuf },
     #[error("user {0:?} already exists")]
     UserExists(String),
     #[error("no such user {0:?}")]

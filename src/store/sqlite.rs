@@ -54,6 +54,17 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// Open a database that must already exist, creating nothing (no file, no
+    /// directory): for commands that only read (`user list`, `doors`, `check-config`),
+    /// so a typo in `[store] path` is an error and not a new empty database.
+    pub fn open_existing(path: &Path) -> Result<SqliteStore, StoreError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => SqliteStore::open(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::Missing { path: path.to_owned() }),
+            Err(source) => Err(StoreError::Io { path: path.to_owned(), source }),
+        }
+    }
+
     /// Upgrade a schema-1 database in place (one transaction). Returns the names of
     /// the users, now revoked until rekeyed. A current database is left as it is.
     pub fn upgrade(path: &Path) -> Result<Vec<String>, StoreError> {
