@@ -1,0 +1,243 @@
+//! The operator's side of a running daemon (issue "Operator and user experience"):
+//! SIGHUP reloads, systemd readiness, refused-knock logging, metrics, and a start-up
+//! that fails cleanly. Real daemon, real nftables, real TCP in namespaces.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn out_text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Wait (bounded) until `needle` appears `n` times in the daemon log.
+fn wait_log_n(d: &Daemon, needle: &str, n: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if d.log_text().matches(needle).count() >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn hup(d: &Daemon) {
+    let st = std::process::Command::new("kill").args(["-HUP", &d.pid().to_string()]).status().unwrap();
+    assert!(st.success(), "kill -HUP");
+}
+
+fn addr(port: u16) -> SocketAddr {
+    format!("{SERVER}:{port}").parse().unwrap()
+}
+
+/// Every datagram systemd would have received, until none comes for `quiet`.
+fn notifications(sock: &UnixDatagram, quiet: Duration) -> Vec<String> {
+    sock.set_read_timeout(Some(quiet)).unwrap();
+    let mut buf = [0u8; 512];
+    let mut out = Vec::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+/// Restart `s`'s daemon on its own config with `NOTIFY_SOCKET` set, at the default
+/// log level (info), the way systemd runs it.
+fn restart_as_systemd_would(s: &mut Setup, notify: Option<&Path>) {
+    s.daemon.kill();
+    let mut serve = Serve::new(BIN, s.daemon.config.clone(), s.dir.join("serve-info.log"));
+    if let Some(p) = notify {
+        serve = serve.env("NOTIFY_SOCKET", p.to_str().unwrap());
+    }
+    s.daemon = serve.start(&s.lab.server).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Service A (ssh) is guarded, a door is open; the config gains service B (alt,
+/// tcp/2222) and SIGHUP applies it: the old door still admits, B is guarded and a
+/// knock opens it. Then a file that does not parse, and one that breaks a rule, are
+/// refused with the reason in the log, and the daemon goes on with the config it had.
+#[test]
+fn sighup_reload_adds_a_service_keeps_open_doors_and_refuses_broken_configs() {
+    if !require_root("sighup_reload_adds_a_service_keeps_open_doors_and_refuses_broken_configs") {
+        return;
+    }
+    let mut s = Setup::with("oprld", config("nftables", 120));
+    let notify_path = s.dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    restart_as_systemd_would(&mut s, Some(&notify_path));
+    let ready = notifications(&notify, Duration::from_millis(500));
+    assert!(ready.iter().any(|m| m.contains("READY=1")), "READY=1 once serving: {ready:?}");
+
+    let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let _alt = echo_service(&s.lab.server, &format!("{SERVER}:2222"));
+    let alice = s.add_user("alice", &[]);
+    let bob = s.add_user("bob", &[]);
+    assert!(try_connect(&s.lab.attacker, addr(2222)).is_ok(), "control: 2222 is not guarded yet");
+    s.dig_knock(&s.lab.client, &alice);
+    let mut held = connect_soon(&s.lab.client, addr(22)).expect("door for ssh opens");
+
+    // Add service B and reload.
+    s.config = s.config.clone().service(ServiceConfig::new("alt", Proto::Tcp, 2222));
+    s.config.write(&s.daemon.config).unwrap();
+    hup(&s.daemon);
+    assert!(wait_log_n(&s.daemon, "SIGHUP: config reloaded", 1), "{}", s.daemon.log_text());
+    let around = notifications(&notify, Duration::from_millis(300));
+    assert!(
+        around.len() >= 2 && around[0].starts_with("RELOADING=1\nMONOTONIC_USEC=") && around[1].contains("READY=1"),
+        "RELOADING=1 then READY=1 around the reload: {around:?}"
+    );
+    assert!(try_connect(&s.lab.client, addr(22)).is_ok(), "the door opened before the reload still admits");
+    assert!(echo_works(&mut held), "the connection made before the reload continues");
+    assert!(try_connect(&s.lab.attacker, addr(2222)).is_err(), "the new service is guarded");
+    s.dig_knock(&s.lab.client, &alice);
+    connect_soon(&s.lab.client, addr(2222)).expect("a knock after the reload opens the new service");
+    assert!(try_connect(&s.lab.attacker, addr(22)).is_err(), "and nothing for anyone else");
+
+    // A file that does not parse: refused, the reason logged, the daemon goes on.
+    let good = std::fs::read_to_string(&s.daemon.config).unwrap();
+    std::fs::write(&s.daemon.config, "[dns\nlisten = [").unwrap();
+    hup(&s.daemon);
+    assert!(wait_log_n(&s.daemon, "reload refused", 1), "{}", s.daemon.log_text());
+    let log = s.daemon.log_text();
+    let line = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    assert!(line.contains(s.daemon.config.to_str().unwrap()) && line.contains("TOML parse error"), "{line}");
+    assert!(s.daemon.is_running(), "a broken config must not stop the daemon");
+
+    // One that breaks a rule (port 0): refused by name.
+    std::fs::write(&s.daemon.config, good.replace("port = 2222", "port = 0")).unwrap();
+    hup(&s.daemon);
+    assert!(wait_log_n(&s.daemon, "reload refused", 2), "{}", s.daemon.log_text());
+    assert!(s.daemon.log_text().contains("service[1].port"), "{}", s.daemon.log_text());
+    assert!(s.daemon.is_running());
+
+    // Still opening with the config it had (ssh and alt): bob knocks from the third host.
+    s.dig_knock(&s.lab.attacker, &bob);
+    connect_soon(&s.lab.attacker, addr(2222)).expect("still opens with the last good config");
+    assert!(try_connect(&s.lab.client, addr(22)).is_ok(), "alice's door survived two refused reloads");
+    let metrics_reloads = s.daemon.log_text().matches("SIGHUP: config reloaded").count();
+    assert_eq!(metrics_reloads, 1, "only the good file was applied");
+}
+
+fn scrape(s: &Setup, port: u16) -> String {
+    let out = s
+        .lab
+        .server
+        .cmd("curl")
+        .args(["-sS", "--fail", "--max-time", "5", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl: {}", out_text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of one sample (`name{labels}`), 0 if absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// A replayed knock is logged at the default level with `reason="replay"`; random
+/// tokens are summed up instead of a line each; neither token ever reaches the log;
+/// and `/metrics` (scraped with curl) counts all of it.
+#[test]
+fn refused_knocks_are_logged_by_reason_and_counted_in_metrics() {
+    if !require_root("refused_knocks_are_logged_by_reason_and_counted_in_metrics") {
+        return;
+    }
+    let mut b = config("nftables", 30).raw("[metrics]\nlisten = \"127.0.0.1:9153\"\n[log]\nsummary_seconds = 1\n");
+    b.config_mut().token.grace_seconds = 1;
+    let mut s = Setup::with("opmet", b);
+    restart_as_systemd_would(&mut s, None);
+    let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let alice = s.add_user("alice", &[]);
+
+    let before = scrape(&s, 9153);
+    assert_eq!(sample(&before, "nxknock_knocks_total{result=\"open\"}"), 0.0, "{before}");
+    assert!(before.contains("# TYPE nxknock_door_latency_seconds histogram"), "{before}");
+
+    let name = s.otp(&alice, 1).remove(0);
+    let token = name.split('.').next().unwrap().to_owned();
+    let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &name]);
+    assert_eq!(d.status, "NXDOMAIN");
+    connect_soon(&s.lab.client, ssh_addr()).expect("door opens");
+    // Past the grace period the same name is a replay.
+    std::thread::sleep(Duration::from_millis(2100));
+    let d = dig(&s.lab.attacker, &[&format!("@{SERVER}"), "+norec", &name]);
+    assert_eq!(d.status, "NXDOMAIN", "a replay gets the same answer");
+    assert!(wait_log_n(&s.daemon, "reason=\"replay\"", 1), "{}", s.daemon.log_text());
+    assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "the replay opened nothing");
+
+    // Garbage from the internet: a few well-formed random tokens.
+    let mut garbage = Vec::new();
+    for _ in 0..3 {
+        let e = nxknock::token::Element(rand::random());
+        let label = nxknock::token::Token::Plain(e).to_label();
+        dig(&s.lab.attacker, &[&format!("@{SERVER}"), "+norec", &format!("{label}.{ZONE}")]);
+        garbage.push(label);
+    }
+    assert!(wait_log_n(&s.daemon, "knocks refused without a log line each", 1), "{}", s.daemon.log_text());
+
+    let log = s.daemon.log_text();
+    let replay = log.lines().find(|l| l.contains("reason=\"replay\"")).unwrap();
+    assert!(replay.contains("INFO") && replay.contains("user=alice"), "{replay}");
+    assert!(!log.contains("reason=\"unknown\""), "random tokens get no line each at info: {log}");
+    let summary = log.lines().find(|l| l.contains("knocks refused without a log line each")).unwrap();
+    assert!(summary.contains("INFO") && summary.contains("unknown=3"), "{summary}");
+    let lower = log.to_ascii_lowercase();
+    for t in std::iter::once(&token).chain(&garbage) {
+        assert!(!lower.contains(&t.to_ascii_lowercase()), "a token reached the log: {t}\n{log}");
+    }
+
+    let after = scrape(&s, 9153);
+    assert_eq!(sample(&after, "nxknock_knocks_total{result=\"open\"}"), 1.0, "{after}");
+    assert_eq!(sample(&after, "nxknock_knocks_refused_total{reason=\"replay\"}"), 1.0, "{after}");
+    assert_eq!(sample(&after, "nxknock_knocks_refused_total{reason=\"unknown\"}"), 3.0, "{after}");
+    assert_eq!(sample(&after, "nxknock_door_latency_seconds_count"), 1.0, "{after}");
+    assert!(sample(&after, "nxknock_queries_total") >= 5.0, "{after}");
+    assert!(sample(&after, "nxknock_doors_open") >= 1.0, "{after}");
+    // Nothing but /metrics, and only from this host.
+    let other = s
+        .lab
+        .server
+        .cmd("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:9153/"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(other.stdout).unwrap(), "404");
+    let remote = s
+        .lab
+        .client
+        .cmd("curl")
+        .args(["-sS", "--max-time", "2", &format!("http://{SERVER}:9153/metrics")])
+        .output()
+        .unwrap();
+    assert!(!remote.status.success(), "metrics listen on loopback only");
+}
+
+/// `serve` binds before it installs the guard: an address it cannot bind stops it
+/// with nothing left in the firewall.
+#[test]
+fn serve_that_cannot_bind_leaves_no_guard() {
+    if !require_root("serve_that_cannot_bind_leaves_no_guard") {
+        return;
+    }
+    let ns = Netns::new("opbind-srv").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("nxknock.toml");
+    ConfigBuilder::new(BackendKind::Nftables).listen(["203.0.113.9:53".parse().unwrap()]).write(&cfg).unwrap();
+    let out = ns.cmd(BIN).args(["serve", "--config", cfg.to_str().unwrap()]).env_remove("RUST_LOG").output().unwrap();
+    let t = out_text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("203.0.113.9:53") && t.contains("nothing was installed"), "{t}");
+    assert!(ns.run(&["nft", "list", "table", "inet", "nxknock"]).is_err(), "a guard was left behind: {t}");
+    // check-config says so too.
+    let check = ns.cmd(BIN).args(["check-config", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!check.status.success() && out_text(&check).contains("cannot bind 203.0.113.9:53"), "{}", out_text(&check));
+}
