@@ -98,7 +98,17 @@ pub fn check(path: &Path) -> Report {
 fn check_zone(cfg: &Config, report: &mut Report) {
     let zone = match crate::dns::Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref()) {
         Ok(zone) => zone,
-        Err(e) => return report.error(e.to_string()),
+        Err(e) => {
+            let line = std::fs::read_to_string(&cfg.dns.zone_file)
+                .ok()
+                .and_then(|text| zone_error_line(&text, &cfg.dns.zone_file, cfg.dns.zone.as_deref()));
+            let p = cfg.dns.zone_file.display().to_string();
+            let message = match (line, e) {
+                (Some(l), crate::dns::ZoneError::Invalid { detail, .. }) => format!("zone file {p}:{l}: {detail}"),
+                (_, e) => e.to_string(),
+            };
+            return report.error(message);
+        }
     };
     report.summary = Some(format!("zone {}, {} services", zone.apex, cfg.services.len()));
     let p = cfg.dns.zone_file.display();
@@ -133,6 +143,20 @@ fn check_zone(cfg: &Config, report: &mut Report) {
     }
 }
 
+/// The line a zone file's syntax error is on. hickory's parser does not say, so
+/// find the shortest head of the file that fails with the same error (a head cut
+/// inside a multi-line record fails differently, so it is not mistaken for it).
+fn zone_error_line(text: &str, path: &Path, origin: Option<&str>) -> Option<usize> {
+    let origin = origin.and_then(|o| hickory_proto::rr::Name::from_ascii(o).ok());
+    let parse = |t: String| Parser::new(t, Some(path.to_owned()), origin.clone()).parse().err().map(|e| e.to_string());
+    let full = parse(text.to_owned())?;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() > 5000 {
+        return None;
+    }
+    (1..=lines.len()).find(|&n| parse(lines[..n].join("\n") + "\n").as_ref() == Some(&full))
+}
+
 /// `serve` binds every listen address (UDP and TCP) and the metrics address.
 fn check_listen(cfg: &Config, report: &mut Report) {
     for addr in &cfg.dns.listen {
@@ -161,7 +185,10 @@ fn check_store(db: &Path, report: &mut Report) {
     match SqliteStore::open_existing(db) {
         Ok(_) => {}
         Err(StoreError::Missing { .. }) => {
-            let mut dir: PathBuf = db.parent().map(Path::to_owned).unwrap_or_else(|| ".".into());
+            let mut dir: PathBuf = match db.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                _ => ".".into(),
+            };
             while std::fs::symlink_metadata(&dir).is_err() {
                 match dir.parent() {
                     Some(p) if !p.as_os_str().is_empty() => dir = p.to_owned(),
