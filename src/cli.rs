@@ -66,18 +66,35 @@ pub enum Command {
     },
     /// Send a knock.
     Knock(KnockArgs),
-    /// List open doors: user, address, service, time left, via.
+    /// List open doors: user, address, service, time left, via (or `doors close`).
+    #[command(args_conflicts_with_subcommands = true)]
     Doors {
         #[command(flatten)]
         config: ConfigArg,
         /// One JSON array, for scripts.
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<DoorsCmd>,
     },
     /// Remove nxknock's own firewall table/chain and sets (the daemon must be stopped).
     UninstallFirewall(ConfigArg),
     /// Run the whole story in throwaway network namespaces (root).
     Demo,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DoorsCmd {
+    /// Close a user's doors, or every door admitting an address, now. The running
+    /// daemon removes them from the kernel within a fraction of a second.
+    Close {
+        #[arg(long, required_unless_present = "address", conflicts_with = "address")]
+        user: Option<String>,
+        #[arg(long)]
+        address: Option<IpAddr>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +132,27 @@ pub enum UserCmd {
     List(ConfigArg),
     Revoke {
         name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove a user for good, closing their doors (as revoke does); the name can be added again.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Change a user's policy; what is not given stays. Their next knock obeys it.
+    Set {
+        name: String,
+        /// Service the user may open (repeat; replaces the list; `all` for every service).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Source network the user may open for (repeat; replaces the list; `any` for anywhere).
+        #[arg(long = "from")]
+        from: Vec<String>,
+        /// Longest time (seconds) a door of this user stays open; 0: the service's.
+        #[arg(long)]
+        max_open: Option<u64>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -221,7 +259,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Knock(k) => knock(k),
-        Command::Doors { config, json } => doors(&Config::load(&config.config)?, json),
+        Command::Doors { action: Some(DoorsCmd::Close { user, address, config }), .. } => {
+            close_doors(&Config::load(&config.config)?, user.as_deref(), address)
+        }
+        Command::Doors { config, json, action: None } => doors(&Config::load(&config.config)?, json),
         Command::UninstallFirewall(c) => {
             let cfg = Config::load(&c.config)?;
             let doors = crate::doors::Doors::from_config(&cfg);
@@ -321,6 +362,52 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        UserCmd::Delete { name, config } => {
+            let cfg = Config::load(&config.config)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            store.delete_user(&name)?;
+            println!("deleted {name}; a running daemon closes their doors within a second");
+            Ok(())
+        }
+        UserCmd::Set { name, services, from, max_open, config } => {
+            let cfg = Config::load(&config.config)?;
+            for s in services.iter().filter(|s| *s != "all") {
+                if cfg.service(s).is_none() {
+                    bail!("--service {s:?} is not a [[service]] in {}", config.config.display());
+                }
+            }
+            let parsed_from = from
+                .iter()
+                .filter(|f| *f != "any")
+                .map(|f| f.parse::<Prefix>().map(|p| p.to_string()).map_err(|e| anyhow::anyhow!("--from {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if max_open.is_some_and(|m| m > 86_400) {
+                bail!("--max-open must be at most 86400 seconds (0: the service's time)");
+            }
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            let user = store
+                .list_users()?
+                .into_iter()
+                .find(|u| u.name == name)
+                .ok_or_else(|| crate::store::StoreError::NoSuchUser(name.clone()))?;
+            let services =
+                if services.is_empty() { user.services } else { services.into_iter().filter(|s| s != "all").collect() };
+            let from = if from.is_empty() { user.from } else { parsed_from };
+            let max_open = match max_open {
+                None => user.max_open,
+                Some(0) => None,
+                Some(m) => Some(m),
+            };
+            store.set_policy(&name, &services, &from, max_open)?;
+            println!(
+                "{name}: services {}, from {}, longest door {}; open doors keep their time. \
+                 The credential still lists the services it was made with: `user rekey` refreshes it.",
+                list_or(&services, "all"),
+                list_or(&from, "anywhere"),
+                max_open.map_or("the service's".to_owned(), |m| format!("{m} s"))
+            );
+            Ok(())
+        }
         UserCmd::Rekey { name, out, chain_len, server, config } => {
             let cfg = Config::load(&config.config)?;
             let mut store = SqliteStore::open_existing(&cfg.store.path)?;
@@ -405,6 +492,30 @@ fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
     let addr = client::parse_endpoint(server)?;
     client::whoami(addr, cred, Duration::from_millis(1500))
         .with_context(|| format!("--ip auto: no trustworthy whoami answer from {addr}"))
+}
+
+/// `doors close`: close the records; without a running daemon, remove the kernel
+/// doors here (the daemon's lock tells which).
+fn close_doors(cfg: &Config, user: Option<&str>, address: Option<IpAddr>) -> anyhow::Result<()> {
+    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+    let closed = crate::doors::Doors::close_records(&mut store, user, address)?;
+    let doors = crate::doors::Doors::from_config(cfg);
+    let what = user.map_or_else(
+        || format!("admitting {}", address.map(|a| a.to_string()).unwrap_or_default()),
+        |u| format!("of {u}"),
+    );
+    if cfg.firewall.backend == crate::firewall::BackendKind::None {
+        println!("closed {closed} door(s) {what}");
+        return Ok(());
+    }
+    match crate::server::claim_firewall(doors.backend_name()) {
+        Ok(_lock) => {
+            let (_, removed) = doors.reconcile(&mut store)?;
+            println!("closed {closed} door record(s) {what}; no daemon is running: removed {removed} kernel door(s)");
+        }
+        Err(_) => println!("closed {closed} door record(s) {what}; the running daemon removes them within a second"),
+    }
+    Ok(())
 }
 
 fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {

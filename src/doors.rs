@@ -160,9 +160,27 @@ impl Doors {
         Ok((adopted, removed))
     }
 
-    /// Open doors joined with their records, for `nxknock doors`.
+    /// Open doors joined with their records, for `nxknock doors`. The `none`
+    /// backend has no kernel doors: its records are the doors it would have opened.
     pub fn view(&self, store: &mut dyn Store) -> anyhow::Result<Vec<DoorView>> {
-        let records = store.live_doors(now())?;
+        let t = now();
+        let records = store.live_doors(t)?;
+        if self.backend.name() == "none" {
+            return Ok(records
+                .into_iter()
+                .map(|r| DoorView {
+                    seconds_left: r.expires_at.saturating_sub(t),
+                    addr: r.addr,
+                    prefix_len: r.prefix_len,
+                    proto: r.proto.to_string(),
+                    port: r.port,
+                    single_use: r.single_use,
+                    user: Some(r.user),
+                    service: Some(r.service),
+                    via: Some(r.via),
+                })
+                .collect());
+        }
         Ok(self
             .backend
             .list()?
@@ -184,6 +202,24 @@ impl Doors {
                 }
             })
             .collect())
+    }
+
+    /// `nxknock doors close`: close the records of `user`'s doors, or of every door
+    /// admitting `addr`. Returns how many records were closed; the kernel doors go
+    /// when the daemon (or [`Doors::reconcile`] without one) sees no live record.
+    pub fn close_records(store: &mut dyn Store, user: Option<&str>, addr: Option<IpAddr>) -> anyhow::Result<usize> {
+        if let Some(user) = user {
+            return Ok(store.close_user_doors(user)?);
+        }
+        let Some(addr) = addr else { return Ok(0) };
+        let mut closed = 0;
+        for r in store.live_doors(now())? {
+            if Prefix::new(r.addr, r.prefix_len).contains_ip(addr) {
+                store.close_door(&r.user, &r.key())?;
+                closed += 1;
+            }
+        }
+        Ok(closed)
     }
 
     pub fn uninstall(&self) -> Result<(), FirewallError> {

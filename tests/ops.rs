@@ -241,3 +241,73 @@ fn serve_that_cannot_bind_leaves_no_guard() {
     let check = ns.cmd(BIN).args(["check-config", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert!(!check.status.success() && out_text(&check).contains("cannot bind 203.0.113.9:53"), "{}", out_text(&check));
 }
+
+fn nx_ok(s: &Setup, args: &[&str]) -> String {
+    let out = s.nx_server(args);
+    assert!(out.status.success(), "{args:?}: {}", out_text(&out));
+    out_text(&out)
+}
+
+/// The operator's door and user commands against a running daemon: `doors close
+/// --user`, `doors close --address`, `user set --service`, `user delete` (which
+/// closes the user's doors and frees the name).
+#[test]
+fn doors_close_user_set_and_user_delete_act_on_a_running_daemon() {
+    if !require_root("doors_close_user_set_and_user_delete_act_on_a_running_daemon") {
+        return;
+    }
+    let s = Setup::with("opusr", config("nftables", 120).service(ServiceConfig::new("alt", Proto::Tcp, 2222)));
+    let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let _alt = echo_service(&s.lab.server, &format!("{SERVER}:2222"));
+    let alice = s.add_user("alice", &[]);
+    let bob = s.add_user("bob", &[]);
+    s.dig_knock(&s.lab.client, &alice);
+    s.dig_knock(&s.lab.attacker, &bob);
+    connect_soon(&s.lab.client, addr(22)).expect("alice's door");
+    connect_soon(&s.lab.attacker, addr(22)).expect("bob's door");
+
+    let said = nx_ok(&s, &["doors", "close", "--user", "alice"]);
+    assert!(said.contains("closed 2 door record(s) of alice"), "{said}");
+    assert!(wait_closed(&s.lab.client, addr(22), Duration::from_secs(3)), "alice's door closes");
+    assert!(try_connect(&s.lab.attacker, addr(22)).is_ok(), "bob's door stays");
+    nx_ok(&s, &["doors", "close", "--address", ATTACKER]);
+    assert!(wait_closed(&s.lab.attacker, addr(22), Duration::from_secs(3)), "the door for bob's address closes");
+
+    nx_ok(&s, &["user", "set", "alice", "--service", "alt"]);
+    s.dig_knock(&s.lab.client, &alice);
+    connect_soon(&s.lab.client, addr(2222)).expect("alice may open alt");
+    assert!(try_connect(&s.lab.client, addr(22)).is_err(), "but no longer ssh");
+
+    nx_ok(&s, &["user", "delete", "alice"]);
+    assert!(wait_closed(&s.lab.client, addr(2222), Duration::from_secs(3)), "a deleted user's doors close");
+    s.dig_knock(&s.lab.client, &alice);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(try_connect(&s.lab.client, addr(2222)).is_err(), "a deleted user's knock opens nothing");
+    assert!(!nx_ok(&s, &["user", "list"]).contains("alice"));
+    let again = s.dir.join("alice2.cred");
+    nx_ok(&s, &["user", "add", "alice", "--out", again.to_str().unwrap()]);
+    s.dig_knock(&s.lab.client, &again);
+    connect_soon(&s.lab.client, addr(22)).expect("the name was free again");
+}
+
+/// The `none` backend opens nothing in the kernel, but `nxknock doors` lists what it
+/// recorded.
+#[test]
+fn doors_lists_records_of_the_none_backend() {
+    if !require_root("doors_lists_records_of_the_none_backend") {
+        return;
+    }
+    let s = Setup::new("opnone", "none", 60);
+    let alice = s.add_user("alice", &[]);
+    s.dig_knock(&s.lab.client, &alice);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut listing = String::new();
+    while Instant::now() < deadline && !listing.contains("alice") {
+        listing = nx_ok(&s, &["doors"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        listing.contains("alice") && listing.contains(&format!("{CLIENT}/32")) && listing.contains("ssh"),
+        "{listing}"
+    );
+}

@@ -630,6 +630,45 @@ impl Store for SqliteStore {
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
+
+    fn close_user_doors(&mut self, user: &str) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "UPDATE doors SET closed = 1 WHERE user_name = ?1 AND closed = 0 AND expires_at > ?2",
+                params![user, now()],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    fn delete_user(&mut self, name: &str) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let id: Option<i64> =
+            tx.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0)).optional().map_err(err)?;
+        let Some(id) = id else { return Err(StoreError::NoSuchUser(name.to_owned())) };
+        tx.execute("UPDATE doors SET closed = 1 WHERE user_name = ?1 AND closed = 0", [name]).map_err(err)?;
+        tx.execute("DELETE FROM chains WHERE user_id = ?1", [id]).map_err(err)?;
+        tx.execute("DELETE FROM users WHERE id = ?1", [id]).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    fn set_policy(
+        &mut self,
+        name: &str,
+        services: &[String],
+        from: &[String],
+        max_open: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE users SET services = ?2, src_nets = ?3, max_open = ?4, updated = ?5 WHERE name = ?1",
+                params![name, services.join(","), from.join(","), max_open.map(|v| v as i64), now()],
+            )
+            .map_err(|e| self.err(e))?;
+        if n == 0 { Err(StoreError::NoSuchUser(name.to_owned())) } else { Ok(()) }
+    }
 }
 
 impl SqliteStore {
