@@ -59,7 +59,7 @@ impl Doors {
     /// goes in first, in one firewall transaction that keeps every open door; if
     /// the firewall refuses it, the old guard is put back and nothing changes.
     pub fn reconfigure(&mut self, cfg: &crate::config::Config) -> Result<(), FirewallError> {
-        let backend = crate::firewall::backend(cfg.firewall.backend);
+        let backend = crate::firewall::backend_allowing(cfg.firewall.backend, &cfg.firewall.always_allow);
         if let Err(error) = backend.install_guard(&Self::guarded(&cfg.services)) {
             if let Err(again) = self.install_guard() {
                 tracing::error!(%again, "could not put the old guard back either");
@@ -99,7 +99,7 @@ impl Doors {
     /// The door stage the configuration describes (backend, services, open window).
     pub fn from_config(cfg: &crate::config::Config) -> Doors {
         Doors::new(
-            crate::firewall::backend(cfg.firewall.backend),
+            crate::firewall::backend_allowing(cfg.firewall.backend, &cfg.firewall.always_allow),
             cfg.services.clone(),
             Duration::from_secs(cfg.firewall.open_seconds),
         )

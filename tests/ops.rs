@@ -311,3 +311,50 @@ fn doors_lists_records_of_the_none_backend() {
         "{listing}"
     );
 }
+
+/// `[firewall] always_allow`: a management host reaches the guarded port without a
+/// knock; everyone else still needs one. Removing it and reloading (SIGHUP, nftables)
+/// closes that way in again.
+fn always_allow_story(prefix: &str, backend: &str) {
+    let mgmt = "198.18.0.9";
+    let b = config(backend, 30).raw(&format!("[firewall]\nalways_allow = [\"{mgmt}/32\", \"2001:db8:99::/48\"]"));
+    let mut s = Setup::with(prefix, b);
+    s.lab.add_host("mgmt", mgmt.parse().unwrap(), "2001:db8:18::9".parse().unwrap()).expect("add the management host");
+    let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let m = s.lab.host("mgmt").unwrap();
+    let mut held = try_connect(m, ssh_addr()).expect("the management host needs no knock");
+    assert!(echo_works(&mut held));
+    assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "anyone else is still dropped");
+    assert!(try_connect(&s.lab.client, ssh_addr()).is_err(), "the user too, before knocking");
+    let alice = s.add_user("alice", &[]);
+    s.dig_knock(&s.lab.client, &alice);
+    connect_soon(&s.lab.client, ssh_addr()).expect("a knock still opens");
+    assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err());
+
+    if backend == "nftables" {
+        s.config = s.config.clone().raw("[firewall]\nalways_allow = []");
+        s.config.write(&s.daemon.config).unwrap();
+        hup(&s.daemon);
+        assert!(wait_log_n(&s.daemon, "SIGHUP: config reloaded", 1), "{}", s.daemon.log_text());
+        let m = s.lab.host("mgmt").unwrap();
+        assert!(try_connect(m, ssh_addr()).is_err(), "no longer allowed after the reload");
+        assert!(echo_works(&mut held), "its established connection continues");
+        assert!(try_connect(&s.lab.client, ssh_addr()).is_ok(), "the user's door survived the reload");
+    }
+}
+
+#[test]
+fn always_allow_admits_the_management_network_nftables() {
+    if !require_root("always_allow_admits_the_management_network_nftables") {
+        return;
+    }
+    always_allow_story("opallnft", "nftables");
+}
+
+#[test]
+fn always_allow_admits_the_management_network_iptables() {
+    if !require_root("always_allow_admits_the_management_network_iptables") {
+        return;
+    }
+    always_allow_story("opallipt", "iptables");
+}
