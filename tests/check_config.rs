@@ -212,3 +212,33 @@ fn edit(p: &Path, f: impl FnOnce(String) -> String) {
     let z = std::fs::read_to_string(p).unwrap();
     std::fs::write(p, f(z)).unwrap();
 }
+
+/// The shipped unit: readiness through sd_notify, reload by SIGHUP, three
+/// capabilities and nothing else; and `systemd-analyze verify` accepts it (where
+/// installed), with the binary path pointed at the one under test.
+#[test]
+fn systemd_unit_is_valid_and_asks_for_little() {
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/systemd/nxknock.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "ProtectSystem=strict",
+        "StateDirectory=nxknock",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit must say {line:?}");
+    }
+    let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze not installed: unit syntax not verified");
+        return;
+    };
+    assert!(probe.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nxknock.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/nxknock", BIN)).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "systemd-analyze verify: {}", text(&out));
+}
