@@ -358,3 +358,27 @@ fn always_allow_admits_the_management_network_iptables() {
     }
     always_allow_story("opallipt", "iptables");
 }
+
+/// `[log] format = "json"`: every line the daemon writes is one JSON object, with
+/// the event's fields as fields (a log shipper needs no regex).
+#[test]
+fn json_log_is_one_object_a_line() {
+    if !require_root("json_log_is_one_object_a_line") {
+        return;
+    }
+    let s = Setup::with("opjson", config("nftables", 30).raw("[log]\nformat = \"json\""));
+    let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let alice = s.add_user("alice", &[]);
+    s.dig_knock(&s.lab.client, &alice);
+    connect_soon(&s.lab.client, ssh_addr()).expect("door opens");
+    assert!(wait_log_n(&s.daemon, "door opened", 1), "{}", s.daemon.log_text());
+    let log = s.daemon.log_text();
+    let events: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let opened = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "door opened" && e["target"] == "nxknock::doors")
+        .expect("the door-opened event");
+    assert_eq!(opened["fields"]["user"], "alice", "{opened}");
+    assert_eq!(opened["level"], "INFO", "{opened}");
+}
