@@ -77,6 +77,8 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<DoorsCmd>,
     },
+    /// Is the daemon running here; how many users and open doors (exit 3 when not running).
+    Status(ConfigArg),
     /// Remove nxknock's own firewall table/chain and sets (the daemon must be stopped).
     UninstallFirewall(ConfigArg),
     /// Run the whole story in throwaway network namespaces (root).
@@ -263,6 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             close_doors(&Config::load(&config.config)?, user.as_deref(), address)
         }
         Command::Doors { config, json, action: None } => doors(&Config::load(&config.config)?, json),
+        Command::Status(c) => status(&Config::load(&c.config)?),
         Command::UninstallFirewall(c) => {
             let cfg = Config::load(&c.config)?;
             let doors = crate::doors::Doors::from_config(&cfg);
@@ -492,6 +495,33 @@ fn auto_ip(k: &KnockArgs, cred: &Credential) -> anyhow::Result<IpAddr> {
     let addr = client::parse_endpoint(server)?;
     client::whoami(addr, cred, Duration::from_millis(1500))
         .with_context(|| format!("--ip auto: no trustworthy whoami answer from {addr}"))
+}
+
+/// `status`: the daemon (its firewall lock in this network namespace), users, doors.
+/// Exits 3 when no daemon runs, as LSB `status` does.
+fn status(cfg: &Config) -> anyhow::Result<()> {
+    let doors = crate::doors::Doors::from_config(cfg);
+    let running = match cfg.firewall.backend {
+        crate::firewall::BackendKind::None => None,
+        _ => Some(crate::server::claim_firewall(doors.backend_name()).is_err()),
+    };
+    match running {
+        Some(true) => println!("daemon:  running ({} backend, in this network namespace)", doors.backend_name()),
+        Some(false) => println!("daemon:  not running ({} backend, in this network namespace)", doors.backend_name()),
+        None => println!("daemon:  unknown (backend none holds no lock)"),
+    }
+    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+    let users = store.list_users()?;
+    let revoked = users.iter().filter(|u| u.revoked).count();
+    println!("users:   {} active, {revoked} revoked", users.len() - revoked);
+    println!("doors:   {} open", store.live_doors(crate::clock::unix_now())?.len());
+    if let Some(m) = &cfg.metrics {
+        println!("metrics: http://{}/metrics", m.listen);
+    }
+    if running == Some(false) {
+        std::process::exit(3);
+    }
+    Ok(())
 }
 
 /// `doors close`: close the records; without a running daemon, remove the kernel

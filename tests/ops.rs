@@ -256,7 +256,7 @@ fn doors_close_user_set_and_user_delete_act_on_a_running_daemon() {
     if !require_root("doors_close_user_set_and_user_delete_act_on_a_running_daemon") {
         return;
     }
-    let s = Setup::with("opusr", config("nftables", 120).service(ServiceConfig::new("alt", Proto::Tcp, 2222)));
+    let mut s = Setup::with("opusr", config("nftables", 120).service(ServiceConfig::new("alt", Proto::Tcp, 2222)));
     let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
     let _alt = echo_service(&s.lab.server, &format!("{SERVER}:2222"));
     let alice = s.add_user("alice", &[]);
@@ -288,6 +288,13 @@ fn doors_close_user_set_and_user_delete_act_on_a_running_daemon() {
     nx_ok(&s, &["user", "add", "alice", "--out", again.to_str().unwrap()]);
     s.dig_knock(&s.lab.client, &again);
     connect_soon(&s.lab.client, addr(22)).expect("the name was free again");
+
+    let st = nx_ok(&s, &["status"]);
+    assert!(st.contains("daemon:  running") && st.contains("users:   2 active, 0 revoked"), "{st}");
+    s.daemon.kill();
+    let st = s.nx_server(&["status"]);
+    assert_eq!(st.status.code(), Some(3), "{}", out_text(&st));
+    assert!(out_text(&st).contains("daemon:  not running"), "{}", out_text(&st));
 }
 
 /// The `none` backend opens nothing in the kernel, but `nxknock doors` lists what it
