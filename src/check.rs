@@ -157,10 +157,17 @@ fn zone_error_line(text: &str, path: &Path, origin: Option<&str>) -> Option<usiz
     (1..=lines.len()).find(|&n| parse(lines[..n].join("\n") + "\n").as_ref() == Some(&full))
 }
 
-/// `serve` binds every listen address (UDP and TCP) and the metrics address.
+/// `serve` binds every listen address (UDP and TCP) and the metrics address. Plain
+/// sockets, never `SO_REUSEPORT`: next to a running daemon (`ExecReload`) a probe
+/// joining its reuseport group would take some of its queries for that moment.
 fn check_listen(cfg: &Config, report: &mut Report) {
     for addr in &cfg.dns.listen {
-        if let Err(e) = crate::dns::bind(std::slice::from_ref(addr), 1) {
+        let bound = std::net::UdpSocket::bind(addr).and_then(|u| {
+            // Port 0: TCP on the port UDP got, as `serve` does.
+            let local = u.local_addr()?;
+            std::net::TcpListener::bind(local).map(drop)
+        });
+        if let Err(e) = bound {
             note_bind(report, "dns.listen", &addr.to_string(), &e);
         }
     }

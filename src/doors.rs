@@ -28,7 +28,14 @@ pub struct Doors {
     /// Refusals not logged one by one (see [`Doors::apply`]), by reason, until the
     /// next [`Doors::log_summary`].
     quiet: Mutex<BTreeMap<&'static str, u64>>,
+    /// Info lines for refusals left this second (see [`LOUD_PER_SECOND`]).
+    loud: Mutex<(u32, Option<std::time::Instant>)>,
 }
+
+/// Refusals logged one line each, at most, per second. Past that (someone replaying
+/// a captured element in a loop) they are counted into the summary: a refusal never
+/// costs more than a counter, whoever sends it.
+const LOUD_PER_SECOND: u32 = 20;
 
 /// A kernel door joined with what the store says about it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -46,7 +53,14 @@ pub struct DoorView {
 
 impl Doors {
     pub fn new(backend: Box<dyn DoorBackend>, services: Vec<ServiceConfig>, open_for: Duration) -> Doors {
-        Doors { backend, services, open_for, metrics: Arc::default(), quiet: Mutex::default() }
+        Doors {
+            backend,
+            services,
+            open_for,
+            metrics: Arc::default(),
+            quiet: Mutex::default(),
+            loud: Mutex::new((LOUD_PER_SECOND, None)),
+        }
     }
 
     /// Count decisions, doors and latencies into `metrics` (`[metrics]`).
@@ -82,6 +96,24 @@ impl Doors {
     /// Knocks the verify loop shed before their deep walk.
     pub fn count_shed(&self, n: u64) {
         self.metrics.shed(n);
+    }
+
+    fn count_quietly(&self, reason: &'static str) {
+        *self.quiet.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+    }
+
+    /// One more info line for a refusal this second?
+    fn may_log_loudly(&self) -> bool {
+        let mut loud = self.loud.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if loud.1.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *loud = (LOUD_PER_SECOND, Some(now));
+        }
+        if loud.0 == 0 {
+            return false;
+        }
+        loud.0 -= 1;
+        true
     }
 
     /// Log, at info, how many knocks were refused without a line each since the
@@ -280,10 +312,14 @@ impl Doors {
                 let user = user.as_deref().unwrap_or("-");
                 match why {
                     Reject::Unknown | Reject::LookAlike => {
-                        *self.quiet.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+                        self.count_quietly(reason);
                         tracing::debug!(%via, %from, reason, "knock refused: {why}")
                     }
                     Reject::Store(_) => tracing::error!(%via, %from, reason, "knock refused (fail closed): {why}"),
+                    _ if !self.may_log_loudly() => {
+                        self.count_quietly(reason);
+                        tracing::debug!(%user, %via, %from, reason, "knock refused: {why}")
+                    }
                     _ => tracing::info!(%user, %via, %from, reason, "knock refused: {why}"),
                 }
             }

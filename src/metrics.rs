@@ -158,7 +158,11 @@ impl Metrics {
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, dns: Arc<DnsStats>) {
     let busy = Arc::new(AtomicUsize::new(0));
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of descriptors or the like: do not spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
         if busy.fetch_add(1, Relaxed) >= MAX_CONNECTIONS {
             busy.fetch_sub(1, Relaxed);
             continue; // dropped: closed unanswered

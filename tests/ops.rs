@@ -389,3 +389,62 @@ fn json_log_is_one_object_a_line() {
     assert_eq!(opened["fields"]["user"], "alice", "{opened}");
     assert_eq!(opened["level"], "INFO", "{opened}");
 }
+
+/// A DNS query for `name`, type A, as bytes.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The attacker captured one of alice's knocks and replays it in a loop to fill
+/// the log (or hide something in it): past a few lines a second the replays are
+/// only counted and summed up, the log stays small, and alice still gets in while
+/// the attacker does not.
+#[test]
+fn a_replay_loop_cannot_flood_the_log() {
+    if !require_root("a_replay_loop_cannot_flood_the_log") {
+        return;
+    }
+    let mut b = config("nftables", 30).raw("[log]\nsummary_seconds = 1\n");
+    b.config_mut().token.grace_seconds = 1;
+    let mut s = Setup::with("opflood", b);
+    restart_as_systemd_would(&mut s, None);
+    let _ssh = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let alice = s.add_user("alice", &[]);
+    let names = s.otp(&alice, 2);
+    dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &names[0]]);
+    connect_soon(&s.lab.client, ssh_addr()).expect("alice's door");
+    // Past the grace period (whole seconds in the store), a copy is a replay.
+    std::thread::sleep(Duration::from_millis(2100));
+
+    let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    let started = Instant::now();
+    for i in 0..2000u16 {
+        let _ = sock.send_to(&query(i, &names[0]), format!("{SERVER}:53"));
+    }
+    assert!(wait_log_n(&s.daemon, "knocks refused without a log line each", 1), "{}", s.daemon.log_text());
+    std::thread::sleep(Duration::from_millis(1200)); // the rest of the summary
+    let log = s.daemon.log_text();
+    let lines = log.lines().filter(|l| l.contains("reason=\"replay\"")).count();
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    assert!(lines >= 1 && lines <= 20 * (seconds + 1), "{lines} replay lines in {seconds} s");
+    let counted: u64 = log
+        .lines()
+        .filter(|l| l.contains("knocks refused without a log line each"))
+        .filter_map(|l| l.split("replay=").nth(1))
+        .map(|v| v.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(counted > 0, "the replays past the limit are counted: {log}");
+    assert!(log.len() < 200_000, "the log stayed small: {} bytes", log.len());
+
+    assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "the replays opened nothing");
+    dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &names[1]]);
+    assert!(s.daemon.is_running());
+    connect_soon(&s.lab.client, ssh_addr()).expect("alice's next knock opens");
+}
