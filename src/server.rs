@@ -267,6 +267,47 @@ pub fn claim_firewall(backend: &str) -> anyhow::Result<std::os::unix::net::UnixL
     })
 }
 
+/// The verify loop's chores run at least once every this many knocks.
+const CHORES_EVERY: u32 = 256;
+
+/// What the verify loop does besides knocks: take a reloaded config, sum up the
+/// refusals not logged one by one, refresh the gauges.
+struct Chores {
+    summary_every: Duration,
+    summarised: Instant,
+    gauged: Option<Instant>,
+    shed_counted: u64,
+}
+
+impl Chores {
+    fn run(
+        &mut self,
+        reloads: &Receiver<reload::Request>,
+        verifier: &mut Verifier,
+        doors: &mut Doors,
+        deep: &mut DeepQueue<Knock>,
+        shed: u64,
+    ) {
+        if let Ok(req) = reloads.try_recv() {
+            let result = reload::apply(&req.config, verifier, doors, deep);
+            if result.is_ok() {
+                self.summary_every = Duration::from_secs(req.config.log.summary_seconds);
+            }
+            let _ = req.reply.send(result);
+        }
+        if self.summarised.elapsed() >= self.summary_every {
+            doors.log_summary(self.summary_every);
+            self.summarised = Instant::now();
+        }
+        if self.gauged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            doors.count_open(verifier.store_mut());
+            doors.count_shed(shed - self.shed_counted);
+            self.shed_counted = shed;
+            self.gauged = Some(Instant::now());
+        }
+    }
+}
+
 /// How often an idle verifier looks for `user revoke` done by another process:
 /// a revoked user's doors close within this time, not at the next knock.
 const REFRESH_EVERY: Duration = Duration::from_millis(200);
@@ -285,29 +326,14 @@ fn verify_loop(
 ) {
     let mut shed = 0u64;
     let mut since_deep = 0u32;
-    let mut summary_every = summary_every;
-    let mut summarised = Instant::now();
-    let mut gauge_at: Option<Instant> = None;
-    let mut shed_counted = 0u64;
+    let mut chores = Chores { summary_every, summarised: Instant::now(), gauged: None, shed_counted: 0 };
+    let (mut since_chores, mut chores_due) = (0u32, true);
     loop {
-        // Between two knocks: a reloaded config, the periodic summary of refusals
-        // not logged one by one, the open-doors gauge.
-        if let Ok(req) = reloads.try_recv() {
-            let result = reload::apply(&req.config, &mut verifier, &mut doors, &mut deep);
-            if result.is_ok() {
-                summary_every = Duration::from_secs(req.config.log.summary_seconds);
-            }
-            let _ = req.reply.send(result);
-        }
-        if summarised.elapsed() >= summary_every {
-            doors.log_summary(summary_every);
-            summarised = Instant::now();
-        }
-        if gauge_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            doors.count_open(verifier.store_mut());
-            doors.count_shed(shed - shed_counted);
-            shed_counted = shed;
-            gauge_at = Some(Instant::now());
+        // Between two knocks, when idle or every CHORES_EVERY knocks (so a flood
+        // adds nothing per knock and cannot postpone them either).
+        if chores_due || since_chores >= CHORES_EVERY {
+            chores.run(&reloads, &mut verifier, &mut doors, &mut deep, shed);
+            (since_chores, chores_due) = (0, false);
         }
         // Deep walks get their turn when no knock waits for its cheap check, and at
         // least once every DEEP_EVERY knocks, so a flood that keeps the channel busy
@@ -331,6 +357,7 @@ fn verify_loop(
         match next {
             Some(knock) => {
                 since_deep += 1;
+                since_chores += 1;
                 tracing::trace!(queued_us = knock.received.elapsed().as_micros() as u64, "knock picked up");
                 match verifier.verify_quick(&knock) {
                     Some(decision) => doors.apply(&knock, &decision, verifier.store_mut()),
@@ -347,6 +374,7 @@ fn verify_loop(
             }
             None => {
                 since_deep = 0;
+                chores_due = true;
                 match deep.pop() {
                     // A knock that waited this long is stale: a bound one has expired
                     // anyway, and the user has long since knocked again.
