@@ -295,6 +295,11 @@ fn doors_close_user_set_and_user_delete_act_on_a_running_daemon() {
     let st = s.nx_server(&["status"]);
     assert_eq!(st.status.code(), Some(3), "{}", out_text(&st));
     assert!(out_text(&st).contains("daemon:  not running"), "{}", out_text(&st));
+    // Without a daemon, `doors close` takes the door out of the kernel itself.
+    assert!(try_connect(&s.lab.client, addr(22)).is_ok(), "the door outlives the daemon");
+    let said = nx_ok(&s, &["doors", "close", "--user", "alice"]);
+    assert!(said.contains("no daemon is running: removed 2 kernel door(s)"), "{said}");
+    assert!(try_connect(&s.lab.client, addr(22)).is_err(), "closed without a daemon");
 }
 
 /// The `none` backend opens nothing in the kernel, but `nxknock doors` lists what it
