@@ -79,7 +79,9 @@ fn sighup_reload_adds_a_service_keeps_open_doors_and_refuses_broken_configs() {
     let alice = s.add_user("alice", &[]);
     let bob = s.add_user("bob", &[]);
     assert!(try_connect(&s.lab.attacker, addr(2222)).is_ok(), "control: 2222 is not guarded yet");
-    s.dig_knock(&s.lab.client, &alice);
+    let spent = s.otp(&alice, 1).remove(0);
+    let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &spent]);
+    assert_eq!(d.status, "NXDOMAIN");
     let mut held = connect_soon(&s.lab.client, addr(22)).expect("door for ssh opens");
 
     // Add service B and reload.
@@ -98,6 +100,12 @@ fn sighup_reload_adds_a_service_keeps_open_doors_and_refuses_broken_configs() {
     s.dig_knock(&s.lab.client, &alice);
     connect_soon(&s.lab.client, addr(2222)).expect("a knock after the reload opens the new service");
     assert!(try_connect(&s.lab.attacker, addr(22)).is_err(), "and nothing for anyone else");
+    // A reload forgets nothing: the element spent before it opens nothing now.
+    let d = dig(&s.lab.attacker, &[&format!("@{SERVER}"), "+norec", &spent]);
+    assert_eq!(d.status, "NXDOMAIN");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(try_connect(&s.lab.attacker, addr(22)).is_err(), "a spent element replayed after a reload opens nothing");
+    assert!(try_connect(&s.lab.attacker, addr(2222)).is_err());
 
     // A file that does not parse: refused, the reason logged, the daemon goes on.
     let good = std::fs::read_to_string(&s.daemon.config).unwrap();
