@@ -202,6 +202,13 @@ fn read_only_commands_create_no_database() {
         let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(after, before, "{args:?} created something");
     }
+    // An empty file where the database should be is not made into one by a reader.
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let db = dir.path().join("state/db.sqlite");
+    std::fs::write(&db, b"").unwrap();
+    let out = Command::new(BIN).args(["user", "list", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && text(&out).contains("is empty"), "{}", text(&out));
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "user list wrote into the empty file");
 }
 
 fn append(p: &Path, line: &str) {

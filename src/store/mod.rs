@@ -118,7 +118,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A command that only reads found no database: nothing was created.
-    #[error("database {path} does not exist (check [store] path; `nxknock serve` and `nxknock user add` create it)")]
+    #[error(
+        "database {path} does not exist or is empty (check [store] path; `nxknock serve` and `nxknock user add` create it)"
+    )]
     Missing { path: PathBuf },
     #[error("user {0:?} already exists")]
     UserExists(String),

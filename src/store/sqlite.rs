@@ -56,9 +56,11 @@ impl SqliteStore {
 
     /// Open a database that must already exist, creating nothing (no file, no
     /// directory): for commands that only read (`user list`, `doors`, `check-config`),
-    /// so a typo in `[store] path` is an error and not a new empty database.
+    /// so a typo in `[store] path` is an error and not a new empty database. An empty
+    /// file counts as missing: opening it would write a fresh schema and zone key.
     pub fn open_existing(path: &Path) -> Result<SqliteStore, StoreError> {
         match std::fs::symlink_metadata(path) {
+            Ok(md) if md.is_file() && md.len() == 0 => Err(StoreError::Missing { path: path.to_owned() }),
             Ok(_) => SqliteStore::open(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::Missing { path: path.to_owned() }),
             Err(source) => Err(StoreError::Io { path: path.to_owned(), source }),
