@@ -76,8 +76,9 @@ pub fn apply(
     Ok(())
 }
 
-/// How long `serve` waits for the verify thread to take a reload (it looks between
-/// knocks, at least every 200 ms; a guard install spawns `nft`).
+/// After this long without an answer from the verify thread (it looks when idle,
+/// at least every 200 ms, and every 256 knocks; a guard install spawns `nft`),
+/// `serve` says it is still waiting.
 pub const APPLY_WITHIN: Duration = Duration::from_secs(10);
 
 #[cfg(test)]

@@ -219,18 +219,28 @@ async fn reload_on_hup(
                     tracing::warn!(key, "SIGHUP: this key changed but needs a restart; keeping the running value");
                 }
                 let next = reload::applicable(&running, new);
-                let (reply, answer) = tokio::sync::oneshot::channel();
+                let (reply, mut answer) = tokio::sync::oneshot::channel();
                 match to_verifier.send(reload::Request { config: next.clone(), reply }) {
                     Err(_) => Err("the verifier thread has stopped".to_owned()),
-                    Ok(()) => match tokio::time::timeout(reload::APPLY_WITHIN, answer).await {
-                        Ok(Ok(Ok(()))) => {
-                            running = next;
-                            Ok(())
+                    Ok(()) => {
+                        // The request cannot be taken back once sent, so wait for its
+                        // answer however long it takes: `running` must be what applies.
+                        let answered = match tokio::time::timeout(reload::APPLY_WITHIN, &mut answer).await {
+                            Ok(a) => a,
+                            Err(_) => {
+                                tracing::warn!("SIGHUP: the verifier has not taken the new config yet; waiting");
+                                answer.await
+                            }
+                        };
+                        match answered {
+                            Ok(Ok(())) => {
+                                running = next;
+                                Ok(())
+                            }
+                            Ok(Err(why)) => Err(why),
+                            Err(_) => Err("the verifier thread has stopped".to_owned()),
                         }
-                        Ok(Ok(Err(why))) => Err(why),
-                        Ok(Err(_)) => Err("the verifier thread has stopped".to_owned()),
-                        Err(_) => Err("the verifier did not take the new config in time".to_owned()),
-                    },
+                    }
                 }
             }
         };
