@@ -25,6 +25,9 @@ pub struct Cli {
     /// Log filter (also RUST_LOG), e.g. "info" or "nxknock=debug".
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
+    /// Log as text or as one JSON object a line (default: `[log] format` for serve, else text).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -79,7 +82,8 @@ pub enum Command {
     /// Knock, get through the door and relay stdin/stdout over the connection:
     /// `ssh -o ProxyCommand="nxknock connect %h %p" HOST`.
     Connect(ConnectArgs),
-    /// List open doors: user, address, service, time left, via.
+    /// List open doors: user, address, service, time left, via (or `doors close`).
+    #[command(args_conflicts_with_subcommands = true)]
     Doors {
         #[command(flatten)]
         config: ConfigArg,
@@ -89,7 +93,11 @@ pub enum Command {
         /// List the sources the block list holds (bad direct knocks) instead of doors.
         #[arg(long)]
         blocked: bool,
+        #[command(subcommand)]
+        action: Option<DoorsCmd>,
     },
+    /// Is the daemon running here; how many users and open doors (exit 3 when not running).
+    Status(ConfigArg),
     /// Remove nxknock's own firewall table/chain and sets (the daemon must be stopped).
     UninstallFirewall(ConfigArg),
     /// Run the whole story in throwaway network namespaces (root).
@@ -104,6 +112,20 @@ pub enum Command {
     Completions {
         /// The shell to complete for.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DoorsCmd {
+    /// Close a user's doors, or every door admitting an address, now. The running
+    /// daemon removes them from the kernel within a fraction of a second.
+    Close {
+        #[arg(long, required_unless_present = "address", conflicts_with = "address")]
+        user: Option<String>,
+        #[arg(long)]
+        address: Option<IpAddr>,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -147,6 +169,27 @@ pub enum UserCmd {
     Revoke {
         /// The user to revoke.
         name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove a user for good, closing their doors (as revoke does); the name can be added again.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Change a user's policy; what is not given stays. Their next knock obeys it.
+    Set {
+        name: String,
+        /// Service the user may open (repeat; replaces the list; `all` for every service).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Source network the user may open for (repeat; replaces the list; `any` for anywhere).
+        #[arg(long = "from")]
+        from: Vec<String>,
+        /// Longest time (seconds) a door of this user stays open; 0: the service's.
+        #[arg(long)]
+        max_open: Option<u64>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -255,15 +298,24 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+impl Cli {
+    /// The log format: `--log-format`, else for `serve` the config's `[log] format`
+    /// (a config that does not load is reported by `serve` itself), else text.
+    pub fn log_format(&self) -> crate::config::LogFormat {
+        if let Some(f) = self.log_format {
+            return f;
+        }
+        match &self.command {
+            Command::Serve(c) => Config::load(&c.config).map(|c| c.log.format).unwrap_or_default(),
+            _ => crate::config::LogFormat::default(),
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(c) => crate::server::serve(Config::load(&c.config)?),
-        Command::CheckConfig(c) => {
-            let cfg = Config::load(&c.config)?;
-            let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
-            println!("{}: ok (zone {}, {} services)", c.config.display(), zone.apex, cfg.services.len());
-            Ok(())
-        }
+        Command::Serve(c) => crate::server::serve(&c.config),
+        Command::CheckConfig(c) => check_config(&c.config),
         Command::User(u) => user(u),
         Command::Store(StoreCmd::Upgrade(c)) => {
             let cfg = Config::load(&c.config)?;
@@ -305,8 +357,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Knock(k) => knock(k),
         Command::Connect(c) => connect(c),
-        Command::Doors { config, json, blocked: false } => doors(&Config::load(&config.config)?, json),
-        Command::Doors { config, json, blocked: true } => blocked(&Config::load(&config.config)?, json),
+        Command::Doors { action: Some(DoorsCmd::Close { user, address, config }), .. } => {
+            close_doors(&Config::load(&config.config)?, user.as_deref(), address)
+        }
+        Command::Doors { config, json, blocked: false, action: None } => doors(&Config::load(&config.config)?, json),
+        Command::Doors { config, json, blocked: true, action: None } => blocked(&Config::load(&config.config)?, json),
+        Command::Status(c) => status(&Config::load(&c.config)?),
         Command::UninstallFirewall(c) => {
             let cfg = Config::load(&c.config)?;
             let doors = crate::doors::Doors::from_config(&cfg);
@@ -334,6 +390,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "nxknock", &mut std::io::stdout());
             Ok(())
         }
+    }
+}
+
+/// Every check `serve` would make, every problem listed; exit status 1 on errors.
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let report = crate::check::check(path);
+    for f in &report.findings {
+        match f.severity {
+            crate::check::Severity::Error => eprintln!("error: {}", f.message),
+            crate::check::Severity::Warning => eprintln!("warning: {}", f.message),
+        }
+    }
+    match report.errors() {
+        0 => {
+            println!("{}: ok ({})", path.display(), report.summary.as_deref().unwrap_or("-"));
+            Ok(())
+        }
+        1 => bail!("{}: 1 error", path.display()),
+        n => bail!("{}: {n} errors", path.display()),
     }
 }
 
@@ -369,7 +444,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::List(c) => {
             let cfg = Config::load(&c.config)?;
-            let mut store = SqliteStore::open(&cfg.store.path)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
             println!(
                 "{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} FROM",
                 "USER", "PLAIN", "BOUND", "CHAIN", "STATE", "SERVICES"
@@ -390,7 +465,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Revoke { name, config } => {
             let cfg = Config::load(&config.config)?;
-            let mut store = SqliteStore::open(&cfg.store.path)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
             if store.revoke(&name)? {
                 println!("revoked {name}");
             } else {
@@ -398,9 +473,55 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        UserCmd::Delete { name, config } => {
+            let cfg = Config::load(&config.config)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            store.delete_user(&name)?;
+            println!("deleted {name}; a running daemon closes their doors within a second");
+            Ok(())
+        }
+        UserCmd::Set { name, services, from, max_open, config } => {
+            let cfg = Config::load(&config.config)?;
+            for s in services.iter().filter(|s| *s != "all") {
+                if cfg.service(s).is_none() {
+                    bail!("--service {s:?} is not a [[service]] in {}", config.config.display());
+                }
+            }
+            let parsed_from = from
+                .iter()
+                .filter(|f| *f != "any")
+                .map(|f| f.parse::<Prefix>().map(|p| p.to_string()).map_err(|e| anyhow::anyhow!("--from {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if max_open.is_some_and(|m| m > 86_400) {
+                bail!("--max-open must be at most 86400 seconds (0: the service's time)");
+            }
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            let user = store
+                .list_users()?
+                .into_iter()
+                .find(|u| u.name == name)
+                .ok_or_else(|| crate::store::StoreError::NoSuchUser(name.clone()))?;
+            let services =
+                if services.is_empty() { user.services } else { services.into_iter().filter(|s| s != "all").collect() };
+            let from = if from.is_empty() { user.from } else { parsed_from };
+            let max_open = match max_open {
+                None => user.max_open,
+                Some(0) => None,
+                Some(m) => Some(m),
+            };
+            store.set_policy(&name, &services, &from, max_open)?;
+            println!(
+                "{name}: services {}, from {}, longest door {}; open doors keep their time. \
+                 The credential still lists the services it was made with: `user rekey` refreshes it.",
+                list_or(&services, "all"),
+                list_or(&from, "anywhere"),
+                max_open.map_or("the service's".to_owned(), |m| format!("{m} s"))
+            );
+            Ok(())
+        }
         UserCmd::Rekey { name, out, chain_len, server, config } => {
             let cfg = Config::load(&config.config)?;
-            let mut store = SqliteStore::open(&cfg.store.path)?;
+            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
             let services =
                 store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.services).unwrap_or_default();
             enrol::rekey(&mut store, &zone_id(&cfg)?, &name, chain_len, server, openable(&cfg, &services), &out)?;
@@ -689,8 +810,59 @@ fn blocked(cfg: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `status`: the daemon (its firewall lock in this network namespace), users, doors.
+/// Exits 3 when no daemon runs, as LSB `status` does.
+fn status(cfg: &Config) -> anyhow::Result<()> {
+    let doors = crate::doors::Doors::from_config(cfg);
+    let running = match cfg.firewall.backend {
+        crate::firewall::BackendKind::None => None,
+        _ => Some(crate::server::claim_firewall(doors.backend_name()).is_err()),
+    };
+    match running {
+        Some(true) => println!("daemon:  running ({} backend, in this network namespace)", doors.backend_name()),
+        Some(false) => println!("daemon:  not running ({} backend, in this network namespace)", doors.backend_name()),
+        None => println!("daemon:  unknown (backend none holds no lock)"),
+    }
+    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+    let users = store.list_users()?;
+    let revoked = users.iter().filter(|u| u.revoked).count();
+    println!("users:   {} active, {revoked} revoked", users.len() - revoked);
+    println!("doors:   {} open", store.live_doors(crate::clock::unix_now())?.len());
+    if let Some(m) = &cfg.metrics {
+        println!("metrics: http://{}/metrics", m.listen);
+    }
+    if running == Some(false) {
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+/// `doors close`: close the records; without a running daemon, remove the kernel
+/// doors here (the daemon's lock tells which).
+fn close_doors(cfg: &Config, user: Option<&str>, address: Option<IpAddr>) -> anyhow::Result<()> {
+    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+    let closed = crate::doors::Doors::close_records(&mut store, user, address)?;
+    let doors = crate::doors::Doors::from_config(cfg);
+    let what = user.map_or_else(
+        || format!("admitting {}", address.map(|a| a.to_string()).unwrap_or_default()),
+        |u| format!("of {u}"),
+    );
+    if cfg.firewall.backend == crate::firewall::BackendKind::None {
+        println!("closed {closed} door(s) {what}");
+        return Ok(());
+    }
+    match crate::server::claim_firewall(doors.backend_name()) {
+        Ok(_lock) => {
+            let (_, removed) = doors.reconcile(&mut store)?;
+            println!("closed {closed} door record(s) {what}; no daemon is running: removed {removed} kernel door(s)");
+        }
+        Err(_) => println!("closed {closed} door record(s) {what}; the running daemon removes them within a second"),
+    }
+    Ok(())
+}
+
 fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let mut store = SqliteStore::open(&cfg.store.path)?;
+    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
     let view = crate::doors::Doors::from_config(cfg).view(&mut store)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);

@@ -33,6 +33,58 @@ pub struct Config {
     /// The capture listener (UDP, port-sequence and passive DNS knocks); absent = no capture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pcap: Option<PcapConfig>,
+    /// Prometheus text at `/metrics`; off unless configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default, skip_serializing_if = "LogConfig::is_default")]
+    pub log: LogConfig,
+}
+
+/// `[metrics]`: where to serve Prometheus text. Counters tell how busy the daemon is
+/// and why knocks were refused, which is reconnaissance an outsider should not get:
+/// only a loopback address is accepted unless `allow_remote` says otherwise.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// e.g. `"127.0.0.1:9153"`.
+    pub listen: SocketAddr,
+    /// Accept a non-loopback `listen` (behind your own firewall).
+    #[serde(default)]
+    pub allow_remote: bool,
+}
+
+/// `[log]`: how the daemon writes its log (stderr).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"text"` (default) or `"json"` (one object a line); `--log-format` overrides it.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Refused knocks that match no chain (random tokens from the internet, look-alikes)
+    /// are not logged one by one: they are counted and summed up at info once per this
+    /// many seconds, if any came.
+    #[serde(default = "default_summary_seconds")]
+    pub summary_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, summary_seconds: default_summary_seconds() }
+    }
+}
+
+impl LogConfig {
+    fn is_default(&self) -> bool {
+        self.format == LogFormat::Text && self.summary_seconds == default_summary_seconds()
+    }
 }
 
 /// `[pcap]`: knocks read off the wire with libpcap (ARCHITECTURE.md, "The capture
@@ -137,6 +189,10 @@ pub struct FirewallConfig {
     /// How long a door admits new connections.
     #[serde(default = "default_open_seconds")]
     pub open_seconds: u64,
+    /// Sources the guard never drops (a management network): new connections from
+    /// them reach the guarded ports without a knock. Empty by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub always_allow: Vec<Prefix>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -224,7 +280,7 @@ impl DnsConfig {
 impl FirewallConfig {
     /// `backend` with the default door time.
     pub fn new(backend: BackendKind) -> FirewallConfig {
-        FirewallConfig { backend, open_seconds: default_open_seconds() }
+        FirewallConfig { backend, open_seconds: default_open_seconds(), always_allow: Vec::new() }
     }
 }
 
@@ -278,6 +334,9 @@ fn default_max_age() -> u64 {
 fn default_grace() -> u64 {
     60
 }
+fn default_summary_seconds() -> u64 {
+    60
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -290,8 +349,32 @@ pub enum ConfigError {
     },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("config {path}: {key}: {expected}")]
-    Invalid { path: PathBuf, key: String, expected: String },
+    /// A value the parser read but the rules refuse; `line` is where the key (or its
+    /// table) is in the file, when it could be found.
+    #[error("config {}: {key}: {expected}", at(path, *line))]
+    Invalid { path: PathBuf, line: Option<usize>, key: String, expected: String },
+    /// Several [`ConfigError::Invalid`], one a line: every problem at once, so the
+    /// operator fixes the file in one go.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
+}
+
+/// `path` or `path:line`.
+fn at(path: &Path, line: Option<usize>) -> String {
+    match line {
+        Some(l) => format!("{}:{l}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+impl ConfigError {
+    /// The single problems inside (one for everything but [`ConfigError::Many`]).
+    pub fn problems(&self) -> Vec<&ConfigError> {
+        match self {
+            ConfigError::Many(v) => v.iter().collect(),
+            e => vec![e],
+        }
+    }
 }
 
 impl Config {
@@ -303,76 +386,118 @@ impl Config {
     }
 
     /// Parse `text` as if read from `path` (used for relative paths and messages).
+    /// Every rule is checked; several broken ones come back together as
+    /// [`ConfigError::Many`].
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg = Config::parse_unvalidated(text, path)?;
+        let mut problems: Vec<ConfigError> = cfg
+            .problems()
+            .into_iter()
+            .map(|(key, expected)| ConfigError::Invalid {
+                path: path.to_owned(),
+                line: crate::check::line_of(text, &key),
+                key,
+                expected,
+            })
+            .collect();
+        match problems.len() {
+            0 => Ok(cfg),
+            1 => Err(problems.remove(0)),
+            _ => Err(ConfigError::Many(problems)),
+        }
+    }
+
+    /// Parse without the rules (for `check-config`, which reports the rules itself
+    /// and goes on to check the zone, the listen addresses, the store).
+    pub(crate) fn parse_unvalidated(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.dns.zone_file = base.join(&cfg.dns.zone_file);
         cfg.store.path = base.join(&cfg.store.path);
-        cfg.validate(path)?;
         Ok(cfg)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &str, expected: String| {
-            Err(ConfigError::Invalid { path: path.to_owned(), key: key.to_owned(), expected })
-        };
+    /// Every rule the parser cannot express, as (key, what was expected).
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, expected: String| out.push((key.to_owned(), expected));
         if self.dns.listen.is_empty() && self.pcap.is_none() {
-            return bad(
+            bad(
                 "dns.listen",
                 "at least one address such as \"0.0.0.0:53\" (an empty list needs a [pcap] listener)".into(),
             );
         }
         if let Some(p) = &self.pcap {
-            self.validate_pcap(p).map_err(|(key, expected)| ConfigError::Invalid {
-                path: path.to_owned(),
-                key: format!("pcap.{key}"),
-                expected,
-            })?;
+            if let Err((key, expected)) = self.validate_pcap(p) {
+                bad(&format!("pcap.{key}"), expected);
+            }
         }
         if !(1..=86_400).contains(&self.firewall.open_seconds) {
-            return bad("firewall.open_seconds", format!("between 1 and 86400, got {}", self.firewall.open_seconds));
+            bad("firewall.open_seconds", format!("between 1 and 86400, got {}", self.firewall.open_seconds));
         }
         if !(1..=1024).contains(&self.token.window) {
-            return bad("token.window", format!("between 1 and 1024, got {}", self.token.window));
+            bad("token.window", format!("between 1 and 1024, got {}", self.token.window));
         }
         if !(1..=3600).contains(&self.token.max_age_seconds) {
-            return bad("token.max_age_seconds", format!("between 1 and 3600, got {}", self.token.max_age_seconds));
+            bad("token.max_age_seconds", format!("between 1 and 3600, got {}", self.token.max_age_seconds));
         }
         if self.token.plain == PlainPolicy::Ecs && self.token.ecs_from.is_empty() {
-            return bad(
+            bad(
                 "token.ecs_from",
                 "the resolvers whose EDNS Client Subnet to believe, e.g. [\"192.0.2.53/32\"], with plain = \"ecs\""
                     .into(),
             );
         }
+        for net in &self.firewall.always_allow {
+            if net.len() == 0 {
+                bad(
+                    "firewall.always_allow",
+                    format!("networks of your own, got {net}, which lets everyone past the guard"),
+                );
+            }
+        }
+        if let Some(m) = &self.metrics {
+            if !m.listen.ip().is_loopback() && !m.allow_remote {
+                bad(
+                    "metrics.listen",
+                    format!(
+                        "a loopback address such as \"127.0.0.1:9153\", got {} (set allow_remote = true to serve \
+                         metrics beyond this host)",
+                        m.listen
+                    ),
+                );
+            }
+        }
+        if !(1..=86_400).contains(&self.log.summary_seconds) {
+            bad("log.summary_seconds", format!("between 1 and 86400, got {}", self.log.summary_seconds));
+        }
         if self.services.is_empty() {
-            return bad("service", "at least one [[service]] with name, proto and port".into());
+            bad("service", "at least one [[service]] with name, proto and port".into());
         }
         let mut names = HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             if s.name.is_empty() || !s.name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
-                return bad(&format!("service[{i}].name"), format!("letters, digits, '-' or '_', got {:?}", s.name));
+                bad(&format!("service[{i}].name"), format!("letters, digits, '-' or '_', got {:?}", s.name));
+            } else if !names.insert(s.name.as_str()) {
+                bad(&format!("service[{i}].name"), format!("a unique name, {:?} appears twice", s.name));
             }
             if s.port == 0 {
-                return bad(&format!("service[{i}].port"), "a port between 1 and 65535, got 0".into());
+                bad(&format!("service[{i}].port"), "a port between 1 and 65535, got 0".into());
             }
             if let Some(hook) = &s.hook {
                 if hook.first().is_none_or(|p| !Path::new(p).is_absolute()) {
-                    return bad(&format!("service[{i}].hook"), "[\"/absolute/path/to/program\", \"arg\", …]".into());
+                    bad(&format!("service[{i}].hook"), "[\"/absolute/path/to/program\", \"arg\", …]".into());
                 }
             }
             if !(1..=300).contains(&s.hook_timeout_seconds) {
-                return bad(
+                bad(
                     &format!("service[{i}].hook_timeout_seconds"),
                     format!("between 1 and 300, got {}", s.hook_timeout_seconds),
                 );
             }
-            if !names.insert(s.name.as_str()) {
-                return bad(&format!("service[{i}].name"), format!("a unique name, {:?} appears twice", s.name));
-            }
         }
-        Ok(())
+        out
     }
 
     fn validate_pcap(&self, p: &PcapConfig) -> Result<(), (&'static str, String)> {

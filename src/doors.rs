@@ -6,13 +6,16 @@
 //! can say whose it is and a restarted daemon can tell its own doors from
 //! anything else found in its table.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::ServiceConfig;
 use crate::firewall::{Door, DoorBackend, FirewallError, Guarded, OpenDoor};
 use crate::hooks::{self, HookEvent};
 use crate::knock::Knock;
+use crate::metrics::Metrics;
 use crate::netaddr::Prefix;
 use crate::store::{DoorRecord, Store};
 use crate::verify::{Decision, Reject};
@@ -21,7 +24,18 @@ pub struct Doors {
     backend: Box<dyn DoorBackend>,
     services: Vec<ServiceConfig>,
     open_for: Duration,
+    metrics: Arc<Metrics>,
+    /// Refusals not logged one by one (see [`Doors::apply`]), by reason, until the
+    /// next [`Doors::log_summary`].
+    quiet: Mutex<BTreeMap<&'static str, u64>>,
+    /// Info lines for refusals left this second (see [`LOUD_PER_SECOND`]).
+    loud: Mutex<(u32, Option<std::time::Instant>)>,
 }
+
+/// Refusals logged one line each, at most, per second. Past that (someone replaying
+/// a captured element in a loop) they are counted into the summary: a refusal never
+/// costs more than a counter, whoever sends it.
+const LOUD_PER_SECOND: u32 = 20;
 
 /// A kernel door joined with what the store says about it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -39,13 +53,85 @@ pub struct DoorView {
 
 impl Doors {
     pub fn new(backend: Box<dyn DoorBackend>, services: Vec<ServiceConfig>, open_for: Duration) -> Doors {
-        Doors { backend, services, open_for }
+        Doors {
+            backend,
+            services,
+            open_for,
+            metrics: Arc::default(),
+            quiet: Mutex::default(),
+            loud: Mutex::new((LOUD_PER_SECOND, None)),
+        }
+    }
+
+    /// Count decisions, doors and latencies into `metrics` (`[metrics]`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Doors {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Take the services, door time and guard of a reloaded config. The new guard
+    /// goes in first, in one firewall transaction that keeps every open door; if
+    /// the firewall refuses it, the old guard is put back and nothing changes.
+    pub fn reconfigure(&mut self, cfg: &crate::config::Config) -> Result<(), FirewallError> {
+        let backend = crate::firewall::backend_allowing(cfg.firewall.backend, &cfg.firewall.always_allow);
+        if let Err(error) = backend.install_guard(&Self::guarded(&cfg.services)) {
+            if let Err(again) = self.install_guard() {
+                tracing::error!(%again, "could not put the old guard back either");
+            }
+            return Err(error);
+        }
+        self.backend = backend;
+        self.services = cfg.services.clone();
+        self.open_for = Duration::from_secs(cfg.firewall.open_seconds);
+        Ok(())
+    }
+
+    /// Set the open-doors gauge from the live door records.
+    pub fn count_open(&self, store: &mut dyn Store) {
+        if let Ok(live) = store.live_doors(now()) {
+            self.metrics.set_doors_open(live.len());
+        }
+    }
+
+    /// Knocks the verify loop shed before their deep walk.
+    pub fn count_shed(&self, n: u64) {
+        self.metrics.shed(n);
+    }
+
+    fn count_quietly(&self, reason: &'static str) {
+        *self.quiet.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+    }
+
+    /// One more info line for a refusal this second?
+    fn may_log_loudly(&self) -> bool {
+        let mut loud = self.loud.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if loud.1.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *loud = (LOUD_PER_SECOND, Some(now));
+        }
+        if loud.0 == 0 {
+            return false;
+        }
+        loud.0 -= 1;
+        true
+    }
+
+    /// Log, at info, how many knocks were refused without a line each since the
+    /// last call (random tokens, look-alikes); nothing if none were.
+    pub fn log_summary(&self, every: Duration) {
+        let counts = std::mem::take(&mut *self.quiet.lock().unwrap_or_else(|p| p.into_inner()));
+        if counts.is_empty() {
+            return;
+        }
+        let total: u64 = counts.values().sum();
+        let by_reason = counts.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        tracing::info!(total, by_reason, seconds = every.as_secs(), "knocks refused without a log line each");
     }
 
     /// The door stage the configuration describes (backend, services, open window).
     pub fn from_config(cfg: &crate::config::Config) -> Doors {
         Doors::new(
-            crate::firewall::backend(cfg.firewall.backend),
+            crate::firewall::backend_allowing(cfg.firewall.backend, &cfg.firewall.always_allow),
             cfg.services.clone(),
             Duration::from_secs(cfg.firewall.open_seconds),
         )
@@ -117,9 +203,27 @@ impl Doors {
         Ok((adopted, removed))
     }
 
-    /// Open doors joined with their records, for `nxknock doors`.
+    /// Open doors joined with their records, for `nxknock doors`. The `none`
+    /// backend has no kernel doors: its records are the doors it would have opened.
     pub fn view(&self, store: &mut dyn Store) -> anyhow::Result<Vec<DoorView>> {
-        let records = store.live_doors(now())?;
+        let t = now();
+        let records = store.live_doors(t)?;
+        if self.backend.name() == "none" {
+            return Ok(records
+                .into_iter()
+                .map(|r| DoorView {
+                    seconds_left: r.expires_at.saturating_sub(t),
+                    addr: r.addr,
+                    prefix_len: r.prefix_len,
+                    proto: r.proto.to_string(),
+                    port: r.port,
+                    single_use: r.single_use,
+                    user: Some(r.user),
+                    service: Some(r.service),
+                    via: Some(r.via),
+                })
+                .collect());
+        }
         Ok(self
             .backend
             .list()?
@@ -141,6 +245,24 @@ impl Doors {
                 }
             })
             .collect())
+    }
+
+    /// `nxknock doors close`: close the records of `user`'s doors, or of every door
+    /// admitting `addr`. Returns how many records were closed; the kernel doors go
+    /// when the daemon (or [`Doors::reconcile`] without one) sees no live record.
+    pub fn close_records(store: &mut dyn Store, user: Option<&str>, addr: Option<IpAddr>) -> anyhow::Result<usize> {
+        if let Some(user) = user {
+            return Ok(store.close_user_doors(user)?);
+        }
+        let Some(addr) = addr else { return Ok(0) };
+        let mut closed = 0;
+        for r in store.live_doors(now())? {
+            if Prefix::new(r.addr, r.prefix_len).contains_ip(addr) {
+                store.close_door(&r.user, &r.key())?;
+                closed += 1;
+            }
+        }
+        Ok(closed)
     }
 
     pub fn uninstall(&self) -> Result<(), FirewallError> {
@@ -166,12 +288,21 @@ impl Doors {
         })
     }
 
-    /// Act on a decision and log it. Never logs a token; unknown labels and
-    /// look-alikes log at debug only, since a flood of them is expected and must not
+    /// Act on a decision and log it. Never logs a token. A refused knock that names
+    /// a user or a policy gets one info line with its stable `reason`; one that
+    /// matches no chain (`unknown`, `look-alike`: what random traffic from the
+    /// internet is) gets a debug line and is counted into the periodic summary
+    /// ([`Doors::log_summary`]), since a flood of them is expected and must not
     /// flood the log.
     pub fn apply(&self, knock: &Knock, decision: &Decision, store: &mut dyn Store) {
         let via = knock.via.as_str();
         let from = knock.seen_from;
+        match decision {
+            Decision::Open { .. } => self.metrics.knock("open"),
+            Decision::Close { .. } => self.metrics.knock("close"),
+            Decision::Repeat => self.metrics.knock("repeat"),
+            Decision::Reject { why, .. } => self.metrics.refused(why.reason()),
+        }
         match decision {
             Decision::Open { user, door, services, max_open } => {
                 // The verifier only makes door-sized prefixes; checked again here because
@@ -191,8 +322,15 @@ impl Doors {
                 let reason = why.reason();
                 let user = user.as_deref().unwrap_or("-");
                 match why {
-                    Reject::Unknown | Reject::LookAlike => tracing::debug!(%via, %from, reason, "knock refused: {why}"),
+                    Reject::Unknown | Reject::LookAlike => {
+                        self.count_quietly(reason);
+                        tracing::debug!(%via, %from, reason, "knock refused: {why}")
+                    }
                     Reject::Store(_) => tracing::error!(%via, %from, reason, "knock refused (fail closed): {why}"),
+                    _ if !self.may_log_loudly() => {
+                        self.count_quietly(reason);
+                        tracing::debug!(%user, %via, %from, reason, "knock refused: {why}")
+                    }
                     _ => tracing::info!(%user, %via, %from, reason, "knock refused: {why}"),
                 }
             }
@@ -266,6 +404,7 @@ impl Doors {
             let asked = std::time::Instant::now();
             match self.backend.open(&d) {
                 Ok(()) => {
+                    self.metrics.door_opened(knock.received.elapsed());
                     tracing::info!(
                         %user, %door, service = %svc.name, %via, %from,
                         open_seconds = open_for.as_secs(), single_use = d.single_use,
@@ -275,6 +414,7 @@ impl Doors {
                     self.hook(svc, "open", user, &d, via);
                 }
                 Err(error) => {
+                    self.metrics.door_error();
                     tracing::error!(%user, service = %svc.name, %error, "could not open door");
                     let _ = store.close_door(user, &d.key());
                 }

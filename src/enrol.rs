@@ -3,7 +3,7 @@
 //!
 //! `add` and `rekey` order their writes so a failure never leaves a user that
 //! nobody can knock as without saying so: `add` enrols, then writes the credential
-//! (revoking the user if that fails); `rekey` writes the new credential first,
+//! (removing the user again if that fails, so the name can simply be added again); `rekey` writes the new credential first,
 //! then switches the store over (removing the file if that fails).
 
 use std::path::{Path, PathBuf};
@@ -43,7 +43,7 @@ pub enum EnrolError {
     OutExists(PathBuf),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("user {user} was enrolled but the credential could not be written, so the user is revoked: {source}")]
+    #[error("the credential for {user} could not be written, so the user was not added: {source}")]
     CredentialLost {
         user: String,
         #[source]
@@ -112,8 +112,11 @@ pub fn add(store: &mut dyn Store, zone: &ZoneId, spec: &UserSpec, out: &Path) ->
         Ok(c.create(out)?)
     });
     if let Err(e) = written {
-        // Do not leave a user nobody can knock as, silently.
-        let _ = store.revoke(&spec.name);
+        // Do not leave a user nobody can knock as: remove it (revoke if even that
+        // fails), so a second `user add` of the same name just works.
+        if store.delete_user(&spec.name).is_err() {
+            let _ = store.revoke(&spec.name);
+        }
         let source = match e {
             EnrolError::Credential(c) => c,
             other => return Err(other),

@@ -15,6 +15,7 @@
 //! [`lab`] the network-namespace harness shared by `nxknock demo`, the tests and the benchmark.
 
 pub mod capture;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -33,9 +34,12 @@ pub mod hooks;
 pub mod knock;
 pub mod lab;
 pub mod limit;
+pub mod metrics;
 pub mod netaddr;
+pub mod notify;
 pub mod privilege;
 pub mod profile;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod token;

@@ -141,6 +141,13 @@ impl<T> DeepQueue<T> {
         self.len == 0
     }
 
+    /// A new walk budget (config reload); the lanes' buckets start full again and
+    /// the knocks waiting stay queued.
+    pub fn set_rate(&mut self, rate: u32) {
+        let fresh = DeepQueue::<T>::new(rate, self.max_len, self.max_per_lane);
+        (self.budget, self.wide) = (fresh.budget, fresh.wide);
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

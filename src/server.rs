@@ -1,12 +1,17 @@
 //! `nxknock serve`: wires listener -> knock -> verify -> door and runs until signalled.
 //!
-//! Start-up order matters: the store and zone are checked and the guard is
-//! installed *before* any socket answers, so a daemon that cannot protect its
-//! services refuses to start instead of serving knocks that open nothing.
-//! On SIGTERM/SIGINT the listeners stop and the guard stays in place (fail closed).
+//! Start-up order matters: the store and zone are checked and every socket is
+//! bound (DNS, metrics) *before* the guard is installed, so a daemon that cannot
+//! answer fails without leaving a guard behind; and the guard is installed before
+//! any socket answers, so a daemon that cannot protect its services refuses to
+//! start instead of serving knocks that open nothing. Only then does it tell
+//! systemd it is ready (`READY=1`, see [`crate::notify`]).
+//! SIGHUP reloads the config ([`crate::reload`]); on SIGTERM/SIGINT the listeners
+//! stop and the guard stays in place (fail closed).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, sync_channel};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,6 +23,8 @@ use crate::dns::{DnsStats, KnockHandler, SharedHandler, Zone};
 use crate::doors::Doors;
 use crate::knock::Knock;
 use crate::limit::DeepQueue;
+use crate::metrics::Metrics;
+use crate::reload;
 use crate::store::SqliteStore;
 use crate::token::ZoneId;
 use crate::verify::{Decision, Reject, Verifier};
@@ -34,7 +41,9 @@ const DEEP_EVERY: u32 = 64;
 /// Deep-queue knocks older than this are dropped unwalked.
 const DEEP_MAX_WAIT: Duration = Duration::from_secs(10);
 
-pub fn serve(cfg: Config) -> anyhow::Result<()> {
+/// Serve the config at `path` (read again on SIGHUP).
+pub fn serve(path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
     let zone_id = ZoneId::new(&zone.apex.to_ascii());
     let mut store = SqliteStore::open(&cfg.store.path)?;
@@ -44,7 +53,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.dns.whoami {
         verifier.publish_keys(whoami_keys.clone())?;
     }
-    let doors = Doors::from_config(&cfg);
+    let metrics = Arc::new(Metrics::default());
+    let doors = Doors::from_config(&cfg).with_metrics(metrics.clone());
     // Capture handles open before anything is installed: a missing interface or
     // CAP_NET_RAW stops the daemon here with the interface named.
     let captures = match &cfg.pcap {
@@ -55,6 +65,20 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         crate::firewall::BackendKind::None => None,
         _ => Some(claim_firewall(doors.backend_name())?),
     };
+    // Every socket before the guard: an address that cannot be bound stops the
+    // daemon here, with nothing installed.
+    let threads = crate::dns::dns_threads();
+    let sockets = crate::dns::bind(&cfg.dns.listen, threads)
+        .context("cannot bind [dns] listen; nothing was installed in the firewall")?;
+    let metrics_listener = match &cfg.metrics {
+        Some(m) => {
+            let l = std::net::TcpListener::bind(m.listen)
+                .with_context(|| format!("cannot bind [metrics] listen {}; nothing was installed", m.listen))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
     doors.install_guard().with_context(|| {
         format!("cannot install the {} guard; refusing to serve knocks that could open nothing", doors.backend_name())
     })?;
@@ -63,6 +87,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let (adopted, removed) = doors.reconcile(verifier.store_mut()).context("reconcile open doors")?;
     tracing::info!(adopted, removed, "doors reconciled");
+    // Everything privileged at start-up is done: keep only the three network
+    // capabilities, while this is still the only thread (capabilities are per thread).
+    let kept = crate::privilege::restrict().context("cannot give up privileges; refusing to serve")?;
+    tracing::info!(
+        keep = "CAP_NET_ADMIN,CAP_NET_BIND_SERVICE,CAP_NET_RAW",
+        no_new_privs = true,
+        bounding_set_cut = !kept.bounding_kept,
+        noroot_securebits = !kept.securebits_kept,
+        "privileges reduced"
+    );
 
     let (tx, rx) = sync_channel::<Knock>(VERIFY_QUEUE);
     let deep = DeepQueue::new(cfg.dns.knocks_per_source, DEEP_QUEUE, DEEP_QUEUE_PER_LANE);
@@ -73,9 +107,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         Arc::new(list)
     });
     let verify_blocks = blocklist.clone();
+    let (reload_tx, reload_rx) = std::sync::mpsc::channel::<reload::Request>();
+    let summary_every = Duration::from_secs(cfg.log.summary_seconds);
     std::thread::Builder::new()
         .name("verify".into())
-        .spawn(move || verify_loop(verifier, doors, rx, deep, verify_blocks))
+        .spawn(move || verify_loop(verifier, doors, rx, deep, reload_rx, summary_every, verify_blocks))
         .context("spawn verifier thread")?;
     // The whole-file integrity check reads every page: it runs beside serving, so a
     // large database starts fast; a damaged one stops the daemon (the guard stays).
@@ -98,8 +134,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     // query is received, answered and sent on one thread, with no task migration
     // or cross-core wake-up. Thread 0 (this one) also serves TCP (hickory) and
     // handles signals.
-    let threads = crate::dns::dns_threads();
-    let sockets = crate::dns::bind(&cfg.dns.listen, threads)?;
     let tcp_timeout = Duration::from_secs(cfg.dns.tcp_timeout_seconds);
     let stats = Arc::new(DnsStats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -147,7 +181,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         workers.push(worker);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let (path, running) = (path.to_owned(), cfg.clone());
+    let metrics_stats = stats.clone();
     let result = runtime.block_on(async move {
+        if let Some(l) = metrics_listener {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tracing::info!(listen = %l.local_addr()?, "metrics at /metrics");
+            tokio::spawn(crate::metrics::serve(l, metrics.clone(), metrics_stats));
+        }
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(reload_on_hup(hup, path, running, reload_tx, metrics));
         let fast = Arc::new(FastPath::new(handler.clone()));
         let mut udp_tasks = tokio::task::JoinSet::new();
         for s in main_udp {
@@ -164,6 +207,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             services = ?cfg.services.iter().map(|s| format!("{}={}/{}", s.name, s.proto, s.port)).collect::<Vec<_>>(),
             "nxknock serving"
         );
+        crate::notify::notify("READY=1\nSTATUS=serving");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping; the guard stays in place"),
@@ -171,6 +215,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             r = server.block_until_done(), if has_tcp => r.context("dns server stopped")?,
             Some(r) = udp_tasks.join_next() => r.context("dns task")?.context("dns socket failed")?,
         }
+        crate::notify::notify("STOPPING=1");
         let _ = tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully()).await;
         anyhow::Ok(())
     });
@@ -206,6 +251,66 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     result
 }
 
+/// SIGHUP, for as long as the daemon runs: read the config file again and hand
+/// what may change to the verify thread ([`crate::reload`]). A file that does not
+/// load is refused with the reason in the log, and the daemon goes on as it was.
+async fn reload_on_hup(
+    mut hup: tokio::signal::unix::Signal,
+    path: PathBuf,
+    mut running: Config,
+    to_verifier: Sender<reload::Request>,
+    metrics: Arc<Metrics>,
+) {
+    while hup.recv().await.is_some() {
+        crate::notify::reloading();
+        let outcome = match Config::load(&path) {
+            Err(error) => Err(format!("{error}")),
+            Ok(new) => {
+                for key in reload::restart_only(&running, &new) {
+                    tracing::warn!(key, "SIGHUP: this key changed but needs a restart; keeping the running value");
+                }
+                let next = reload::applicable(&running, new);
+                let (reply, mut answer) = tokio::sync::oneshot::channel();
+                match to_verifier.send(reload::Request { config: next.clone(), reply }) {
+                    Err(_) => Err("the verifier thread has stopped".to_owned()),
+                    Ok(()) => {
+                        // The request cannot be taken back once sent, so wait for its
+                        // answer however long it takes: `running` must be what applies.
+                        let answered = match tokio::time::timeout(reload::APPLY_WITHIN, &mut answer).await {
+                            Ok(a) => a,
+                            Err(_) => {
+                                tracing::warn!("SIGHUP: the verifier has not taken the new config yet; waiting");
+                                answer.await
+                            }
+                        };
+                        match answered {
+                            Ok(Ok(())) => {
+                                running = next;
+                                Ok(())
+                            }
+                            Ok(Err(why)) => Err(why),
+                            Err(_) => Err("the verifier thread has stopped".to_owned()),
+                        }
+                    }
+                }
+            }
+        };
+        metrics.reload(outcome.is_ok());
+        match outcome {
+            Ok(()) => tracing::info!(
+                config = %path.display(),
+                services = ?running.services.iter().map(|s| format!("{}={}/{}", s.name, s.proto, s.port)).collect::<Vec<_>>(),
+                open_seconds = running.firewall.open_seconds,
+                "SIGHUP: config reloaded"
+            ),
+            Err(error) => {
+                tracing::error!(config = %path.display(), %error, "SIGHUP: reload refused; still serving the previous config")
+            }
+        }
+        crate::notify::notify("READY=1\nSTATUS=serving");
+    }
+}
+
 /// One daemon per firewall per network namespace: two daemons sharing a table
 /// would remove each other's doors at start-up. An abstract Unix socket is the
 /// lock: abstract names are per network namespace (as the firewall is), and the
@@ -223,6 +328,47 @@ pub fn claim_firewall(backend: &str) -> anyhow::Result<std::os::unix::net::UnixL
     })
 }
 
+/// The verify loop's chores run at least once every this many knocks.
+const CHORES_EVERY: u32 = 256;
+
+/// What the verify loop does besides knocks: take a reloaded config, sum up the
+/// refusals not logged one by one, refresh the gauges.
+struct Chores {
+    summary_every: Duration,
+    summarised: Instant,
+    gauged: Option<Instant>,
+    shed_counted: u64,
+}
+
+impl Chores {
+    fn run(
+        &mut self,
+        reloads: &Receiver<reload::Request>,
+        verifier: &mut Verifier,
+        doors: &mut Doors,
+        deep: &mut DeepQueue<Knock>,
+        shed: u64,
+    ) {
+        if let Ok(req) = reloads.try_recv() {
+            let result = reload::apply(&req.config, verifier, doors, deep);
+            if result.is_ok() {
+                self.summary_every = Duration::from_secs(req.config.log.summary_seconds);
+            }
+            let _ = req.reply.send(result);
+        }
+        if self.summarised.elapsed() >= self.summary_every {
+            doors.log_summary(self.summary_every);
+            self.summarised = Instant::now();
+        }
+        if self.gauged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            doors.count_open(verifier.store_mut());
+            doors.count_shed(shed - self.shed_counted);
+            self.shed_counted = shed;
+            self.gauged = Some(Instant::now());
+        }
+    }
+}
+
 /// How often an idle verifier looks for `user revoke` done by another process:
 /// a revoked user's doors close within this time, not at the next knock.
 const REFRESH_EVERY: Duration = Duration::from_millis(200);
@@ -233,18 +379,19 @@ const REFRESH_EVERY: Duration = Duration::from_millis(200);
 /// [`REFRESH_EVERY`]) it re-reads the store, so revocations close doors promptly.
 fn verify_loop(
     mut verifier: Verifier,
-    doors: Doors,
+    mut doors: Doors,
     rx: Receiver<Knock>,
     mut deep: DeepQueue<Knock>,
+    reloads: Receiver<reload::Request>,
+    summary_every: Duration,
     blocklist: Option<Arc<Blocklist>>,
 ) {
     // A refused or shed *direct* knock is a strike against its source (block list).
-    let judge = |knock: &Knock, decision: Option<&Decision>| {
+    let judge = |knock: &Knock, decision: &Decision| {
         let Some(list) = &blocklist else { return };
         let strike = match decision {
-            None => true,
-            Some(Decision::Reject { why, .. }) => !matches!(why, Reject::Store(_) | Reject::Lost | Reject::UserRate),
-            Some(_) => false,
+            Decision::Reject { why, .. } => !matches!(why, Reject::Store(_) | Reject::Lost | Reject::UserRate),
+            _ => false,
         };
         if strike && knock.via.is_direct() {
             list.strike(knock.seen_from, Instant::now());
@@ -252,7 +399,15 @@ fn verify_loop(
     };
     let mut shed = 0u64;
     let mut since_deep = 0u32;
+    let mut chores = Chores { summary_every, summarised: Instant::now(), gauged: None, shed_counted: 0 };
+    let (mut since_chores, mut chores_due) = (0u32, true);
     loop {
+        // Between two knocks, when idle or every CHORES_EVERY knocks (so a flood
+        // adds nothing per knock and cannot postpone them either).
+        if chores_due || since_chores >= CHORES_EVERY {
+            chores.run(&reloads, &mut verifier, &mut doors, &mut deep, shed);
+            (since_chores, chores_due) = (0, false);
+        }
         // Deep walks get their turn when no knock waits for its cheap check, and at
         // least once every DEEP_EVERY knocks, so a flood that keeps the channel busy
         // cannot starve them.
@@ -275,11 +430,12 @@ fn verify_loop(
         match next {
             Some(knock) => {
                 since_deep += 1;
+                since_chores += 1;
                 tracing::trace!(queued_us = knock.received.elapsed().as_micros() as u64, "knock picked up");
                 match verifier.verify_quick(&knock) {
                     Some(decision) => {
                         doors.apply(&knock, &decision, verifier.store_mut());
-                        judge(&knock, Some(&decision));
+                        judge(&knock, &decision);
                     }
                     None => {
                         let (src, form, direct) = (knock.seen_from, knock.token.form(), knock.via.is_direct());
@@ -299,6 +455,7 @@ fn verify_loop(
             }
             None => {
                 since_deep = 0;
+                chores_due = true;
                 match deep.pop() {
                     // A knock that waited this long is stale: a bound one has expired
                     // anyway, and the user has long since knocked again.
@@ -306,7 +463,7 @@ fn verify_loop(
                     Some(knock) => {
                         let decision = verifier.verify(&knock);
                         doors.apply(&knock, &decision, verifier.store_mut());
-                        judge(&knock, Some(&decision));
+                        judge(&knock, &decision);
                     }
                     None => {
                         if let Err(error) = verifier.refresh() {

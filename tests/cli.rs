@@ -295,3 +295,31 @@ fn store_refuses_a_database_directory_writable_by_others() {
         assert!(list.status.success() && text(&list).contains("alice"), "{}", text(&list));
     }
 }
+
+/// A `user add` whose credential cannot be written leaves no user behind: the same
+/// name can be added again at once.
+#[test]
+fn failed_user_add_leaves_no_half_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), BackendKind::None, "");
+    let nowhere = dir.path().join("no/such/dir/alice.cred");
+    let out = nx(&["user", "add", "alice", "--out", nowhere.to_str().unwrap(), "--config", &cfg]);
+    assert!(!out.status.success() && text(&out).contains("not added"), "{}", text(&out));
+    let list = nx(&["user", "list", "--config", &cfg]);
+    assert!(!text(&list).contains("alice"), "{}", text(&list));
+    let cred = dir.path().join("alice.cred");
+    let again = nx(&["user", "add", "alice", "--out", cred.to_str().unwrap(), "--config", &cfg]);
+    assert!(again.status.success(), "re-adding must work: {}", text(&again));
+    // `user set` changes the policy by name; `user delete` removes the user for good.
+    let set = nx(&["user", "set", "alice", "--from", "198.18.0.0/15", "--max-open", "10", "--config", &cfg]);
+    assert!(set.status.success(), "{}", text(&set));
+    let list = text(&nx(&["user", "list", "--config", &cfg]));
+    assert!(list.contains("198.18.0.0/15"), "{list}");
+    let bad = nx(&["user", "set", "alice", "--service", "nosuch", "--config", &cfg]);
+    assert!(!bad.status.success() && text(&bad).contains("nosuch"), "{}", text(&bad));
+    let del = nx(&["user", "delete", "alice", "--config", &cfg]);
+    assert!(del.status.success(), "{}", text(&del));
+    assert!(!text(&nx(&["user", "list", "--config", &cfg])).contains("alice"));
+    let gone = nx(&["user", "delete", "alice", "--config", &cfg]);
+    assert!(!gone.status.success() && text(&gone).contains("no such user"), "{}", text(&gone));
+}

@@ -198,6 +198,7 @@ impl FastPath {
 
     async fn handle_batch(&self, sock: &Arc<UdpSocket>, batch: &mut Batch, n: usize) {
         let received = Instant::now();
+        self.handler.stats.queries.fetch_add(n as u64, Ordering::Relaxed);
         // `fast[i]`: datagram `i` is a knock answered here; `None` for the rest.
         let mut fast = [None::<Knockish>; BATCH];
         let mut answers = 0;

@@ -120,6 +120,8 @@ impl Zone {
 /// Counters the operator (and the benchmarks) can read.
 #[derive(Default, Debug)]
 pub struct DnsStats {
+    /// Every UDP datagram received and every TCP query.
+    pub queries: AtomicU64,
     pub knock_answers: AtomicU64,
     pub knocks_queued: AtomicU64,
     /// Knocks dropped because the verifier queue was full (overload).
@@ -402,6 +404,7 @@ pub struct SharedHandler(pub Arc<KnockHandler>);
 #[async_trait::async_trait]
 impl RequestHandler for SharedHandler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response_handle: R) -> ResponseInfo {
+        self.0.stats.queries.fetch_add(1, Ordering::Relaxed);
         self.0.handle_request::<R, T>(request, response_handle).await
     }
 }

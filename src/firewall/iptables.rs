@@ -157,11 +157,35 @@ struct Slot {
 pub struct IptablesBackend {
     /// For adding and deleting doors; see `nfnl.rs` on namespaces.
     nl: NfnlSocket,
+    /// `[firewall] always_allow`: returned from our chain first, so never dropped.
+    allow: Vec<Prefix>,
 }
 
 impl IptablesBackend {
     pub fn new() -> Self {
-        IptablesBackend { nl: NfnlSocket::new() }
+        IptablesBackend { nl: NfnlSocket::new(), allow: Vec::new() }
+    }
+
+    /// Networks the guard never drops (`[firewall] always_allow`).
+    pub fn always_allow(mut self, nets: &[Prefix]) -> Self {
+        self.allow = nets.to_vec();
+        self
+    }
+
+    /// `script` with a `-s NET -j RETURN` for each of this family's always-allowed
+    /// networks as the first rules of our chain, before every drop.
+    fn with_allow(&self, fam: &Family, script: String) -> String {
+        let v4 = fam.iptables == "iptables";
+        let rules: String = self
+            .allow
+            .iter()
+            .filter(|p| p.addr().is_ipv4() == v4)
+            .map(|p| format!("-A {CHAIN} -s {p} -j RETURN\n"))
+            .collect();
+        match script.find(&format!("\n-A {CHAIN} ")) {
+            Some(at) => format!("{}{rules}{}", &script[..at + 1], &script[at + 1..]),
+            None => script,
+        }
     }
 
     /// The ipsets that may hold `door`, with its entry in each: the one for
@@ -254,7 +278,7 @@ impl DoorBackend for IptablesBackend {
                 exec::run(IPSET, &create, None)?;
             }
             let has_jump = exec::succeeds(fam.iptables, &["-w", "-C", "INPUT", "-j", CHAIN])?;
-            let script = Self::restore_script(fam, services, !has_jump);
+            let script = self.with_allow(fam, Self::restore_script(fam, services, !has_jump));
             exec::run(fam.restore, &["-w", "--noflush"], Some(&script))?;
         }
         tracing::info!(chain = CHAIN, ?services, "iptables guard installed");

@@ -253,9 +253,14 @@ pub enum BackendKind {
 
 /// Build the configured backend.
 pub fn backend(kind: BackendKind) -> Box<dyn DoorBackend> {
+    backend_allowing(kind, &[])
+}
+
+/// Build the configured backend whose guard never drops `always_allow` sources.
+pub fn backend_allowing(kind: BackendKind, always_allow: &[Prefix]) -> Box<dyn DoorBackend> {
     match kind {
-        BackendKind::Nftables => Box::new(NftablesBackend::new()),
-        BackendKind::Iptables => Box::new(IptablesBackend::new()),
+        BackendKind::Nftables => Box::new(NftablesBackend::new().always_allow(always_allow)),
+        BackendKind::Iptables => Box::new(IptablesBackend::new().always_allow(always_allow)),
         BackendKind::None => Box::new(NoneBackend),
     }
 }

@@ -124,6 +124,8 @@ pub struct NftablesBackend {
     table: String,
     /// For opening and closing doors; see `nfnl.rs` on namespaces.
     nl: NfnlSocket,
+    /// `[firewall] always_allow`: accepted first in our chain, so never dropped.
+    allow: Vec<Prefix>,
 }
 
 impl Default for NftablesBackend {
@@ -135,7 +137,14 @@ impl Default for NftablesBackend {
 impl NftablesBackend {
     /// The backend for table `inet nxknock`.
     pub fn new() -> Self {
-        NftablesBackend { table: DEFAULT_TABLE.to_owned(), nl: NfnlSocket::new() }
+        NftablesBackend { table: DEFAULT_TABLE.to_owned(), nl: NfnlSocket::new(), allow: Vec::new() }
+    }
+
+    /// Networks the guard never drops (`[firewall] always_allow`): one rule per
+    /// family at the top of our chain, `ip saddr { … } accept`.
+    pub fn always_allow(mut self, nets: &[Prefix]) -> Self {
+        self.allow = nets.to_vec();
+        self
     }
 
     /// Our table, as nft names it in commands.
@@ -174,6 +183,13 @@ impl NftablesBackend {
             format!("ct state new {key} @{set} delete @{set} {{ {key} }} accept")
         };
         let m64 = format!(" & {MASK64}");
+        for (family, v4) in [("ip", true), ("ip6", false)] {
+            let nets: Vec<String> =
+                self.allow.iter().filter(|p| p.addr().is_ipv4() == v4).map(|p| p.to_string()).collect();
+            if !nets.is_empty() {
+                s.push_str(&format!("add rule {t} input {family} saddr {{ {} }} accept\n", nets.join(", ")));
+            }
+        }
         for rule in [
             "ct state established,related accept".to_owned(),
             "ct status confirmed accept".to_owned(),

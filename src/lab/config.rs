@@ -59,6 +59,8 @@ impl ConfigBuilder {
             token: TokenConfig::default(),
             services: vec![ssh()],
             pcap: None,
+            metrics: None,
+            log: Default::default(),
         };
         ConfigBuilder { config, raw: Vec::new() }
     }

@@ -117,6 +117,11 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A command that only reads found no database: nothing was created.
+    #[error(
+        "database {path} does not exist or is empty (check [store] path; `nxknock serve` and `nxknock user add` create it)"
+    )]
+    Missing { path: PathBuf },
     #[error("user {0:?} already exists")]
     UserExists(String),
     #[error("no such user {0:?}")]
@@ -176,6 +181,22 @@ pub trait Store: Send {
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError>;
     /// Mark `user`'s recorded doors for this key closed (close knock).
     fn close_door(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError>;
+    /// Mark every open door record of `user` closed; returns how many were open.
+    /// (A running daemon then removes the kernel doors no live record accounts for.)
+    fn close_user_doors(&mut self, user: &str) -> Result<usize, StoreError>;
+    /// Remove a user and their chains, closing their door records in the same
+    /// transaction (as revoke does). The name can be enrolled again afterwards.
+    fn delete_user(&mut self, name: &str) -> Result<(), StoreError>;
+    /// Replace a user's policy: services they may open (empty: all), networks they
+    /// may open for (empty: anywhere), longest door (`None`: the service's). Their
+    /// next knock obeys it; doors already open keep their time.
+    fn set_policy(
+        &mut self,
+        name: &str,
+        services: &[String],
+        from: &[String],
+        max_open: Option<u64>,
+    ) -> Result<(), StoreError>;
 }
 
 /// User names reach logs, hook arguments and `doors` output: a letter or digit

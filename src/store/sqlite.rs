@@ -54,6 +54,19 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// Open a database that must already exist, creating nothing (no file, no
+    /// directory): for commands that only read (`user list`, `doors`, `check-config`),
+    /// so a typo in `[store] path` is an error and not a new empty database. An empty
+    /// file counts as missing: opening it would write a fresh schema and zone key.
+    pub fn open_existing(path: &Path) -> Result<SqliteStore, StoreError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.is_file() && md.len() == 0 => Err(StoreError::Missing { path: path.to_owned() }),
+            Ok(_) => SqliteStore::open(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::Missing { path: path.to_owned() }),
+            Err(source) => Err(StoreError::Io { path: path.to_owned(), source }),
+        }
+    }
+
     /// Upgrade a schema-1 database in place (one transaction). Returns the names of
     /// the users, now revoked until rekeyed. A current database is left as it is.
     pub fn upgrade(path: &Path) -> Result<Vec<String>, StoreError> {
@@ -618,6 +631,45 @@ impl Store for SqliteStore {
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    fn close_user_doors(&mut self, user: &str) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "UPDATE doors SET closed = 1 WHERE user_name = ?1 AND closed = 0 AND expires_at > ?2",
+                params![user, now()],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    fn delete_user(&mut self, name: &str) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let id: Option<i64> =
+            tx.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0)).optional().map_err(err)?;
+        let Some(id) = id else { return Err(StoreError::NoSuchUser(name.to_owned())) };
+        tx.execute("UPDATE doors SET closed = 1 WHERE user_name = ?1 AND closed = 0", [name]).map_err(err)?;
+        tx.execute("DELETE FROM chains WHERE user_id = ?1", [id]).map_err(err)?;
+        tx.execute("DELETE FROM users WHERE id = ?1", [id]).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    fn set_policy(
+        &mut self,
+        name: &str,
+        services: &[String],
+        from: &[String],
+        max_open: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE users SET services = ?2, src_nets = ?3, max_open = ?4, updated = ?5 WHERE name = ?1",
+                params![name, services.join(","), from.join(","), max_open.map(|v| v as i64), now()],
+            )
+            .map_err(|e| self.err(e))?;
+        if n == 0 { Err(StoreError::NoSuchUser(name.to_owned())) } else { Ok(()) }
     }
 }
 

@@ -232,6 +232,18 @@ impl Verifier {
         Ok(v)
     }
 
+    /// Take the policy of a reloaded config (SIGHUP): window, ages, plain policy,
+    /// trusted ECS sources, services. The index, the chains and the memory of recent
+    /// knocks stay, so a reload neither forgets a spent element nor re-reads the store.
+    pub fn reconfigure(&mut self, cfg: &Config) {
+        self.window = cfg.token.window;
+        self.max_age = cfg.token.max_age_seconds;
+        self.grace = Duration::from_secs(cfg.token.grace_seconds);
+        self.plain = cfg.token.plain;
+        self.ecs_from = cfg.token.ecs_from.clone();
+        self.services = cfg.services.clone();
+    }
+
     /// Keep `table` filled with the active users' MAC keys, for whoami answers.
     /// (Only with `[dns] whoami`: it costs the keys' memory.)
     pub fn publish_keys(&mut self, table: Arc<KeyTable>) -> Result<(), StoreError> {
