@@ -120,8 +120,10 @@ pub enum DoorsCmd {
     /// Close a user's doors, or every door admitting an address, now. The running
     /// daemon removes them from the kernel within a fraction of a second.
     Close {
+        /// Close this user's doors.
         #[arg(long, required_unless_present = "address", conflicts_with = "address")]
         user: Option<String>,
+        /// Close every door admitting this address.
         #[arg(long)]
         address: Option<IpAddr>,
         #[command(flatten)]
@@ -174,12 +176,14 @@ pub enum UserCmd {
     },
     /// Remove a user for good, closing their doors (as revoke does); the name can be added again.
     Delete {
+        /// The user to delete.
         name: String,
         #[command(flatten)]
         config: ConfigArg,
     },
     /// Change a user's policy; what is not given stays. Their next knock obeys it.
     Set {
+        /// The user to change.
         name: String,
         /// Service the user may open (repeat; replaces the list; `all` for every service).
         #[arg(long = "service")]

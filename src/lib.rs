@@ -31,6 +31,7 @@ pub mod firewall;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hooks;
+pub mod intake;
 pub mod knock;
 pub mod lab;
 pub mod limit;

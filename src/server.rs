@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::dns::fast::FastPath;
 use crate::dns::{DnsStats, KnockHandler, SharedHandler, Zone};
 use crate::doors::Doors;
+use crate::intake::IntakeReceiver;
 use crate::knock::Knock;
 use crate::limit::DeepQueue;
 use crate::metrics::Metrics;
@@ -33,6 +34,8 @@ use crate::verify::{Decision, Reject, Verifier};
 /// counts them) rather than let a flood grow memory without bound; at one hash a
 /// knock the verifier drains it far faster than a network can fill it.
 const VERIFY_QUEUE: usize = 4096;
+/// Plain knocks over their source's budget waiting behind the main queue ([`crate::intake`]).
+const OVERFLOW_QUEUE: usize = 4096;
 /// Knocks waiting for a deep walk, in all and from one lane (see [`DeepQueue`]).
 const DEEP_QUEUE: usize = 4096;
 const DEEP_QUEUE_PER_LANE: usize = 256;
@@ -98,7 +101,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         "privileges reduced"
     );
 
-    let (tx, rx) = sync_channel::<Knock>(VERIFY_QUEUE);
+    let (tx, rx) = crate::intake::channel(VERIFY_QUEUE, OVERFLOW_QUEUE);
     let deep = DeepQueue::new(cfg.dns.knocks_per_source, DEEP_QUEUE, DEEP_QUEUE_PER_LANE);
     let users = verifier.active_users();
     let blocklist = cfg.pcap.as_ref().map(|p| {
@@ -380,7 +383,7 @@ const REFRESH_EVERY: Duration = Duration::from_millis(200);
 fn verify_loop(
     mut verifier: Verifier,
     mut doors: Doors,
-    rx: Receiver<Knock>,
+    rx: IntakeReceiver,
     mut deep: DeepQueue<Knock>,
     reloads: Receiver<reload::Request>,
     summary_every: Duration,
@@ -417,14 +420,14 @@ fn verify_loop(
         } else if deep.is_empty() {
             match rx.recv_timeout(REFRESH_EVERY) {
                 Ok(k) => Some(k),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(false) => None,
+                Err(true) => return,
             }
         } else {
             match rx.try_recv() {
                 Ok(k) => Some(k),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => return,
+                Err(false) => None,
+                Err(true) => return,
             }
         };
         match next {

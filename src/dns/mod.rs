@@ -12,12 +12,12 @@
 //! Names deeper than one label below the apex are left to the catalog: knocks
 //! are one label deep, so no knock name ever has names below it (RFC 8020).
 
+use crate::intake::IntakeSender;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
@@ -154,12 +154,13 @@ pub struct KnockHandler {
     admission: Option<ZoneKey>,
     /// Response rate limiting of the zone's ordinary UDP answers ([`rrl`]).
     rrl: Option<rrl::Rrl>,
-    knocks: SyncSender<Knock>,
+    knocks: IntakeSender,
     pub stats: Arc<DnsStats>,
 }
 
 impl KnockHandler {
-    pub fn new(zone: Zone, knocks: SyncSender<Knock>, stats: Arc<DnsStats>) -> KnockHandler {
+    pub fn new(zone: Zone, knocks: impl Into<IntakeSender>, stats: Arc<DnsStats>) -> KnockHandler {
+        let knocks = knocks.into();
         KnockHandler { zone, whoami: None, admission: None, rrl: None, knocks, stats }
     }
 
@@ -261,12 +262,12 @@ impl KnockHandler {
 
     /// Queue a decoded knock for the verifier, or count it dropped when the queue is full.
     pub fn queue(&self, knock: Knock) -> Offered {
-        match self.knocks.try_send(knock) {
+        match self.knocks.send(knock) {
             Ok(()) => {
                 self.stats.knocks_queued.fetch_add(1, Ordering::Relaxed);
                 Offered::Queued
             }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(_) => {
                 self.stats.knocks_dropped.fetch_add(1, Ordering::Relaxed);
                 Offered::Dropped
             }
