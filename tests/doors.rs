@@ -211,7 +211,8 @@ fn close_knock_ends_the_users_doors_at_once() {
     let out = s.knock(&s.lab.client, &cred, &["--ip", CLIENT]);
     assert!(out.status.success(), "{}", out_text(&out));
     let mut held = connect_soon(&s.lab.client, ssh_addr()).expect("door opens");
-    assert!(wait_log(&s, "nxknock::doors: door opened"), "door recorded");
+    // No waiting for the log: a door the kernel admits through was recorded before it
+    // opened, so `doors --json` names its user the moment the door works.
     let json = out_text(&s.nx_server(&["doors", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&json).expect("doors --json is JSON");
     let d = &v.as_array().unwrap()[0];

@@ -71,6 +71,12 @@ impl Zone {
     pub fn load(path: &Path, origin: Option<&str>) -> Result<Zone, ZoneError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ZoneError::Read { path: p.clone(), source })?;
+        Zone::parse(text, path, origin)
+    }
+
+    /// Parse a zone file's `text` (`path` names it in errors and anchors `$INCLUDE`).
+    pub fn parse(text: String, path: &Path, origin: Option<&str>) -> Result<Zone, ZoneError> {
+        let p = path.display().to_string();
         let invalid = |detail: String| ZoneError::Invalid { path: p.clone(), detail };
         let origin =
             origin.map(|o| Name::from_ascii(o).map_err(|e| invalid(format!("zone name {o:?}: {e}")))).transpose()?;
