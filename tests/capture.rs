@@ -164,7 +164,7 @@ fn passive_dns_beside_knotd_opens_on_a_dig_knock_and_ignores_its_replay() {
     let passive = PcapConfig { passive_dns: true, ..PcapConfig::default() };
     let s = Setup::with("cappas", config("nftables", 30).listen(Vec::<SocketAddr>::new()).pcap(passive));
     let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
-    let _knotd = start_knotd(&s);
+    let _knotd = nxknock::lab::knotd::start(&s.lab.server, &s.dir).expect("knotd answers");
     let cred = s.add_user("carol", &[]);
 
     let name = s.otp(&cred, 1).remove(0);
@@ -185,37 +185,6 @@ fn passive_dns_beside_knotd_opens_on_a_dig_knock_and_ignores_its_replay() {
     assert!(out.status.success(), "knock through knotd: {}", out_text(&out));
     assert!(wait_log(&s, "door opened"));
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err());
-}
-
-/// knotd serving the lab zone on the server's port 53.
-fn start_knotd(s: &Setup) -> nxknock::lab::process::Process {
-    let kdir = s.dir.join("knot");
-    std::fs::create_dir_all(&kdir).unwrap();
-    let zone = nxknock::lab::config::write_zone(&kdir).unwrap();
-    let conf = kdir.join("knot.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "server:\n    rundir: \"{k}\"\n    listen: {SERVER}@53\n    user: root:root\n\
-             database:\n    storage: \"{k}\"\n\
-             log:\n  - target: stderr\n    any: warning\n\
-             zone:\n  - domain: {ZONE}\n    file: \"{z}\"\n    storage: \"{k}\"\n\
-             \x20   journal-content: none\n    zonefile-sync: -1\n",
-            k = kdir.display(),
-            z = zone.display(),
-        ),
-    )
-    .unwrap();
-    let mut cmd = s.lab.server.cmd("knotd");
-    cmd.args(["-c", conf.to_str().unwrap()]);
-    let mut p = nxknock::lab::process::Process::spawn("knotd", &mut cmd, &kdir.join("knotd.log")).expect("knotd");
-    let name = format!("ns1.{ZONE}");
-    p.wait_ready(Duration::from_secs(20), |_| {
-        nxknock::lab::dig::Dig::run(&s.lab.client, &["+norec", "+time=1", "+tries=1", &format!("@{SERVER}"), &name])
-            .is_ok_and(|d| d.status == "NOERROR")
-    })
-    .expect("knotd answers");
-    p
 }
 
 fn block_list_story(prefix: &str, backend: &str) {

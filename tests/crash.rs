@@ -16,29 +16,6 @@ use common::*;
 const ROUNDS: usize = 50;
 const OPEN_SECONDS: u64 = 2;
 
-/// A DNS query for `name` (type A, no recursion), with `id`.
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
-/// xorshift64*: the kill moments, reproducible from the printed seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn socket_in(ns: &Netns) -> UdpSocket {
     ns.udp_bind("0.0.0.0:0".parse().unwrap()).expect("udp socket")
 }
@@ -87,7 +64,7 @@ fn sigkill_at_random_moments_never_accepts_an_element_twice() {
         let batch: Vec<String> = batch.to_vec();
         let sender = std::thread::spawn(move || {
             for (i, name) in batch.iter().enumerate() {
-                let q = query(i as u16, name);
+                let q = a_query(i as u16, name);
                 let _ = c.send_to(&q, server);
                 std::thread::sleep(Duration::from_millis(2));
                 let _ = c.send_to(&q, server);

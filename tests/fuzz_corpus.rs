@@ -4,7 +4,11 @@
 //! README, "Fuzzing"); whatever they find is added to the corpus, so it is
 //! replayed here on every test run.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::Rng;
 
 use nxknock::fuzzing::TARGETS;
 
@@ -19,20 +23,6 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
         .collect();
     files.sort();
     files.iter().map(|p| std::fs::read(p).unwrap()).collect()
-}
-
-/// xorshift64*, fixed seed: the same inputs every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {

@@ -403,18 +403,6 @@ fn json_log_is_one_object_a_line() {
     assert_eq!(opened["level"], "INFO", "{opened}");
 }
 
-/// A DNS query for `name`, type A, as bytes.
-fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 /// The attacker captured one of alice's knocks and replays it in a loop to fill
 /// the log (or hide something in it): past a few lines a second the replays are
 /// only counted and summed up, the log stays small, and alice still gets in while
@@ -439,7 +427,7 @@ fn a_replay_loop_cannot_flood_the_log() {
     let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
     let started = Instant::now();
     for i in 0..2000u16 {
-        let _ = sock.send_to(&query(i, &names[0]), format!("{SERVER}:53"));
+        let _ = sock.send_to(&a_query(i, &names[0]), format!("{SERVER}:53"));
     }
     assert!(wait_log_n(&s.daemon, "knocks refused without a log line each", 1), "{}", s.daemon.log_text());
     std::thread::sleep(Duration::from_millis(1200)); // the rest of the summary

@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nxknock::lab::Netns;
-use nxknock::lab::config::{ZONE, write_zone};
-use nxknock::lab::dig::Dig;
 use nxknock::lab::process::Process;
 use nxknock::lab::unbound::{Unbound, UnboundOpts};
 
 use crate::users::random_bytes;
-use crate::{Bench, RESOLVER, SERVER};
+use crate::{Bench, RESOLVER};
 
 /// fwknopd's SPA port.
 pub(crate) const FWKNOP_PORT: u16 = 62201;
@@ -30,28 +28,7 @@ fn spawn(ns: &Netns, args: &[&str], log: &Path) -> Result<Process> {
 impl Bench {
     /// knotd on the server's address, serving the lab zone.
     pub(crate) fn start_knotd(&self) -> Result<Process> {
-        let kdir = self.dir.join("knot");
-        std::fs::create_dir_all(&kdir)?;
-        let zone = write_zone(&self.dir)?;
-        let conf = kdir.join("knot.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "server:\n    rundir: \"{k}\"\n    listen: {SERVER}@53\n    user: root:root\n\
-                 database:\n    storage: \"{k}\"\n\
-                 log:\n  - target: stderr\n    any: warning\n\
-                 zone:\n  - domain: {ZONE}\n    file: \"{z}\"\n    storage: \"{k}\"\n\
-                 \x20   journal-content: none\n    zonefile-sync: -1\n",
-                k = kdir.display(),
-                z = zone.display(),
-            ),
-        )?;
-        let mut d = spawn(self.srv(), &["knotd", "-c", conf.to_str().unwrap()], &self.dir.join("knotd.log"))?;
-        let (cli, at, name) = (self.cli(), format!("@{SERVER}"), format!("ns1.{ZONE}"));
-        d.wait_ready(Duration::from_secs(20), |_| {
-            Dig::run(cli, &["+norec", "+time=1", "+tries=1", &at, &name]).is_ok_and(|d| d.status == "NOERROR")
-        })?;
-        Ok(d)
+        nxknock::lab::knotd::start(self.srv(), &self.dir)
     }
 
     /// unbound on the resolver host, as packaged (QNAME minimisation on, no 0x20),

@@ -28,6 +28,7 @@ pub mod config;
 pub mod daemon;
 pub mod dig;
 pub mod interrupt;
+pub mod knotd;
 pub mod process;
 pub mod unbound;
 
