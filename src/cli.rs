@@ -302,6 +302,20 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// An error and its causes on one line, each said once: our error types already
+/// name their OS error, so a cause whose text is already in the line is skipped.
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
 impl Cli {
     /// The log format: `--log-format`, else for `serve` the config's `[log] format`
     /// (a config that does not load is reported by `serve` itself), else text.

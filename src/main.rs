@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
     match nxknock::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nxknock: error: {e:#}");
+            eprintln!("nxknock: error: {}", nxknock::cli::render_error(&e));
             // A knock that reached nothing, or the wrong server, says which (3, 4, 5, 6).
             std::process::ExitCode::from(nxknock::cli::exit_code(&e))
         }

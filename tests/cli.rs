@@ -323,3 +323,13 @@ fn failed_user_add_leaves_no_half_user() {
     let gone = nx(&["user", "delete", "alice", "--config", &cfg]);
     assert!(!gone.status.success() && text(&gone).contains("no such user"), "{}", text(&gone));
 }
+
+/// Each cause once: an OS error is not repeated after the message that names it.
+#[test]
+fn errors_say_their_cause_once() {
+    let out = nx(&["user", "list", "--config", "/nonexistent/nxknock.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent/nxknock.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
