@@ -271,6 +271,9 @@ async fn slow_path<R: ResponseHandler>(handler: &KnockHandler, bytes: Vec<u8>, s
 
 /// Encode a response for UDP as hickory's `ResponseHandle` does: limited to the
 /// client's EDNS payload (512 without EDNS), SERVFAIL if it cannot be encoded.
+/// Largest UDP answer sent to anyone (DNS Flag Day 2020's safe size).
+const MAX_UDP_ANSWER: u16 = 1232;
+
 fn encode_udp<'a>(
     response: MessageResponse<
         '_,
@@ -282,7 +285,10 @@ fn encode_udp<'a>(
     >,
 ) -> Result<(ResponseInfo, Vec<u8>), NetError> {
     let id = response.metadata().id;
-    let max = response.edns().map_or(512, |e| e.max_payload());
+    // The client's EDNS payload, but never more than MAX_UDP_ANSWER: a forged source
+    // cannot draw large answers (bigger ones go out truncated; real clients retry
+    // over TCP). Knock answers are far smaller, so their bytes are unchanged.
+    let max = response.edns().map_or(512, |e| e.max_payload()).min(MAX_UDP_ANSWER);
     let mut bytes = Vec::with_capacity(512);
     let mut encoder = BinEncoder::new(&mut bytes);
     encoder.set_max_size(max);
@@ -516,6 +522,22 @@ mod tests {
             }
         }
         assert!(checked > 100);
+    }
+
+    #[test]
+    fn no_udp_answer_is_larger_than_the_cap_whatever_the_client_asks() {
+        let mut text = crate::lab::config::ZONE_TEXT.to_owned();
+        for i in 0..12 {
+            text.push_str(&format!("big IN TXT \"{}{i}\"\n", "x".repeat(200)));
+        }
+        let zone = crate::dns::Zone::parse(text, std::path::Path::new("big.zone"), None).expect("zone");
+        let d = Differential::new(zone);
+        let apex: Vec<Vec<u8>> = d.fp.handler.zone.apex.iter().map(<[u8]>::to_vec).collect();
+        let apex: Vec<&[u8]> = apex.iter().map(Vec::as_slice).collect();
+        let q = query(7, [0, 0], b"big", &apex, 16, Some(&opt(4096, false)));
+        let a = d.hickory(&q);
+        assert!(a.len() <= usize::from(MAX_UDP_ANSWER), "{} bytes", a.len());
+        assert_ne!(a[2] & 0x02, 0, "sent truncated (TC): the client retries over TCP");
     }
 
     #[test]
