@@ -68,3 +68,76 @@ fn review_one_lost_syn_does_not_hand_the_sequence_to_an_observer() {
             .join("\n")
     );
 }
+
+/// The element a plain name carries, as the port sequence anyone can compute from
+/// it (the code is public: the range is in every credential and on the wire).
+fn as_sequence(name: &str) -> Vec<u16> {
+    use nxknock::token::{SequenceCode, Token};
+    let label = name.split('.').next().unwrap();
+    let Ok(Token::Plain(element)) = Token::parse(label.as_bytes()) else { panic!("{name} is a plain knock") };
+    SequenceCode::parse(SEQ).unwrap().encode(&element)
+}
+
+/// `[token] plain = "off"` is SECURITY.md's answer to "an on-path party resends a
+/// plain knock from its own address". With sequences on, a plain name the server
+/// refused (`plain-off`, nothing spent) stays live: whoever saw it on the way —
+/// the relaying resolver included — sends it as a port sequence from its own
+/// address, and the door opens for them.
+#[test]
+fn review_a_plain_name_refused_under_plain_off_cannot_open_as_a_sequence() {
+    if !require_root("review_a_plain_name_refused_under_plain_off_cannot_open_as_a_sequence") {
+        return;
+    }
+    let p = PcapConfig { sequence_ports: Some(SEQ.to_owned()), ..PcapConfig::default() };
+    let s = Setup::with("revoff", config("nftables", 30).plain(PlainPolicy::Off).pcap(p));
+    let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let cred = s.add_user("frank", &[]);
+
+    // The user knocks with a bare name; plain = off refuses it without spending.
+    let name = s.otp(&cred, 1).remove(0);
+    let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &name]);
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.text);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(s.daemon.log_text().contains("plain-off"), "the plain knock was refused by policy");
+    assert!(try_connect(&s.lab.client, ssh_addr()).is_err(), "plain = off: nothing opened");
+
+    // Whoever saw the name sends it as a SYN sequence from its own address.
+    syns(&s.lab.attacker, &as_sequence(&name));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        try_connect(&s.lab.attacker, ssh_addr()).is_err(),
+        "a name refused under plain = off opened for the attacker as a sequence:\n{}",
+        s.daemon.log_text().lines().filter(|l| l.contains("door opened")).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// The UDP knock port refuses a bare element (`plain-over-udp`) without spending
+/// it, "because a bare element would open for whoever races a copy of the
+/// datagram". With sequences on, the copy still opens: the observer re-sends the
+/// element as a port sequence from its own address.
+#[test]
+fn review_a_plain_element_refused_over_udp_cannot_open_as_a_sequence() {
+    if !require_root("review_a_plain_element_refused_over_udp_cannot_open_as_a_sequence") {
+        return;
+    }
+    let p = PcapConfig { udp_port: Some(62201), sequence_ports: Some(SEQ.to_owned()), ..PcapConfig::default() };
+    let s = Setup::with("revpudp", config("nftables", 30).pcap(p));
+    let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let cred = s.add_user("gina", &[]);
+
+    // The user sends a plain name's label to the UDP port (`echo LABEL > /dev/udp/...`).
+    let name = s.otp(&cred, 1).remove(0);
+    let sock = s.lab.client.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    sock.send_to(format!("{}\n", name.split('.').next().unwrap()).as_bytes(), (SERVER, 62201)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(s.daemon.log_text().contains("plain-over-udp"), "refused by name");
+
+    // The observer who saw the datagram sends the element as a sequence.
+    syns(&s.lab.attacker, &as_sequence(&name));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        try_connect(&s.lab.attacker, ssh_addr()).is_err(),
+        "a plain element refused over UDP opened for the attacker as a sequence:\n{}",
+        s.daemon.log_text().lines().filter(|l| l.contains("door opened")).collect::<Vec<_>>().join("\n")
+    );
+}
