@@ -141,3 +141,46 @@ fn review_a_plain_element_refused_over_udp_cannot_open_as_a_sequence() {
         s.daemon.log_text().lines().filter(|l| l.contains("door opened")).collect::<Vec<_>>().join("\n")
     );
 }
+
+/// The example range (README, config/nxknock.toml: 40000-40999) lies inside Linux's
+/// default ephemeral range (32768-60999), and nothing checks. Replies to the
+/// server's *own* outbound UDP (DNS lookups, NTP, QUIC) then arrive on sequence
+/// ports, look like sequences from the host it talked to, fail their parity, and
+/// strike it: the server's upstream ends up on the block list (and every IPv6 TCP
+/// segment of its outbound connections reaches user space: libpcap cannot filter
+/// IPv6 TCP flags).
+#[test]
+fn review_replies_to_the_servers_own_traffic_are_no_knocks() {
+    if !require_root("review_replies_to_the_servers_own_traffic_are_no_knocks") {
+        return;
+    }
+    let p = PcapConfig { sequence_ports: Some(SEQ.to_owned()), block_after: 2, ..PcapConfig::default() };
+    let s = Setup::with("reveph", config("nftables", 30).pcap(p));
+    // Pin the server namespace's ephemeral range to the sequence range, as the
+    // default range would hit it one port in 28 at a time.
+    let out = s.lab.server.cmd("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40999"]).output().unwrap();
+    assert!(out.status.success(), "{}", out_text(&out));
+
+    // A service the server talks to (its resolver, say), answering every datagram.
+    let echo = s.lab.attacker.udp_bind(format!("{ATTACKER}:7777").parse().unwrap()).unwrap();
+    echo.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let responder = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    for _ in 0..400 {
+        let sock = s.lab.server.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        sock.send_to(b"query", (ATTACKER, 7777)).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    responder.join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = s.daemon.log_text();
+    assert!(
+        !log.contains("source blocked"),
+        "the host the server itself talked to was blocked:\n{}",
+        log.lines().filter(|l| l.contains("blocked")).collect::<Vec<_>>().join("\n")
+    );
+}
