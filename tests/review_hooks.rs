@@ -18,7 +18,7 @@ fn hook_output(prefix: &str) -> String {
     let out = mine.path().join("hook.out");
     let db = mine.path().join("review.db");
     let script = format!(
-        "exec > {out}.tmp 2>&1; echo uid=$(id -u); echo ==fds; ls -l /proc/$$/fd; echo ==packet; \
+        "exec > {out}.tmp 2>&1; echo uid=$(id -u); grep Cap /proc/$$/status; echo ==fds; ls -l /proc/$$/fd; echo ==packet; \
          cat /proc/net/packet; echo ==db; head -c 15 {db} && echo; echo ==end; mv {out}.tmp {out}",
         out = out.display(),
         db = db.display()
