@@ -178,6 +178,35 @@ mod tests {
         assert_eq!(from_user_at, Some(2 * PLAIN_PER_SOURCE as usize), "main is served before overflow");
     }
 
+    /// Review: bound knocks skip the per-source budget because "outsiders cannot make
+    /// the admission tag". Every enrolled user can (the tag is zone-wide; a revoked
+    /// user keeps it too), so one source of admitted bound look-alikes fills main
+    /// and everyone else's knocks, bound or plain, are dropped. SECURITY.md says
+    /// "per-source limits still apply" to such look-alikes; at the intake they do not.
+    #[test]
+    fn review_one_source_of_admitted_bound_look_alikes_cannot_fill_main() {
+        use crate::token::{Bound, BoundAddr, BoundKnock, ZoneId, ZoneKey};
+        let (tx, _rx) = channel(1000, 100);
+        let zone = ZoneId::new("knock.example.");
+        let zone_key = ZoneKey::new(&[7; 32], &zone);
+        let look_alike = |n: u32| {
+            let element = Element::from_slice(&[n.to_be_bytes(), [0; 4], [0; 4]].concat()).unwrap();
+            let addr = BoundAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 9));
+            let b = BoundKnock { element, addr, service: 0, time: 0, close: false };
+            Knock {
+                token: Token::Bound(Bound::sign(&[9; 32], &zone_key, &zone, b)),
+                seen_from: "198.51.100.9".parse().unwrap(),
+                via: Via::DnsUdp,
+                ecs: None,
+                received: Instant::now(),
+            }
+        };
+        for i in 0..2000u32 {
+            let _ = tx.send(look_alike(i));
+        }
+        assert!(tx.send(plain("198.18.0.2", 7)).is_ok(), "another source still finds room in main");
+    }
+
     #[test]
     fn a_single_queue_takes_everything_in_order() {
         let (tx, rx) = sync_channel(4);

@@ -146,6 +146,22 @@ mod tests {
         assert!(!b.is_blocked("2001:db8:1:3::1".parse().unwrap(), t + STRIKE_WINDOW));
     }
 
+    /// Review: MAX_TRACKED bounds the strikes table only. Every source that reaches
+    /// `after` strikes moves to `blocked`, which nothing bounds: a spoofed flood (one
+    /// datagram per fake source with `block_after = 1`, three with the default) grows
+    /// it for as long as `block_seconds` lasts, and every new block walks the whole map
+    /// (`blocked.retain`) under the lock the capture thread needs for each packet.
+    #[test]
+    fn review_spoofed_sources_cannot_grow_the_block_list_without_bound() {
+        let (b, _kernel) = Blocklist::new(1, Duration::from_secs(600));
+        let t = Instant::now();
+        for i in 0..(MAX_TRACKED as u32 + 1_000) {
+            b.strike(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)), t);
+        }
+        let blocked = b.list(t).len();
+        assert!(blocked <= MAX_TRACKED, "{blocked} blocks held at once, more than MAX_TRACKED = {MAX_TRACKED}");
+    }
+
     #[test]
     fn zero_never_blocks() {
         let (b, _kernel) = Blocklist::new(0, Duration::from_secs(10));
