@@ -1,10 +1,11 @@
 //! The queues between the listeners and the verifier (ARCHITECTURE.md, "Verification").
 //!
 //! A knock that passed the listener's checks goes to one of two bounded queues:
-//! - **main**: bound knocks (they carry the zone's admission tag, which outsiders
-//!   cannot make) and plain knocks within their source's budget
-//!   ([`PLAIN_PER_SOURCE`] a second, per IPv4 address or IPv6 /64);
-//! - **overflow**: plain knocks over their source's budget.
+//! - **main**: knocks within their source's budget (per IPv4 address or IPv6 /64):
+//!   [`PLAIN_PER_SOURCE`] plain knocks a second, and [`BOUND_PER_SOURCE`] bound ones
+//!   (outsiders cannot make the zone's admission tag, but every enrolled user — and
+//!   a revoked one — can);
+//! - **overflow**: knocks over their source's budget.
 //!
 //! The verifier always takes from main first. So a flood of well-formed plain tokens
 //! from one source (or through one resolver) fills only the overflow queue, and a
@@ -24,6 +25,9 @@ use crate::token::Token;
 /// Plain knocks a second from one source network that go to the main queue
 /// (bursts of twice that); more is not an error, it only waits behind main.
 pub const PLAIN_PER_SOURCE: u32 = 200;
+/// Bound knocks a second from one source network that go to the main queue (bursts
+/// of twice that): a resolver relays many users' knocks, an insider's flood stops here.
+pub const BOUND_PER_SOURCE: u32 = 250;
 /// While the overflow queue may hold knocks, an idle verifier looks at it this often.
 const OVERFLOW_POLL: Duration = Duration::from_millis(5);
 
@@ -41,7 +45,7 @@ pub enum Full {
 pub struct IntakeSender {
     main: SyncSender<Knock>,
     /// `None`: everything goes to main (tests, tools).
-    overflow: Option<(SyncSender<Knock>, Arc<SourceLimiter>)>,
+    overflow: Option<(SyncSender<Knock>, Arc<[SourceLimiter; 2]>)>,
     /// Knocks put in the overflow queue so far (the receiver's hint to look there).
     overflowed: Arc<AtomicU64>,
 }
@@ -66,7 +70,10 @@ pub struct IntakeReceiver {
 pub fn channel(main: usize, overflow: usize) -> (IntakeSender, IntakeReceiver) {
     let (mtx, mrx) = sync_channel(main);
     let (otx, orx) = sync_channel(overflow);
-    let limiter = Arc::new(SourceLimiter::new(PLAIN_PER_SOURCE, 2 * PLAIN_PER_SOURCE));
+    let limiter = Arc::new([
+        SourceLimiter::new(PLAIN_PER_SOURCE, 2 * PLAIN_PER_SOURCE),
+        SourceLimiter::new(BOUND_PER_SOURCE, 2 * BOUND_PER_SOURCE),
+    ]);
     let overflowed = Arc::new(AtomicU64::new(0));
     (
         IntakeSender { main: mtx, overflow: Some((otx, limiter)), overflowed: overflowed.clone() },
@@ -77,8 +84,9 @@ pub fn channel(main: usize, overflow: usize) -> (IntakeSender, IntakeReceiver) {
 impl IntakeSender {
     pub fn send(&self, knock: Knock) -> Result<(), Full> {
         let to_main = match (&knock.token, &self.overflow) {
-            (_, None) | (Token::Bound(_), _) => true,
-            (Token::Plain(_), Some((_, limiter))) => limiter.admit(knock.seen_from, knock.received),
+            (_, None) => true,
+            (Token::Plain(_), Some((_, limits))) => limits[0].admit(knock.seen_from, knock.received),
+            (Token::Bound(_), Some((_, limits))) => limits[1].admit(knock.seen_from, knock.received),
         };
         let (queue, full) = match (&self.overflow, to_main) {
             (Some((overflow, _)), false) => (overflow, Full::Overflow),
@@ -184,7 +192,7 @@ mod tests {
     /// and everyone else's knocks, bound or plain, are dropped. SECURITY.md says
     /// "per-source limits still apply" to such look-alikes; at the intake they do not.
     #[test]
-    fn review_one_source_of_admitted_bound_look_alikes_cannot_fill_main() {
+    fn one_source_of_admitted_bound_look_alikes_cannot_fill_main() {
         use crate::token::{Bound, BoundAddr, BoundKnock, ZoneId, ZoneKey};
         let (tx, _rx) = channel(1000, 100);
         let zone = ZoneId::new("knock.example.");

@@ -96,9 +96,43 @@ pub fn restrict() -> Result<Restricted, PrivilegeError> {
 }
 
 /// For a child that must run with no capability (hooks): called between fork and
-/// exec, so only async-signal-safe work — one prctl.
+/// exec, so only async-signal-safe work — raw prctl and capget/capset system calls.
+/// Clears the ambient set and the inheritable set (so nothing can be inherited by
+/// any program the hook runs); with the NOROOT securebits and `no_new_privs`, the
+/// program then starts with no capability at all.
 pub fn clear_for_child() -> std::io::Result<()> {
     // SAFETY: prctl with integer arguments only; async-signal-safe.
-    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // struct __user_cap_header_struct / __user_cap_data_struct, version 3 (two words).
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capget/capset on this thread with a correctly sized version-3 header and
+    // two data words on our stack; plain system calls, async-signal-safe.
+    unsafe {
+        if libc::syscall(libc::SYS_capget, &mut header as *mut Header, data.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for d in &mut data {
+            d.inheritable = 0;
+        }
+        if libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

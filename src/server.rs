@@ -389,7 +389,7 @@ fn verify_loop(
     summary_every: Duration,
     blocklist: Option<Arc<Blocklist>>,
 ) {
-    // A refused or shed *direct* knock is a strike against its source (block list).
+    // A refused *direct* knock is a strike against its source (block list).
     let judge = |knock: &Knock, decision: &Decision| {
         let Some(list) = &blocklist else { return };
         let strike = match decision {
@@ -441,13 +441,10 @@ fn verify_loop(
                         judge(&knock, &decision);
                     }
                     None => {
-                        let (src, form, direct) = (knock.seen_from, knock.token.form(), knock.via.is_direct());
+                        let (src, form) = (knock.seen_from, knock.token.form());
+                        // A shed knock is no strike: shedding says the verifier is
+                        // busy (or the source's network is), not that the knock was bad.
                         if let Err(why) = deep.push(src, form, knock, Instant::now()) {
-                            if direct {
-                                if let Some(list) = &blocklist {
-                                    list.strike(src, Instant::now());
-                                }
-                            }
                             shed += 1;
                             if shed.is_power_of_two() {
                                 tracing::debug!(%src, ?why, shed, "knock shed before its deep walk");
@@ -487,7 +484,22 @@ fn verify_loop(
 fn spawn_blocker(kernel: KernelBlocks, cfg: &Config) {
     let backend = crate::firewall::backend(cfg.firewall.backend);
     let spawned = std::thread::Builder::new().name("block".into()).spawn(move || {
+        // At most KERNEL_BLOCKS_PER_SECOND go to the kernel (each runs `nft`/`ipset`);
+        // the rest stay in nxknock's own list, which is what ignores the source.
+        const KERNEL_BLOCKS_PER_SECOND: u32 = 20;
+        let (mut second, mut sent, mut skipped) = (Instant::now(), 0u32, 0u64);
         for (source, length) in kernel {
+            if second.elapsed() >= Duration::from_secs(1) {
+                if skipped > 0 {
+                    tracing::warn!(skipped, "blocks kept in nxknock only: more than {KERNEL_BLOCKS_PER_SECOND} a second");
+                }
+                (second, sent, skipped) = (Instant::now(), 0, 0);
+            }
+            if sent >= KERNEL_BLOCKS_PER_SECOND {
+                skipped += 1;
+                continue;
+            }
+            sent += 1;
             if let Err(error) = backend.block(source, length) {
                 tracing::warn!(%source, %error, "cannot add the block to the kernel (nxknock still ignores the source)");
             }

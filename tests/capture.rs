@@ -16,7 +16,7 @@ use nxknock::config::PcapConfig;
 use nxknock::direct::{Direct, send_sequence};
 
 const UDP_PORT: u16 = 62201;
-const SEQ: &str = "40000-40999";
+const SEQ: &str = "61000-61999";
 
 fn out_text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
@@ -134,7 +134,7 @@ fn tcp_sequence_survives_duplicates_strangers_and_reordering_and_never_replays()
     assert_eq!(ports.len(), 18);
     syns(&s.lab.client, &ports[..6]);
     syns(&s.lab.client, &[ports[2]]);
-    syns(&s.lab.attacker, &[40444]);
+    syns(&s.lab.attacker, &[61444]);
     syns(&s.lab.client, &[ports[7], ports[6]]);
     syns(&s.lab.client, &ports[8..]);
     let mut conn = connect_soon(&s.lab.client, ssh_addr()).expect("the sequence opens for the client");

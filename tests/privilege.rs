@@ -61,7 +61,7 @@ fn the_daemon_keeps_three_capabilities_and_hooks_none() {
     }
     std::thread::sleep(Duration::from_millis(100));
     let hook = std::fs::read_to_string(&out).expect("the hook ran");
-    for set in ["CapEff:", "CapPrm:", "CapAmb:"] {
+    for set in ["CapEff:", "CapPrm:", "CapAmb:", "CapInh:"] {
         assert_eq!(field(&hook, set), 0, "the hook holds no capability: {set}");
     }
     let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();

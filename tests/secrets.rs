@@ -21,7 +21,7 @@ fn no_token_seed_or_key_reaches_the_log_even_at_trace() {
         return;
     }
     let pcap =
-        PcapConfig { udp_port: Some(62201), sequence_ports: Some("40000-40999".into()), ..PcapConfig::default() };
+        PcapConfig { udp_port: Some(62201), sequence_ports: Some("61000-61999".into()), ..PcapConfig::default() };
     let cfg = config("nftables", 30).whoami(true).pcap(pcap);
     let lab = Lab::new("secrets").expect("lab");
     let tmp = tempfile::tempdir().unwrap();

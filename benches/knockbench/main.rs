@@ -57,7 +57,7 @@ const SSH_PORT: u16 = 22;
 /// nxknock's `[pcap] udp_port` in the latency section (fwknop's port too; they never run together).
 const PCAP_UDP_PORT: u16 = 62201;
 /// nxknock's `[pcap] sequence_ports` in the latency section.
-const PCAP_SEQUENCE_PORTS: &str = "40000-40999";
+const PCAP_SEQUENCE_PORTS: &str = "61000-61999";
 
 #[derive(Clone, Debug)]
 struct Opts {

@@ -8,6 +8,12 @@
 //! all but one are and nothing came for [`FINISH_IDLE`] (one lost packet, recovered
 //! from the parity digit). A partial older than [`TIMEOUT`] is forgotten.
 //!
+//! That recovery must not hand the sequence to an observer: one who saw the other
+//! packets knows the missing digit too, and could send the whole sequence from its
+//! own address while the user's partial waits. So a complete sequence that another
+//! source began first and is one packet short of is a copy ([`Step::Copied`]): the
+//! element goes to the source that began first.
+//!
 //! Memory is bounded: past [`MAX_SOURCES`] partials the oldest is evicted, so
 //! spoofed sources cannot grow the table, and evicting the oldest (not refusing the
 //! newest) keeps a user's few-millisecond sequence from being crowded out.
@@ -34,6 +40,14 @@ pub enum Step {
     Done(Element),
     /// A complete sequence whose parity does not add up, or no element.
     Bad,
+    /// A complete sequence that another source began first and is one packet short
+    /// of: a copy made by someone who saw the original (whose lost packet the parity
+    /// digit gives away). The original's source gets the element; the copy nothing.
+    Copied {
+        original: IpAddr,
+        via: L4,
+        element: Element,
+    },
 }
 
 type Key = (IpAddr, L4);
@@ -82,9 +96,27 @@ impl Assembler {
         p.last = now;
         if p.filled == self.code.len() {
             let p = self.partial.remove(&key).expect("present");
-            return self.finish(&p);
+            let step = self.finish(&p);
+            if let Step::Done(element) = step {
+                if let Some(original) = self.began_first(&element, p.first) {
+                    self.partial.remove(&original);
+                    return Step::Copied { original: original.0, via: original.1, element };
+                }
+            }
+            return step;
         }
         Step::Pending
+    }
+
+    /// Another source's partial that began no later than `began` and recovers to
+    /// `element` with its one missing packet (see [`Step::Copied`]).
+    fn began_first(&self, element: &Element, began: Instant) -> Option<Key> {
+        let len = self.code.len();
+        self.partial
+            .iter()
+            .filter(|(_, p)| p.filled + 1 == len && p.first <= began)
+            .find(|(_, p)| self.code.assemble(&p.digits).as_ref() == Some(element))
+            .map(|(k, _)| *k)
     }
 
     /// Finish sequences missing one packet that went quiet, forget timed-out ones.
@@ -204,6 +236,20 @@ mod tests {
         a.add(A, L4::Syn, stale, t);
         let last = ports.iter().map(|p| a.add(A, L4::Syn, *p, t)).last().unwrap();
         assert_eq!(last, Step::Done(e));
+    }
+
+    #[test]
+    fn a_copy_completed_while_the_original_is_one_short_goes_to_the_original() {
+        let (mut a, e, ports) = setup();
+        let t = Instant::now();
+        // The user's sequence loses one packet; the observer sends all of it, later.
+        for p in ports.iter().skip(1) {
+            assert_eq!(a.add(A, L4::Syn, *p, t), Step::Pending);
+        }
+        let later = t + Duration::from_millis(5);
+        let last = ports.iter().map(|p| a.add(B, L4::Syn, *p, later)).last().unwrap();
+        assert_eq!(last, Step::Copied { original: A, via: L4::Syn, element: e });
+        assert!(a.is_empty(), "both partials are done with");
     }
 
     #[test]

@@ -25,8 +25,8 @@ use crate::netaddr::Prefix;
 
 /// Strikes older than this are forgotten.
 pub const STRIKE_WINDOW: Duration = Duration::from_secs(60);
-/// Sources tracked at once (strikes and blocks); past this, strikes of new sources
-/// are not counted, so spoofed floods cannot grow memory.
+/// Sources tracked at once, in strikes and in blocks each; past this, new sources
+/// are neither counted nor blocked, so spoofed floods cannot grow memory.
 const MAX_TRACKED: usize = 65_536;
 
 /// One entry of the block list, for `nxknock doors` and the kernel.
@@ -41,7 +41,13 @@ pub struct Block {
 struct State {
     strikes: HashMap<Prefix, (u32, Instant)>,
     blocked: HashMap<Prefix, Instant>,
+    swept: Option<Instant>,
+    /// (start of this second, lines written in it, blocks not logged since the last line)
+    logged: (Option<Instant>, u32, u64),
 }
+
+/// "source blocked" lines a second at most.
+const LOG_PER_SECOND: u32 = 10;
 
 /// New blocks for the kernel, in the order they were made.
 pub type KernelBlocks = std::sync::mpsc::Receiver<(Prefix, Duration)>;
@@ -80,25 +86,41 @@ impl Blocklist {
         if s.blocked.get(&key).is_some_and(|until| *until > now) {
             return false;
         }
-        if s.strikes.len() >= MAX_TRACKED && !s.strikes.contains_key(&key) {
+        // Both tables are bounded, and swept at most once a second: a sweep walks a
+        // whole table, and spoofed sources must not make every strike pay for one.
+        if (s.strikes.len() >= MAX_TRACKED || s.blocked.len() >= MAX_TRACKED)
+            && s.swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
             s.strikes.retain(|_, (_, first)| now.duration_since(*first) < STRIKE_WINDOW);
-            if s.strikes.len() >= MAX_TRACKED {
-                return false;
-            }
+            s.blocked.retain(|_, until| *until > now);
+            s.swept = Some(now);
+        }
+        if s.strikes.len() >= MAX_TRACKED && !s.strikes.contains_key(&key) {
+            return false;
         }
         let entry = s.strikes.entry(key).or_insert((0, now));
         if now.duration_since(entry.1) >= STRIKE_WINDOW {
             *entry = (0, now);
         }
         entry.0 += 1;
-        if entry.0 < self.after {
+        if entry.0 < self.after || s.blocked.len() >= MAX_TRACKED {
             return false;
         }
         s.strikes.remove(&key);
-        s.blocked.retain(|_, until| *until > now);
         s.blocked.insert(key, now + self.length);
         let _ = self.kernel.try_send((key, self.length));
-        tracing::warn!(source = %key, strikes = self.after, seconds = self.length.as_secs(), "source blocked: repeated bad direct knocks");
+        // One line a block, but not a flood of lines: past LOG_PER_SECOND in a second
+        // they are counted and summed up with the next line that is written.
+        if s.logged.0.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            s.logged = (Some(now), 0, s.logged.2);
+        }
+        if s.logged.1 < LOG_PER_SECOND {
+            let unlogged = std::mem::take(&mut s.logged.2);
+            s.logged.1 += 1;
+            tracing::warn!(source = %key, strikes = self.after, seconds = self.length.as_secs(), also_blocked_unlogged = unlogged, "source blocked: repeated bad direct knocks");
+        } else {
+            s.logged.2 += 1;
+        }
         true
     }
 
@@ -152,7 +174,7 @@ mod tests {
     /// it for as long as `block_seconds` lasts, and every new block walks the whole map
     /// (`blocked.retain`) under the lock the capture thread needs for each packet.
     #[test]
-    fn review_spoofed_sources_cannot_grow_the_block_list_without_bound() {
+    fn spoofed_sources_cannot_grow_the_block_list_without_bound() {
         let (b, _kernel) = Blocklist::new(1, Duration::from_secs(600));
         let t = Instant::now();
         for i in 0..(MAX_TRACKED as u32 + 1_000) {

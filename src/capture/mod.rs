@@ -53,6 +53,12 @@ pub enum CaptureError {
     },
     #[error("[pcap] interface {iface:?} has link type {dlt}; nxknock reads Ethernet, Linux cooked (any) and raw IP")]
     Link { iface: String, dlt: i32 },
+    #[error(
+        "[pcap] {what} {lo}-{hi} overlaps this host's ephemeral ports {elo}-{ehi} \
+         (net.ipv4.ip_local_port_range): replies to the host's own traffic would arrive there \
+         and look like knocks; pick ports above {ehi} (e.g. sequence_ports = \"61000-61999\")"
+    )]
+    Ephemeral { what: &'static str, lo: u16, hi: u16, elo: u16, ehi: u16 },
     #[error("[pcap] interface {iface:?}: the kernel refused the filter {filter:?}: {source}")]
     Filter {
         iface: String,
@@ -93,6 +99,7 @@ pub struct Opened {
 /// Open every configured interface. Done at start-up, before the daemon gives up
 /// privileges, so a missing interface or capability stops it with a clear error.
 pub fn open(cfg: &PcapConfig) -> Result<Vec<Opened>, CaptureError> {
+    check_ephemeral(cfg, ephemeral_ports())?;
     let expr = filter(cfg);
     cfg.interfaces
         .iter()
@@ -118,9 +125,48 @@ pub fn open(cfg: &PcapConfig) -> Result<Vec<Opened>, CaptureError> {
                 source,
             })?;
             cap.direction(Direction::In).map_err(err)?;
+            close_on_exec(&cap).map_err(|e| err(pcap::Error::IoError(e.kind())))?;
             Ok(Opened { iface: iface.clone(), cap, link })
         })
         .collect()
+}
+
+/// This network namespace's ephemeral port range, if it can be read.
+pub fn ephemeral_ports() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
+/// The knock ports must lie outside the ephemeral range: answers to the host's own
+/// outbound UDP (DNS, NTP) land on ephemeral ports and would count as bad knocks
+/// against the servers it talks to.
+pub fn check_ephemeral(cfg: &PcapConfig, ephemeral: Option<(u16, u16)>) -> Result<(), CaptureError> {
+    let Some((elo, ehi)) = ephemeral else { return Ok(()) };
+    let ranges = cfg.udp_port.map(|p| ("udp_port", p, p)).into_iter().chain(cfg.sequence_code().map(|c| {
+        let (lo, hi) = c.range();
+        ("sequence_ports", lo, hi)
+    }));
+    for (what, lo, hi) in ranges {
+        if lo <= ehi && elo <= hi {
+            return Err(CaptureError::Ephemeral { what, lo, hi, elo, ehi });
+        }
+    }
+    Ok(())
+}
+
+/// libpcap opens its packet socket without close-on-exec: without this, every
+/// program the daemon runs (hooks, `nft`) would inherit a raw socket on the wire.
+fn close_on_exec(cap: &Capture<Active>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = cap.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this capture owns, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Counters for the exit summary (and metrics).
@@ -203,6 +249,11 @@ impl Listener {
         match step {
             Step::Pending => {}
             Step::Bad => self.bad(src, now),
+            Step::Copied { original, via, element } => {
+                tracing::info!(source = %src, original = %original, "port sequence copied from another source's; the original's source gets it");
+                self.bad(src, now);
+                self.sequence_step(original, via, Step::Done(element), now);
+            }
             Step::Done(element) => {
                 self.stats.sequences.fetch_add(1, Ordering::Relaxed);
                 let via = if l4 == L4::Syn { Via::TcpSequence } else { Via::UdpSequence };
@@ -294,6 +345,22 @@ fn read(o: Opened, listener: Arc<Listener>, stop: &mut tokio::sync::watch::Recei
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knock_ports_must_lie_outside_the_ephemeral_range() {
+        let cfg = |seq: &str| PcapConfig {
+            udp_port: Some(62201),
+            sequence_ports: Some(seq.to_owned()),
+            ..PcapConfig::default()
+        };
+        let linux = Some((32768, 60999));
+        assert!(check_ephemeral(&cfg("61000-61999"), linux).is_ok());
+        let e = check_ephemeral(&cfg("40000-40999"), linux).unwrap_err().to_string();
+        assert!(e.contains("sequence_ports 40000-40999") && e.contains("32768-60999"), "{e}");
+        let e = check_ephemeral(&cfg("61000-61999"), Some((50000, 65000))).unwrap_err().to_string();
+        assert!(e.contains("udp_port 62201"), "{e}");
+        assert!(check_ephemeral(&cfg("40000-40999"), None).is_ok(), "unknown range: nothing to check");
+    }
 
     #[test]
     fn the_filter_compiles_for_every_combination() {

@@ -66,6 +66,9 @@ pub enum Reject {
     /// A bare element in a single UDP datagram: that transport takes bound knocks
     /// only (a plain one would open for whoever races the copy of the datagram).
     PlainOverUdp,
+    /// A port sequence carrying a plain element that was already seen, and refused,
+    /// on another path: whoever saw it there could be the one sending the sequence.
+    Exposed,
     /// `plain = "ecs"` and the query carried no usable ECS.
     NoEcs,
     /// ECS from a source outside `[token] ecs_from`.
@@ -99,6 +102,7 @@ impl Reject {
             Reject::Exhausted => "exhausted",
             Reject::PlainOff => "plain-off",
             Reject::PlainOverUdp => "plain-over-udp",
+            Reject::Exposed => "exposed",
             Reject::NoEcs => "no-ecs",
             Reject::EcsUntrusted => "ecs-untrusted",
             Reject::DoorSize(_) => "door-size",
@@ -124,6 +128,9 @@ impl fmt::Display for Reject {
             Reject::TooOld { delta } => write!(f, "bound knock made {delta} s away from now, beyond max_age_seconds"),
             Reject::Exhausted => f.write_str("chain used up; `nxknock user rekey` the user"),
             Reject::PlainOff => f.write_str("plain knocks are off (plain = \"off\"); use a bound knock"),
+            Reject::Exposed => {
+                f.write_str("a port sequence carrying an element already seen and refused on another path")
+            }
             Reject::PlainOverUdp => {
                 f.write_str("a plain element in a UDP knock; send a bound knock (`--via udp --ip`)")
             }
@@ -138,6 +145,10 @@ impl fmt::Display for Reject {
         }
     }
 }
+
+/// How long (and how many) refused plain elements are remembered as exposed.
+const EXPOSED_FOR: Duration = Duration::from_secs(24 * 3600);
+const EXPOSED_MAX: usize = 65_536;
 
 fn reject(user: Option<&UserRecord>, why: Reject) -> Decision {
     Decision::Reject { user: user.map(|u| u.name.clone()), why }
@@ -184,6 +195,10 @@ pub struct Verifier {
     recent: HashMap<Element, (Form, Instant)>,
     /// Elements found replayed after the grace period (bounded).
     stale: HashMap<Element, Instant>,
+    /// Plain elements refused for how they arrived (plain off, over UDP, no or
+    /// untrusted ECS): seen on a wrong path, so never good for a port sequence, which
+    /// opens for whoever sends it (bounded; see ARCHITECTURE.md, "Port sequences").
+    exposed: HashMap<Element, Instant>,
     /// Revoked users as of the last load, to notice new revocations.
     revoked_names: HashSet<String>,
     /// Users revoked since the last [`Verifier::take_changes`].
@@ -219,6 +234,7 @@ impl Verifier {
             index: Index::with_capacity(0),
             users: 0,
             recent: HashMap::new(),
+            exposed: HashMap::new(),
             stale: HashMap::new(),
             revoked_names,
             revoked: Vec::new(),
@@ -437,8 +453,25 @@ impl Verifier {
         }
         let target = match self.target(knock, &user, now_unix) {
             Ok(t) => t,
+            Err(why @ (Reject::PlainOff | Reject::PlainOverUdp | Reject::NoEcs | Reject::EcsUntrusted)) => {
+                // Not spent (the user's own knock may still come by the right path), but
+                // remembered: as a sequence it would open for whoever saw it here.
+                if self.exposed.len() >= EXPOSED_MAX {
+                    let cutoff = now.checked_sub(EXPOSED_FOR).unwrap_or(now);
+                    self.exposed.retain(|_, at| *at > cutoff);
+                    if self.exposed.len() >= EXPOSED_MAX {
+                        self.exposed.clear();
+                    }
+                }
+                self.exposed.insert(element, now);
+                return reject(Some(&user), why);
+            }
             Err(why) => return reject(Some(&user), why),
         };
+        if knock.via.is_sequence() && self.exposed.get(&element).is_some_and(|at| now.duration_since(*at) < EXPOSED_FOR)
+        {
+            return reject(Some(&user), Reject::Exposed);
+        }
         // Stored CIDRs were checked at enrolment; one that no longer parses admits nothing.
         let from: Vec<Prefix> = user.from.iter().filter_map(|c| c.parse().ok()).collect();
         if !user.from.is_empty() && !from.iter().any(|net| net.contains_prefix(&target.door)) {
@@ -913,21 +946,24 @@ port = 443
     #[test]
     fn direct_transports_decide_where_a_plain_element_may_open() {
         let mut f = fixture(vec![], vec![]);
-        // A bare element in a UDP datagram: refused by name, nothing spent.
-        let mut k = knock_from(f.plain(N - 1), "198.18.0.2");
-        k.via = Via::Udp;
-        assert_eq!(why(f.v.verify(&k)), Reject::PlainOverUdp);
-        // A port sequence opens for its packet source whatever `plain` says about DNS
-        // (no resolver, no ECS on that path) — with the element the datagram did not spend.
+        let via = |t: Token, from: &str, via: Via| Knock { via, ..knock_from(t, from) };
+        // A bare element in a UDP datagram: refused by name, nothing spent...
+        assert_eq!(why(f.v.verify(&via(f.plain(N - 1), "198.18.0.3", Via::Udp))), Reject::PlainOverUdp);
+        // ...but exposed: whoever saw the datagram cannot send it as a port sequence,
+        // which would open for them (and that spends nothing either).
+        assert_eq!(why(f.v.verify(&via(f.plain(N - 1), "198.18.0.3", Via::TcpSequence))), Reject::Exposed);
+        // The user's own next sequence opens for its packet source, whatever `plain`
+        // says about DNS (no resolver, no ECS on that path).
         f.v.plain = PlainPolicy::Off;
-        let mut k = knock_from(f.plain(N - 1), "198.18.0.2");
-        k.via = Via::TcpSequence;
+        let mut k = via(f.plain(N - 2), "198.18.0.2", Via::TcpSequence);
         k.ecs = Some("203.0.113.9/32".parse().unwrap());
         assert!(matches!(f.v.verify(&k), Decision::Open { door, .. } if door == p("198.18.0.2/32")));
-        // Passive DNS is DNS: the policy applies.
-        let mut k = knock_from(f.plain(N - 2), "198.18.0.2");
-        k.via = Via::DnsPassive;
-        assert_eq!(why(f.v.verify(&k)), Reject::PlainOff);
+        // Passive DNS is DNS: the policy applies, and the refused element is exposed too.
+        assert_eq!(why(f.v.verify(&via(f.plain(N - 3), "198.18.0.2", Via::DnsPassive))), Reject::PlainOff);
+        assert_eq!(why(f.v.verify(&via(f.plain(N - 3), "198.18.0.9", Via::UdpSequence))), Reject::Exposed);
+        // An exposed element still opens by a path that is allowed: no jam.
+        f.v.plain = PlainPolicy::Source;
+        assert!(matches!(f.v.verify(&via(f.plain(N - 3), "198.18.0.2", Via::DnsUdp)), Decision::Open { .. }));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Review (attacker's eye) of the port-sequence listener, end to end: the real
+//! Attacks on the port-sequence listener, end to end: the real
 //! daemon capturing in the server namespace, nftables, and a real TCP connect at
 //! the end. Needs root; under `CI=true` the test fails rather than skip.
 
@@ -13,7 +13,7 @@ use common::*;
 use nxknock::config::PcapConfig;
 use nxknock::direct::{Direct, send_sequence};
 
-const SEQ: &str = "40000-40999";
+const SEQ: &str = "61000-61999";
 
 fn out_text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
@@ -38,8 +38,8 @@ fn ports_of(cred: &Path) -> Vec<u16> {
 /// sequence from its own address inside that window, and the element opens for
 /// it; the user's recovered sequence is then a replay.
 #[test]
-fn review_one_lost_syn_does_not_hand_the_sequence_to_an_observer() {
-    if !require_root("review_one_lost_syn_does_not_hand_the_sequence_to_an_observer") {
+fn one_lost_syn_does_not_hand_the_sequence_to_an_observer() {
+    if !require_root("one_lost_syn_does_not_hand_the_sequence_to_an_observer") {
         return;
     }
     let p = PcapConfig { sequence_ports: Some(SEQ.to_owned()), ..PcapConfig::default() };
@@ -84,8 +84,8 @@ fn as_sequence(name: &str) -> Vec<u16> {
 /// the relaying resolver included — sends it as a port sequence from its own
 /// address, and the door opens for them.
 #[test]
-fn review_a_plain_name_refused_under_plain_off_cannot_open_as_a_sequence() {
-    if !require_root("review_a_plain_name_refused_under_plain_off_cannot_open_as_a_sequence") {
+fn a_plain_name_refused_under_plain_off_cannot_open_as_a_sequence() {
+    if !require_root("a_plain_name_refused_under_plain_off_cannot_open_as_a_sequence") {
         return;
     }
     let p = PcapConfig { sequence_ports: Some(SEQ.to_owned()), ..PcapConfig::default() };
@@ -116,8 +116,8 @@ fn review_a_plain_name_refused_under_plain_off_cannot_open_as_a_sequence() {
 /// datagram". With sequences on, the copy still opens: the observer re-sends the
 /// element as a port sequence from its own address.
 #[test]
-fn review_a_plain_element_refused_over_udp_cannot_open_as_a_sequence() {
-    if !require_root("review_a_plain_element_refused_over_udp_cannot_open_as_a_sequence") {
+fn a_plain_element_refused_over_udp_cannot_open_as_a_sequence() {
+    if !require_root("a_plain_element_refused_over_udp_cannot_open_as_a_sequence") {
         return;
     }
     let p = PcapConfig { udp_port: Some(62201), sequence_ports: Some(SEQ.to_owned()), ..PcapConfig::default() };
@@ -142,25 +142,30 @@ fn review_a_plain_element_refused_over_udp_cannot_open_as_a_sequence() {
     );
 }
 
-/// The example range (README, config/nxknock.toml: 40000-40999) lies inside Linux's
-/// default ephemeral range (32768-60999), and nothing checks. Replies to the
-/// server's *own* outbound UDP (DNS lookups, NTP, QUIC) then arrive on sequence
-/// ports, look like sequences from the host it talked to, fail their parity, and
-/// strike it: the server's upstream ends up on the block list (and every IPv6 TCP
-/// segment of its outbound connections reaches user space: libpcap cannot filter
-/// IPv6 TCP flags).
+/// Replies to the server's own outbound UDP land on its ephemeral ports; knock
+/// ports inside that range would count them as bad knocks and block the hosts the
+/// server talks to (its resolver, say). So such a range is refused at start-up,
+/// naming the sysctl, with nothing installed; outside it, the replies are no knocks.
 #[test]
-fn review_replies_to_the_servers_own_traffic_are_no_knocks() {
-    if !require_root("review_replies_to_the_servers_own_traffic_are_no_knocks") {
+fn replies_to_the_servers_own_traffic_are_no_knocks() {
+    if !require_root("replies_to_the_servers_own_traffic_are_no_knocks") {
         return;
     }
     let p = PcapConfig { sequence_ports: Some(SEQ.to_owned()), block_after: 2, ..PcapConfig::default() };
+    {
+        let lab = Lab::new("revephin").expect("lab");
+        let out = lab.server.cmd("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=61000 61999"]).output().unwrap();
+        assert!(out.status.success(), "{}", out_text(&out));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("nxknock.toml");
+        config("nftables", 30).pcap(p.clone()).write(&cfg).unwrap();
+        let out = lab.server.cmd(BIN).args(["serve", "--config", cfg.to_str().unwrap()]).output().unwrap();
+        let text = out_text(&out);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("ip_local_port_range") && text.contains("61000-61999"), "{text}");
+        assert!(!lab.server.run(&["nft", "list", "tables"]).unwrap().contains("nxknock"), "nothing installed");
+    }
     let s = Setup::with("reveph", config("nftables", 30).pcap(p));
-    // Pin the server namespace's ephemeral range to the sequence range, as the
-    // default range would hit it one port in 28 at a time.
-    let out = s.lab.server.cmd("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40999"]).output().unwrap();
-    assert!(out.status.success(), "{}", out_text(&out));
-
     // A service the server talks to (its resolver, say), answering every datagram.
     let echo = s.lab.attacker.udp_bind(format!("{ATTACKER}:7777").parse().unwrap()).unwrap();
     echo.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
