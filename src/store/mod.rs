@@ -1,17 +1,39 @@
 //! Durable chain state: who is enrolled, each user's two chain verifiers, the
 //! zone's admission key and the doors nxknock opened.
 //!
-//! The [`Store`] trait is the seam for a future PostgreSQL backend (several
-//! nameservers of one zone sharing state), so it speaks only in our own types
-//! and its key operation is an atomic compare-and-advance of one verifier.
-//! [`SqliteStore`] is the embedded default (`sqlite.rs`, schema in `schema.sql`).
+//! The [`Store`] trait speaks only in our own types and its key operation is an
+//! atomic compare-and-advance of one verifier. [`SqliteStore`] is the embedded
+//! default (`sqlite.rs`, schema in `schema.sql`); [`PgStore`] shares one
+//! PostgreSQL database between several nameservers of a zone (`postgres.rs`).
+//! [`open`] picks one from `[store]`.
 
+mod postgres;
 mod sqlite;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+pub use postgres::{PgStore, check_url};
 pub use sqlite::SqliteStore;
+
+use crate::config::StoreConfig;
+
+/// Open the configured store, creating it if absent (`serve`, `user add`).
+pub fn open(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
+    Ok(match &cfg.url {
+        Some(url) => Box::new(PgStore::open(url, true)?),
+        None => Box::new(SqliteStore::open(&cfg.path)?),
+    })
+}
+
+/// Open the configured store, which must exist already: commands that only read
+/// or change what is there create nothing (a typo is an error, not a new database).
+pub fn open_existing(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
+    Ok(match &cfg.url {
+        Some(url) => Box::new(PgStore::open(url, false)?),
+        None => Box::new(SqliteStore::open_existing(&cfg.path)?),
+    })
+}
 
 use crate::firewall::{DoorKey, Proto};
 use crate::netaddr::Prefix;
@@ -122,6 +144,18 @@ pub enum StoreError {
         "database {path} does not exist or is empty (check [store] path; `nxknock serve` and `nxknock user add` create it)"
     )]
     Missing { path: PathBuf },
+    /// A PostgreSQL error (the URL is shown without its password).
+    #[error("database {url}: {source}")]
+    Postgres {
+        url: String,
+        #[source]
+        source: ::postgres::Error,
+    },
+    #[error("database {url}: {detail}")]
+    PgInvalid { url: String, detail: String },
+    /// The connection is lost and the next attempt to make it again is not due yet.
+    #[error("database {url}: not connected (retrying); nothing opens meanwhile")]
+    PgUnavailable { url: String },
     #[error("user {0:?} already exists")]
     UserExists(String),
     #[error("no such user {0:?}")]

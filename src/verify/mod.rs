@@ -450,6 +450,14 @@ impl Verifier {
         }
         // Every check passed: commit the advance; only a committed advance may open a door.
         if let Err(why) = self.spend(chain, &state.verifier, element, state.counter + k, now) {
+            // Lost the race: if the winner spent this very element (the same knock
+            // reached another nameserver sharing the store), this one is its repeat.
+            if matches!(why, Reject::Lost)
+                && matches!(self.store.user(chain.user), Ok(Some(u)) if u.chain(form).verifier == element)
+            {
+                self.recent.insert(element, (form, now));
+                return Decision::Repeat;
+            }
             return reject(Some(&user), why);
         }
         if target.close {
