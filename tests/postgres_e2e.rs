@@ -1,0 +1,179 @@
+//! Two nameservers sharing one PostgreSQL database (issue: "Several nameservers
+//! and a fleet of protected hosts, sharing state in PostgreSQL"), in namespaces:
+//! nameservers on `srv` (198.18.0.1) and `ns2` (198.18.0.11), the database on
+//! `db` (198.18.0.40), the user on `cli`, the attacker on `atk`. Real
+//! `nxknock serve` twice, a real cluster, real dig, nftables and TCP.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nxknock::lab::postgres::Postgres;
+
+const NS2: &str = "198.18.0.11";
+const DB: &str = "198.18.0.40";
+
+fn out_text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// One nameserver's config: listening on `addr`, storing in the shared database.
+fn write_config(dir: &Path, name: &str, addr: &str, url: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let path = d.join("nxknock.toml");
+    config("nftables", 30).listen([format!("{addr}:53").parse().unwrap()]).store_url(url).write(&path).unwrap();
+    path
+}
+
+/// A bound knock name for the client's address, not sent.
+fn otp_bound(cred: &Path) -> String {
+    let out = nx(&["otp", "--credential", cred.to_str().unwrap(), "--ip", CLIENT], &[]);
+    assert!(out.status.success(), "otp --ip: {}", out_text(&out));
+    String::from_utf8(out.stdout).unwrap().lines().next().expect("one bound name").to_owned()
+}
+
+fn knock_at(ns: &Netns, server: &str, name: &str) {
+    let d = dig(ns, &[&format!("@{server}"), "+norec", "+tries=1", "+time=2", name]);
+    assert_eq!(d.status, "NXDOMAIN", "the knock is answered like any other name: {}", d.text);
+}
+
+fn count(d: &Daemon, needle: &str) -> usize {
+    d.log_text().matches(needle).count()
+}
+
+/// Wait (bounded) until `f` holds.
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn ssh_on(host: &str) -> SocketAddr {
+    format!("{host}:22").parse().unwrap()
+}
+
+#[test]
+fn two_nameservers_share_one_postgres_database() {
+    if !require_root("two_nameservers_share_one_postgres_database") {
+        return;
+    }
+    let mut lab = Lab::new("pgtwo").expect("lab");
+    lab.add_host("ns2", NS2.parse().unwrap(), "2001:db8:18::11".parse().unwrap()).unwrap();
+    lab.add_host("db", DB.parse().unwrap(), "2001:db8:18::40".parse().unwrap()).unwrap();
+    let ns2 = lab.host("ns2").unwrap();
+    let pg = Postgres::start("pgtwo", Some((lab.host("db").unwrap(), DB.parse().unwrap())))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = pg.url();
+    let (c1, c2) = (write_config(dir, "ns1", SERVER, &url), write_config(dir, "ns2", NS2, &url));
+    let mut d1 = start_daemon(&lab.server, &dir.join("ns1"), &c1);
+    let mut d2 = start_daemon(ns2, &dir.join("ns2"), &c2);
+    let _svc1 = echo_service(&lab.server, &format!("{SERVER}:22"));
+    let _svc2 = echo_service(ns2, &format!("{NS2}:22"));
+    // Enrolled through one nameserver's config (the database is reachable from the lab only).
+    let cred = dir.join("alice.cred");
+    let out = lab
+        .server
+        .cmd(BIN)
+        .args(["user", "add", "alice", "--out", cred.to_str().unwrap(), "--config", c1.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "user add: {}", out_text(&out));
+
+    // 1. The same bound knock at both nameservers at the same instant: accepted once.
+    let name = otp_bound(&cred);
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        for server in [SERVER, NS2] {
+            let (name, barrier, client) = (&name, &barrier, &lab.client);
+            s.spawn(move || {
+                barrier.wait();
+                knock_at(client, server, name);
+            });
+        }
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || count(&d1, "door opened user=") + count(&d2, "door opened user=") == 1),
+        "one door opened\n--- ns1:\n{}\n--- ns2:\n{}",
+        d1.log_text(),
+        d2.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || count(&d1, "repeat of an accepted knock")
+            + count(&d2, "repeat of an accepted knock")
+            == 1),
+        "the other nameserver treats it as a repeat\n--- ns1:\n{}\n--- ns2:\n{}",
+        d1.log_text(),
+        d2.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(&d1, "element spent") + count(&d2, "element spent"), 1, "spent exactly once");
+    assert_eq!(count(&d1, "door opened user=") + count(&d2, "door opened user="), 1, "still one door");
+    let winner = if count(&d1, "door opened user=") == 1 { SERVER } else { NS2 };
+    let loser = if winner == SERVER { NS2 } else { SERVER };
+    assert!(connect_soon(&lab.client, ssh_on(winner)).is_ok(), "the door is open on the accepting nameserver");
+    assert!(try_connect(&lab.client, ssh_on(loser)).is_err(), "and on no other host");
+    assert!(try_connect(&lab.attacker, ssh_on(winner)).is_err(), "the attacker stays out");
+
+    // 2. Each nameserver's index follows the other's advances (LISTEN/NOTIFY): the
+    // next knocks alternate and each opens where it arrives; a replay at the other fails.
+    let before = (count(&d1, "door opened user="), count(&d2, "door opened user="));
+    let n2 = otp_bound(&cred);
+    knock_at(&lab.client, NS2, &n2);
+    assert!(
+        wait_until(Duration::from_secs(5), || count(&d2, "door opened user=") == before.1 + 1),
+        "{}",
+        d2.log_text()
+    );
+    let n1 = otp_bound(&cred);
+    knock_at(&lab.client, SERVER, &n1);
+    assert!(
+        wait_until(Duration::from_secs(5), || count(&d1, "door opened user=") == before.0 + 1),
+        "{}",
+        d1.log_text()
+    );
+    // The element ns2 accepted, replayed at ns1 after the grace period would be a
+    // replay; within it, a repeat: either way no door.
+    knock_at(&lab.attacker, SERVER, &n2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(&d1, "door opened user="), before.0 + 1, "a spent element opens nothing at the other nameserver");
+    assert!(try_connect(&lab.attacker, ssh_on(SERVER)).is_err(), "the attacker replaying stays out");
+
+    // 3. A killed nameserver leaves the other one working.
+    d1.kill();
+    let opened2 = count(&d2, "door opened user=");
+    knock_at(&lab.client, NS2, &otp_bound(&cred));
+    assert!(wait_until(Duration::from_secs(5), || count(&d2, "door opened user=") == opened2 + 1), "{}", d2.log_text());
+
+    // 4. The database stops: knocks are still answered, nothing opens, no crash.
+    pg.stop().unwrap();
+    let failed = count(&d2, "fail closed");
+    knock_at(&lab.client, NS2, &otp_bound(&cred));
+    assert!(
+        wait_until(Duration::from_secs(5), || count(&d2, "fail closed") > failed),
+        "refused, fail closed: {}",
+        d2.log_text()
+    );
+    assert_eq!(count(&d2, "door opened user="), opened2 + 1, "nothing opens while the database is down");
+    assert!(d2.is_running(), "the nameserver keeps running");
+    // 5. The database is back: the next knock opens, without restarting nxknock.
+    pg.start_again().unwrap();
+    let back = wait_until(Duration::from_secs(15), || {
+        knock_at(&lab.client, NS2, &otp_bound(&cred));
+        wait_until(Duration::from_millis(1500), || count(&d2, "door opened user=") == opened2 + 2)
+    });
+    assert!(back, "a knock opens again once the database is back\n{}", d2.log_text());
+    assert!(d2.is_running());
+    drop(d1);
+}
