@@ -45,6 +45,9 @@ pub enum Command {
     Serve(ConfigArg),
     /// Check the configuration and zone file, then exit.
     CheckConfig(ConfigArg),
+    /// On a protected host: open the doors that knocks at any nameserver grant this
+    /// host (`[agent] name`), from the shared PostgreSQL database. Runs no DNS.
+    Agent(ConfigArg),
     /// Manage enrolled users.
     #[command(subcommand)]
     User(UserCmd),
@@ -319,6 +322,7 @@ impl Cli {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(c) => crate::server::serve(&c.config),
+        Command::Agent(c) => crate::agent::run(&c.config),
         Command::CheckConfig(c) => check_config(&c.config),
         Command::User(u) => user(u),
         Command::Store(StoreCmd::Upgrade(c)) => {

@@ -324,6 +324,19 @@ pub struct ServiceConfig {
     /// The hook is killed after this many seconds.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_seconds: u64,
+    /// Protected hosts this service lives on (each runs `nxknock agent` with
+    /// `[agent] name` one of these); the nameserver records a door grant for each
+    /// and opens nothing itself. Empty: the service lives on the nameserver's host.
+    /// Needs `[store] url`: grants travel through the shared database.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
+/// Host names (`[[service]] hosts`, `[agent] name`) go into door records and logs.
+pub fn valid_host_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b".-_".contains(&c))
 }
 
 impl DnsConfig {
@@ -359,6 +372,7 @@ impl ServiceConfig {
             single_use: false,
             hook: None,
             hook_timeout_seconds: default_hook_timeout(),
+            hosts: Vec::new(),
         }
     }
 }
@@ -567,6 +581,17 @@ impl Config {
             if s.port == 0 {
                 bad(&format!("service[{i}].port"), "a port between 1 and 65535, got 0".into());
             }
+            if let Some(h) = s.hosts.iter().find(|h| !valid_host_name(h)) {
+                bad(
+                    &format!("service[{i}].hosts"),
+                    format!("host names of letters, digits, '.', '-' or '_' (as in [agent] name), got {h:?}"),
+                );
+            } else if !s.hosts.is_empty() && self.store.url.is_none() {
+                bad(
+                    &format!("service[{i}].hosts"),
+                    "[store] url: door grants reach other hosts through a shared PostgreSQL database".into(),
+                );
+            }
             if let Some(hook) = &s.hook {
                 if hook.first().is_none_or(|p| !Path::new(p).is_absolute()) {
                     bad(&format!("service[{i}].hook"), "[\"/absolute/path/to/program\", \"arg\", …]".into());
@@ -727,5 +752,14 @@ port = 22
         assert!(e.contains("store"), "{e}");
         let e = err("[dns\n");
         assert!(e.contains("/etc/nxknock/nxknock.toml"), "{e}");
+    }
+
+    #[test]
+    fn store_urls_never_show_their_password() {
+        let u = StoreUrl::new("postgres://nx:s3cret@db.example:5432/nxknock?sslmode=disable&password=other");
+        let shown = format!("{} {u:?}", u.redacted());
+        assert!(!shown.contains("s3cret") && !shown.contains("other"), "{shown}");
+        assert!(shown.contains("nx:***@db.example:5432/nxknock"), "{shown}");
+        assert_eq!(StoreUrl::new("postgres://nx@db/x").redacted(), "postgres://nx@db/x");
     }
 }

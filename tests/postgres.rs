@@ -40,6 +40,7 @@ fn door(user: &str, t: u64) -> DoorRecord {
         single_use: false,
         opened_at: t,
         expires_at: t + 30,
+        host: String::new(),
     }
 }
 
@@ -59,11 +60,11 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
     let e = PgStore::open(&url, false).err().expect("no schema yet").to_string();
     assert!(e.contains("no nxknock schema"), "{e}");
     let mut s = PgStore::open(&url, true).unwrap();
-    assert_eq!(pg.psql("SELECT max(version) FROM schema_version").unwrap(), "1");
+    assert_eq!(pg.psql("SELECT max(version) FROM schema_version").unwrap(), "2");
     // A second open (another nameserver) neither migrates again nor changes the zone key.
     let key = s.zone_key().unwrap();
     assert_eq!(PgStore::open(&url, true).unwrap().zone_key().unwrap(), key, "zone key is stable");
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_version").unwrap(), "1");
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_version").unwrap(), "2");
 
     let id = s.add_user(&enrol("alice", 1)).unwrap();
     assert!(matches!(s.add_user(&enrol("alice", 5)), Err(StoreError::UserExists(_))));
@@ -210,6 +211,20 @@ fn postgres_user_commands_and_config_errors() {
     assert!(text.contains("active"), "{text}");
     let (ok, text) = run(&["store", "upgrade"]);
     assert!(ok && text.contains("current"), "{text}");
+    // A database of schema 1 (before door grants) is migrated, data kept.
+    pg.psql(
+        "DROP TRIGGER doors_grant ON doors; DROP FUNCTION nxknock_grant(); DROP INDEX doors_host;
+         DELETE FROM schema_version WHERE version = 2",
+    )
+    .unwrap();
+    let (ok, text) = run(&["store", "upgrade"]);
+    assert!(ok && text.contains("schema 1 -> 2"), "{text}");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_trigger WHERE tgname = 'doors_grant'").unwrap(), "1");
+    // A database newer than this nxknock is refused by name, not used.
+    pg.psql("INSERT INTO schema_version VALUES (99, 0)").unwrap();
+    let (ok, text) = run(&["user", "list"]);
+    assert!(!ok && text.contains("schema version 99 is newer"), "{text}");
+    pg.psql("DELETE FROM schema_version WHERE version = 99").unwrap();
     assert_eq!(pg.psql("SELECT count(*) FROM users").unwrap(), "1");
 
     // Config errors name the key; a password never shows.

@@ -177,3 +177,135 @@ fn two_nameservers_share_one_postgres_database() {
     assert!(d2.is_running());
     drop(d1);
 }
+
+const BASTION: &str = "198.18.0.20";
+
+/// A nameserver config whose only openable service lives on the agent host "bastion".
+fn write_ns_config(dir: &Path, name: &str, addr: &str, url: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let path = d.join("nxknock.toml");
+    config("nftables", 30)
+        .listen([format!("{addr}:53").parse().unwrap()])
+        .store_url(url)
+        .service(ServiceConfig { hosts: vec!["bastion".into()], ..ServiceConfig::new("bastion", Proto::Tcp, 2222) })
+        .write(&path)
+        .unwrap();
+    path
+}
+
+fn write_agent_config(dir: &Path, url: &str) -> PathBuf {
+    let d = dir.join("agent");
+    std::fs::create_dir_all(&d).unwrap();
+    let path = d.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nname = \"bastion\"\n\n[store]\nurl = \"{url}\"\n\n[firewall]\nbackend = \"nftables\"\nopen_seconds = 30\n\n\
+             [[service]]\nname = \"bastion\"\nproto = \"tcp\"\nport = 2222\nhosts = [\"bastion\"]\n\n\
+             [[service]]\nname = \"elsewhere\"\nproto = \"tcp\"\nport = 8080\nhosts = [\"other\"]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start_agent(ns: &Netns, dir: &Path, config: &Path) -> Daemon {
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    Serve::new(BIN, config, dir.join(format!("agent-{n}.log")))
+        .agent()
+        .log_filter("nxknock=debug,info")
+        .start(ns)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+fn agent_opens_doors_granted_at_either_nameserver_on_its_host_only() {
+    if !require_root("agent_opens_doors_granted_at_either_nameserver_on_its_host_only") {
+        return;
+    }
+    let mut lab = Lab::new("pgagt").expect("lab");
+    lab.add_host("ns2", NS2.parse().unwrap(), "2001:db8:18::11".parse().unwrap()).unwrap();
+    lab.add_host("db", DB.parse().unwrap(), "2001:db8:18::40".parse().unwrap()).unwrap();
+    lab.add_host("bast", BASTION.parse().unwrap(), "2001:db8:18::20".parse().unwrap()).unwrap();
+    let (ns2, bast) = (lab.host("ns2").unwrap(), lab.host("bast").unwrap());
+    let pg = Postgres::start("pgagt", Some((lab.host("db").unwrap(), DB.parse().unwrap())))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = pg.url();
+    let (c1, c2) = (write_ns_config(dir, "ns1", SERVER, &url), write_ns_config(dir, "ns2", NS2, &url));
+    let ca = write_agent_config(dir, &url);
+    let d1 = start_daemon(&lab.server, &dir.join("ns1"), &c1);
+    let d2 = start_daemon(ns2, &dir.join("ns2"), &c2);
+    let mut agent = start_agent(bast, &dir.join("agent"), &ca);
+    let _svc = echo_service(bast, &format!("{BASTION}:2222"));
+    let _local = echo_service(&lab.server, &format!("{SERVER}:22"));
+    let bastion: SocketAddr = format!("{BASTION}:2222").parse().unwrap();
+    assert!(try_connect(&lab.client, bastion).is_err(), "the agent's guard is up before any knock");
+    let cred = dir.join("alice.cred");
+    let nx_in = |args: &[&str]| {
+        let out = lab.server.cmd(BIN).args(args).args(["--config", c1.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", out_text(&out));
+        out
+    };
+    nx_in(&["user", "add", "alice", "--service", "bastion", "--out", cred.to_str().unwrap()]);
+
+    // A knock at either nameserver opens the door on the bastion, and nowhere else.
+    let opened = |a: &Daemon| count(a, "door opened user=");
+    for (i, server) in [SERVER, NS2].into_iter().enumerate() {
+        if i > 0 {
+            // The first door goes away (and the next grant is of a later second), so
+            // only the second grant can let the client in.
+            bast.run(&["nft", "flush", "set", "inet", "nxknock", "doors4"]).unwrap();
+            assert!(try_connect(&lab.client, bastion).is_err(), "no door after the flush");
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        knock_at(&lab.client, server, &otp_bound(&cred));
+        assert!(
+            wait_until(Duration::from_secs(5), || opened(&agent) == i + 1),
+            "the agent opens the door granted at {server}\n--- agent:\n{}\n--- ns1:\n{}\n--- ns2:\n{}",
+            agent.log_text(),
+            d1.log_text(),
+            d2.log_text()
+        );
+        let mut s = connect_soon(&lab.client, bastion).expect("the client reaches the bastion");
+        assert!(echo_works(&mut s));
+        assert!(try_connect(&lab.attacker, bastion).is_err(), "the attacker does not");
+    }
+    for d in [&d1, &d2] {
+        assert_eq!(count(d, "door opened user="), 0, "no nameserver opened a door of its own");
+        assert!(count(d, "door granted") >= 1 || d.log_text().contains("repeat"), "{}", d.log_text());
+    }
+    let set = lab.server.run(&["nft", "list", "set", "inet", "nxknock", "doors4"]).unwrap();
+    assert!(!set.contains(CLIENT), "the nameserver's kernel holds no door for the client: {set}");
+    assert!(try_connect(&lab.client, ssh_on(SERVER)).is_err(), "the nameserver's own ssh stays guarded");
+    let agent_set = bast.run(&["nft", "list", "set", "inet", "nxknock", "doors4"]).unwrap();
+    assert!(agent_set.contains(&format!("{CLIENT} . tcp . 2222")), "{agent_set}");
+
+    // A grant made while the agent is down opens when it starts (reconcile from the database).
+    agent.kill();
+    bast.run(&["nft", "flush", "set", "inet", "nxknock", "doors4"]).unwrap();
+    assert!(try_connect(&lab.client, bastion).is_err(), "no door after the flush");
+    knock_at(&lab.client, NS2, &otp_bound(&cred));
+    assert!(wait_until(Duration::from_secs(5), || count(&d2, "door granted") >= 2), "{}", d2.log_text());
+    let agent = start_agent(bast, &dir.join("agent"), &ca);
+    assert!(connect_soon(&lab.client, bastion).is_ok(), "reconciled at start:\n{}", agent.log_text());
+
+    // Revoking the user closes the door on the bastion too.
+    nx_in(&["user", "revoke", "alice"]);
+    assert!(
+        wait_closed(&lab.client, bastion, Duration::from_secs(5)),
+        "a revoked user's door closes on the agent host\n{}",
+        agent.log_text()
+    );
+    // A config whose services do not name this agent is refused with the key named.
+    let bad = dir.join("agent").join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&ca).unwrap().replace("name = \"bastion\"\n\n[store]", "name = \"nobody\"\n\n[store]"),
+    )
+    .unwrap();
+    let out = nx(&["agent", "--config", bad.to_str().unwrap()], &[]);
+    assert!(!out.status.success() && out_text(&out).contains("service"), "{}", out_text(&out));
+}

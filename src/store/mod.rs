@@ -106,6 +106,9 @@ pub struct DoorRecord {
     /// Unix seconds.
     pub opened_at: u64,
     pub expires_at: u64,
+    /// The host whose kernel holds the door: empty for the nameserver that accepted
+    /// the knock, else an agent's `[agent] name` (`[[service]] hosts`).
+    pub host: String,
 }
 
 impl DoorRecord {
@@ -211,7 +214,9 @@ pub trait Store: Send {
     /// Record doors about to open (one transaction), only for users not revoked:
     /// returns how many were recorded, and the caller opens only those.
     fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError>;
-    /// Doors recorded as open whose expiry is after `now` (unix seconds), newest first.
+    /// Doors recorded as open whose expiry is after `now` (unix seconds), newest
+    /// first, for every host. (SQLite records only the nameserver's own: a record
+    /// for another host is refused.)
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError>;
     /// Mark `user`'s recorded doors for this key closed (close knock).
     fn close_door(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError>;

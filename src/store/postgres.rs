@@ -18,8 +18,8 @@
 //! sent meanwhile were lost.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
@@ -32,9 +32,11 @@ use crate::firewall::{DoorKey, Proto};
 use crate::token::{Element, Form, ZONE_KEY_LEN};
 
 /// Migrations in order; `schema_version` holds how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("postgres_v1.sql")];
-/// The notification channel the trigger signals.
+const MIGRATIONS: &[&str] = &[include_str!("postgres_v1.sql"), include_str!("postgres_v2.sql")];
+/// The notification channel of changes every nameserver and agent cares about.
 const CHANNEL: &str = "nxknock";
+/// The channel of new door grants, with the host's name (agents only).
+const GRANTS: &str = "nxknock_grant";
 /// Key of the advisory lock held while migrating ("nxkn").
 const MIGRATE_LOCK: i64 = 0x6e78_6b6e;
 /// How long one connection attempt may take; the verifier waits this long at most.
@@ -84,6 +86,18 @@ struct Shared {
     changed: AtomicBool,
     /// The store is gone: the listener thread ends.
     stop: AtomicBool,
+    /// An agent's name: grants for it count as changes (nameservers: `None`).
+    grants_for: Option<String>,
+    /// Wakes [`PgStore::wait_change`].
+    wake: (Mutex<()>, Condvar),
+}
+
+impl Shared {
+    fn raise(&self) {
+        let _guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.store(true, Ordering::Release);
+        self.wake.1.notify_all();
+    }
 }
 
 impl Drop for PgStore {
@@ -105,8 +119,13 @@ fn listen(config: postgres::Config, url: StoreUrl, mut client: Client, shared: A
             let next = client.notifications().timeout_iter(Duration::from_millis(250)).next();
             match next {
                 Ok(Some(n)) => {
-                    if n.process_id() != shared.pid.load(Ordering::Relaxed) {
-                        shared.changed.store(true, Ordering::Release);
+                    let ours = n.process_id() == shared.pid.load(Ordering::Relaxed);
+                    let relevant = match n.channel() {
+                        GRANTS => shared.grants_for.as_deref() == Some(n.payload()),
+                        _ => true,
+                    };
+                    if relevant && !ours {
+                        shared.raise();
                     }
                 }
                 Ok(None) if client.is_closed() => break,
@@ -120,12 +139,12 @@ fn listen(config: postgres::Config, url: StoreUrl, mut client: Client, shared: A
             if shared.stop.load(Ordering::Relaxed) {
                 return;
             }
-            match config.connect(NoTls).and_then(|mut c| c.batch_execute(&format!("LISTEN {CHANNEL}")).map(|_| c)) {
+            match config.connect(NoTls).and_then(|mut c| c.batch_execute(&listen_sql(&shared)).map(|_| c)) {
                 Ok(c) => break c,
                 Err(error) => tracing::debug!(%error, "notification connection not back yet"),
             }
         };
-        shared.changed.store(true, Ordering::Release);
+        shared.raise();
         tracing::info!(url = %url.redacted(), "notification connection made again");
     }
 }
@@ -135,6 +154,16 @@ impl PgStore {
     /// in an empty database). `create = false` (commands that only read) refuses a
     /// database without an nxknock schema instead of creating one.
     pub fn open(url: &StoreUrl, create: bool) -> Result<PgStore, StoreError> {
+        PgStore::open_as(url, create, None)
+    }
+
+    /// [`PgStore::open`] for the agent of host `name`: its grants count as changes
+    /// too, and [`PgStore::wait_change`] wakes for them.
+    pub fn open_agent(url: &StoreUrl, name: &str) -> Result<PgStore, StoreError> {
+        PgStore::open_as(url, true, Some(name.to_owned()))
+    }
+
+    fn open_as(url: &StoreUrl, create: bool, grants_for: Option<String>) -> Result<PgStore, StoreError> {
         check_url(url).map_err(|detail| StoreError::PgInvalid { url: url.redacted(), detail })?;
         let mut config: postgres::Config = url.expose().parse().map_err(|source| pg(url, source))?;
         if config.get_connect_timeout().is_none() {
@@ -147,9 +176,9 @@ impl PgStore {
         let mut client = config.connect(NoTls).map_err(|source| pg(url, source))?;
         migrate(&mut client, url, create)?;
         // Listening before the caller reads anything: no change can fall in between.
+        let shared = Arc::new(Shared { grants_for, ..Shared::default() });
         let mut listener = config.connect(NoTls).map_err(|source| pg(url, source))?;
-        listener.batch_execute(&format!("LISTEN {CHANNEL}")).map_err(|source| pg(url, source))?;
-        let shared = Arc::new(Shared::default());
+        listener.batch_execute(&listen_sql(&shared)).map_err(|source| pg(url, source))?;
         let mut store = PgStore { url: url.clone(), config, client: None, shared, retry_at: None };
         store.adopt(client)?;
         store.shared.changed.store(false, Ordering::Relaxed);
@@ -162,6 +191,18 @@ impl PgStore {
                 detail: format!("cannot start the listener thread: {e}"),
             })?;
         Ok(store)
+    }
+
+    /// Wait up to `timeout` for a change (see [`Store::changed_elsewhere`]), without
+    /// polling: the listener thread wakes us.
+    pub fn wait_change(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+        {
+            let guard = self.shared.wake.0.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.shared.changed.load(Ordering::Acquire) {
+                let _ = self.shared.wake.1.wait_timeout(guard, timeout);
+            }
+        }
+        self.changed_elsewhere()
     }
 
     /// Bring the schema of an existing database up to date; returns the versions
@@ -331,6 +372,14 @@ fn schema_version(client: &mut Client) -> Result<i64, postgres::Error> {
         return Ok(0);
     }
     Ok(client.query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])?.get(0))
+}
+
+/// What the listener connection listens to.
+fn listen_sql(shared: &Shared) -> String {
+    match shared.grants_for {
+        Some(_) => format!("LISTEN {CHANNEL}; LISTEN {GRANTS}"),
+        None => format!("LISTEN {CHANNEL}"),
+    }
 }
 
 /// Run the migrations not yet run, in one transaction under an advisory lock.
@@ -576,8 +625,8 @@ impl Store for PgStore {
             let mut recorded = 0;
             for d in doors {
                 recorded += tx.execute(
-                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at, host)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
                      WHERE EXISTS (SELECT 1 FROM users WHERE name = $1 AND revoked = 0)",
                     &[
                         &d.user,
@@ -590,6 +639,7 @@ impl Store for PgStore {
                         &i64::from(d.single_use),
                         &(d.opened_at as i64),
                         &(d.expires_at as i64),
+                        &d.host,
                     ],
                 )? as usize;
             }
@@ -603,7 +653,7 @@ impl Store for PgStore {
         let rows = self
             .client()?
             .query(
-                "SELECT user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at
+                "SELECT user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at, host
                  FROM doors WHERE closed = 0 AND expires_at > $1 ORDER BY opened_at DESC, id DESC",
                 &[&(now as i64)],
             )
@@ -632,6 +682,7 @@ impl Store for PgStore {
                 single_use: r.get::<_, i64>(7) != 0,
                 opened_at: r.get::<_, i64>(8).max(0) as u64,
                 expires_at: r.get::<_, i64>(9).max(0) as u64,
+                host: r.get(10),
             });
         }
         Ok(out)
