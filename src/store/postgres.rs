@@ -157,10 +157,11 @@ impl PgStore {
         PgStore::open_as(url, create, None)
     }
 
-    /// [`PgStore::open`] for the agent of host `name`: its grants count as changes
+    /// [`PgStore::open`] for the agent of host `name` (the schema must exist: the
+    /// nameservers make it): its grants count as changes
     /// too, and [`PgStore::wait_change`] wakes for them.
     pub fn open_agent(url: &StoreUrl, name: &str) -> Result<PgStore, StoreError> {
-        PgStore::open_as(url, true, Some(name.to_owned()))
+        PgStore::open_as(url, false, Some(name.to_owned()))
     }
 
     fn open_as(url: &StoreUrl, create: bool, grants_for: Option<String>) -> Result<PgStore, StoreError> {
