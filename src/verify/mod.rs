@@ -430,6 +430,11 @@ impl Verifier {
         if state.verifier != found {
             // Another nameserver advanced this chain: our index is behind.
             let _ = self.reload();
+            if state.verifier == element {
+                // ... by spending this very element (the same knock reached it too).
+                self.recent.insert(element, (form, now));
+                return Decision::Repeat;
+            }
             return reject(Some(&user), Reject::Lost);
         }
         if state.counter + k > user.chain_len {
