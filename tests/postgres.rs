@@ -238,8 +238,11 @@ fn postgres_user_commands_and_config_errors() {
     let (code, err) = write("path = \"db\"\nurl = \"postgres://u:hunter2@db/x\"\n");
     assert!(code != Some(0) && err.contains("store.url") && err.contains("not both"), "{err}");
     assert!(!err.contains("hunter2"), "the password never shows: {err}");
-    let (code, err) = write("url = \"postgres://u:hunter2@db/x?sslmode=require\"\n");
-    assert!(code != Some(0) && err.contains("store.url") && err.contains("TLS"), "{err}");
+    let (code, err) = write("url = \"postgres://u:hunter2@db/x?sslmode=bogus\"\n");
+    assert!(code != Some(0) && err.contains("store.url") && err.contains("verify-full"), "{err}");
+    assert!(!err.contains("hunter2"), "the password never shows: {err}");
+    let (code, err) = write("url = \"postgres://u:hunter2@db/x?sslrootcert=/ca.pem\"\n");
+    assert!(code != Some(0) && err.contains("store.url") && err.contains("sslrootcert needs"), "{err}");
     assert!(!err.contains("hunter2"), "the password never shows: {err}");
     let (code, err) = write("");
     assert!(code != Some(0) && err.contains("store.path"), "{err}");

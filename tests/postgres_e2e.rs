@@ -309,3 +309,46 @@ fn agent_opens_doors_granted_at_either_nameserver_on_its_host_only() {
     let out = nx(&["agent", "--config", bad.to_str().unwrap()], &[]);
     assert!(!out.status.success() && out_text(&out).contains("service"), "{}", out_text(&out));
 }
+
+#[test]
+fn postgres_over_tls_checks_the_server_certificate() {
+    if !require_root("postgres_over_tls_checks_the_server_certificate") {
+        return;
+    }
+    let mut lab = Lab::new("pgtls").expect("lab");
+    lab.add_host("db", DB.parse().unwrap(), "2001:db8:18::40".parse().unwrap()).unwrap();
+    let pg = Postgres::start_with("pgtls", Some((lab.host("db").unwrap(), DB.parse().unwrap())), true)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = pg.ca_file();
+    let run = |name: &str, url: &str, args: &[&str]| {
+        let cfg = write_config(dir, name, SERVER, url);
+        let out = lab.server.cmd(BIN).args(args).args(["--config", cfg.to_str().unwrap()]).output().unwrap();
+        (out.status.success(), out_text(&out))
+    };
+    let tls = format!("{}?sslmode=verify-full&sslrootcert={}", pg.url(), ca.display());
+    let cred = dir.join("alice.cred");
+    let (ok, text) = run("tls", &tls, &["user", "add", "alice", "--out", cred.to_str().unwrap()]);
+    assert!(ok, "user add over TLS: {text}");
+    let (ok, text) = run("tls", &tls, &["user", "list"]);
+    assert!(ok && text.contains("alice"), "{text}");
+    // The server refuses clear connections from the lab: the ones above were TLS.
+    let (ok, text) = run("clear", &pg.url(), &["user", "list"]);
+    assert!(!ok && text.contains("no encryption"), "a clear connection is refused: {text}");
+    // A server whose certificate does not chain to the named CA is not talked to.
+    let other = dir.join("other-ca.pem");
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-keyout", dir.join("other.key").to_str().unwrap(), "-out", other.to_str().unwrap()])
+        .args(["-days", "1", "-subj", "/CN=someone else"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let wrong = format!("{}?sslmode=require&sslrootcert={}", pg.url(), other.display());
+    let (ok, text) = run("wrong", &wrong, &["user", "list"]);
+    assert!(!ok && text.to_lowercase().contains("certificate"), "an unknown CA is refused: {text}");
+    let (ok, text) =
+        run("missing", &format!("{}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", pg.url()), &["user", "list"]);
+    assert!(!ok && text.contains("/nonexistent/ca.pem"), "a missing CA file is named: {text}");
+}

@@ -29,6 +29,13 @@ impl Postgres {
     /// namespace and listens on `addr`; with `None` it listens on a Unix socket in
     /// its own directory only. `name` tells concurrent clusters' directories apart.
     pub fn start(name: &str, on: Option<(&Netns, IpAddr)>) -> anyhow::Result<Postgres> {
+        Postgres::start_with(name, on, false)
+    }
+
+    /// [`Postgres::start`]; with `tls`, the server has a certificate for its listen
+    /// address signed by a throwaway CA ([`Postgres::ca_file`]) and refuses
+    /// connections from the lab that are not TLS.
+    pub fn start_with(name: &str, on: Option<(&Netns, IpAddr)>, tls: bool) -> anyhow::Result<Postgres> {
         let bin = bin_dir()?;
         let dir = std::env::temp_dir().join(format!("nxknock-pg-{name}"));
         if dir.exists() {
@@ -57,10 +64,79 @@ impl Postgres {
         std::fs::OpenOptions::new()
             .append(true)
             .open(pg.data().join("pg_hba.conf"))
-            .and_then(|mut f| f.write_all(b"host all all 198.18.0.0/15 trust\nhost all all 2001:db8::/32 trust\n"))
+            .and_then(|mut f| {
+                if tls {
+                    f.write_all(b"hostnossl all all 198.18.0.0/15 reject\nhostnossl all all 2001:db8::/32 reject\n")?;
+                }
+                f.write_all(b"host all all 198.18.0.0/15 trust\nhost all all 2001:db8::/32 trust\n")
+            })
             .context("extend pg_hba.conf")?;
+        if tls {
+            let addr = on.map(|(_, a)| a).context("TLS needs a listen address")?;
+            pg.make_certificates(addr)?;
+        }
         pg.start_again()?;
         Ok(pg)
+    }
+
+    /// The CA that signed the server's certificate (with TLS).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A CA and a server certificate for `addr` (openssl), and `ssl = on`.
+    fn make_certificates(&self, addr: IpAddr) -> anyhow::Result<()> {
+        let d = &self.dir;
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("openssl").args(args).current_dir(d).output().context("run openssl")?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=nxknock lab CA"],
+        ]
+        .concat())?;
+        run(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=nxknock lab db"]]
+            .concat())?;
+        std::fs::write(d.join("server.ext"), format!("subjectAltName=IP:{addr}\n"))?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ])?;
+        let (uid, gid) = postgres_ids()?;
+        for f in ["server.key", "server.crt"] {
+            std::os::unix::fs::chown(d.join(f), Some(uid), Some(gid))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600))?;
+        use std::io::Write;
+        std::fs::OpenOptions::new().append(true).open(self.data().join("postgresql.conf"))?.write_all(
+            format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                d.join("server.crt").display(),
+                d.join("server.key").display()
+            )
+            .as_bytes(),
+        )?;
+        Ok(())
     }
 
     fn data(&self) -> PathBuf {

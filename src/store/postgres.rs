@@ -16,8 +16,13 @@
 //! errs, so nothing opens) and is made again on a later call, at most once a
 //! second; after a reconnect the caller is told to reload, since notifications
 //! sent meanwhile were lost.
+//!
+//! TLS (rustls, ring) where the URL asks for it with libpq's `sslmode=require`,
+//! `verify-ca` or `verify-full`: the server's certificate is always checked, chain
+//! and name, against `sslrootcert` or the system's CAs.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -44,31 +49,157 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Attempts to reconnect are this far apart at least.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
-/// Refuse what this build cannot honour before connecting: TLS (`sslmode=require`,
-/// `verify-ca`, `verify-full`) is not built in yet, and a URL asking for it must
-/// not quietly go out in clear text. Messages never contain the password.
+/// Check a `[store] url` without connecting: the scheme, the client crate's
+/// parameters, and ours (`sslmode`, `sslrootcert`). Messages never contain the password.
 pub fn check_url(url: &StoreUrl) -> Result<(), String> {
+    parse_url(url).map(drop)
+}
+
+/// Whether and how the connection is encrypted.
+#[derive(Clone, Debug, PartialEq)]
+enum TlsWant {
+    /// `sslmode` absent, `disable` or `prefer`: in clear (a private network, a
+    /// Unix socket, a tunnel). `prefer` never falls back silently from a TLS
+    /// handshake: it means "clear" here.
+    Off,
+    /// `sslmode=require`, `verify-ca` or `verify-full`: TLS, and always with the
+    /// server's certificate checked, chain *and* name (stricter than libpq's
+    /// `require`), against `sslrootcert` (PEM) or else the system's CAs.
+    Verify { root: Option<PathBuf> },
+}
+
+/// Split libpq's TLS parameters off the URL (the client crate knows neither
+/// `verify-*` nor `sslrootcert`) and parse the rest.
+fn parse_url(url: &StoreUrl) -> Result<(postgres::Config, TlsWant), String> {
     let text = url.expose();
     if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
         return Err(format!("a URL such as \"postgres://nxknock@db.example/nxknock\", got {}", url.redacted()));
     }
-    let config: postgres::Config = text.parse().map_err(|e| format!("a PostgreSQL URL ({}): {e}", url.redacted()))?;
-    if config.get_ssl_mode() == postgres::config::SslMode::Require
-        || ["verify-ca", "verify-full"].iter().any(|m| text.contains(&format!("sslmode={m}")))
-    {
-        return Err(format!(
-            "a URL without sslmode=require/verify-*: this nxknock has no TLS for PostgreSQL yet; reach the database \
-             over a private network, a Unix socket or a tunnel (got {})",
-            url.redacted()
-        ));
+    let (base, query) = text.split_once('?').unwrap_or((text, ""));
+    let (mut mode, mut root) = (None, None);
+    let mut rest = Vec::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("sslmode", v)) => mode = Some(v.to_owned()),
+            Some(("sslrootcert", v)) => root = Some(PathBuf::from(percent_decode(v))),
+            _ => rest.push(kv),
+        }
     }
-    Ok(())
+    let want = match mode.as_deref() {
+        None | Some("disable") | Some("prefer") => TlsWant::Off,
+        Some("require") | Some("verify-ca") | Some("verify-full") => TlsWant::Verify { root: root.clone() },
+        Some(other) => {
+            return Err(format!(
+                "sslmode disable, prefer, require, verify-ca or verify-full, got {other:?} ({})",
+                url.redacted()
+            ));
+        }
+    };
+    if root.is_some() && want == TlsWant::Off {
+        return Err(format!("sslrootcert needs sslmode=verify-full (or require, verify-ca) ({})", url.redacted()));
+    }
+    let plain = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
+    let mut config: postgres::Config =
+        plain.parse().map_err(|e| format!("a PostgreSQL URL ({}): {e}", url.redacted()))?;
+    config.ssl_mode(match want {
+        TlsWant::Off => postgres::config::SslMode::Disable,
+        TlsWant::Verify { .. } => postgres::config::SslMode::Require,
+    });
+    Ok((config, want))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Makes connections, in clear or over verified TLS (rustls with ring).
+#[derive(Clone)]
+struct Connector {
+    config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Connector {
+    fn new(url: &StoreUrl) -> Result<Connector, StoreError> {
+        let invalid = |detail: String| StoreError::PgInvalid { url: url.redacted(), detail };
+        let (mut config, want) = parse_url(url).map_err(invalid)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives(true).keepalives_idle(Duration::from_secs(10));
+        if config.get_application_name().is_none() {
+            config.application_name("nxknock");
+        }
+        let tls = match want {
+            TlsWant::Off => None,
+            TlsWant::Verify { root } => {
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(root.as_deref()).map_err(invalid)?))
+            }
+        };
+        Ok(Connector { config, tls })
+    }
+
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        match &self.tls {
+            None => self.config.connect(NoTls),
+            Some(tls) => self.config.connect(tls.clone()),
+        }
+    }
+}
+
+/// The CAs a server certificate must chain to: the PEM file `root`, or the system's.
+fn tls_config(root: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match root {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("sslrootcert {}: no PEM certificate in it", path.display()));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err("no system CA certificates found; name the server's CA with sslrootcert=FILE".into());
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// The PostgreSQL store.
 pub struct PgStore {
     url: StoreUrl,
-    config: postgres::Config,
+    connector: Connector,
     client: Option<Client>,
     /// What the listener thread shares with us.
     shared: Arc<Shared>,
@@ -110,7 +241,7 @@ impl Drop for PgStore {
 /// notifications so nothing on the verifier's path ever waits for one. A lost
 /// connection is made again (at most every [`RETRY_EVERY`]); since notifications
 /// were lost meanwhile, the store then reports a change (the caller reloads).
-fn listen(config: postgres::Config, url: StoreUrl, mut client: Client, shared: Arc<Shared>) {
+fn listen(connector: Connector, url: StoreUrl, mut client: Client, shared: Arc<Shared>) {
     loop {
         loop {
             if shared.stop.load(Ordering::Relaxed) {
@@ -139,7 +270,7 @@ fn listen(config: postgres::Config, url: StoreUrl, mut client: Client, shared: A
             if shared.stop.load(Ordering::Relaxed) {
                 return;
             }
-            match config.connect(NoTls).and_then(|mut c| c.batch_execute(&listen_sql(&shared)).map(|_| c)) {
+            match connector.connect().and_then(|mut c| c.batch_execute(&listen_sql(&shared)).map(|_| c)) {
                 Ok(c) => break c,
                 Err(error) => tracing::debug!(%error, "notification connection not back yet"),
             }
@@ -165,32 +296,24 @@ impl PgStore {
     }
 
     fn open_as(url: &StoreUrl, create: bool, grants_for: Option<String>) -> Result<PgStore, StoreError> {
-        check_url(url).map_err(|detail| StoreError::PgInvalid { url: url.redacted(), detail })?;
-        let mut config: postgres::Config = url.expose().parse().map_err(|source| pg(url, source))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        config.keepalives(true).keepalives_idle(Duration::from_secs(10));
-        if config.get_application_name().is_none() {
-            config.application_name("nxknock");
-        }
-        let mut client = config.connect(NoTls).map_err(|source| pg(url, source))?;
+        let connector = Connector::new(url)?;
+        let mut client = connector.connect().map_err(|source| pg(url, source))?;
         migrate(&mut client, url, create)?;
         // Listening before the caller reads anything: no change can fall in between.
         let shared = Arc::new(Shared { grants_for, ..Shared::default() });
-        let mut listener = config.connect(NoTls).map_err(|source| pg(url, source))?;
+        let mut listener = connector.connect().map_err(|source| pg(url, source))?;
         listener.batch_execute(&listen_sql(&shared)).map_err(|source| pg(url, source))?;
-        let mut store = PgStore { url: url.clone(), config, client: None, shared, retry_at: None };
+        let mut store = PgStore { url: url.clone(), connector, client: None, shared, retry_at: None };
         store.adopt(client)?;
         store.shared.changed.store(false, Ordering::Relaxed);
-        let (config, url2, shared) = (store.config.clone(), url.clone(), store.shared.clone());
+        let (connector, url2, shared) = (store.connector.clone(), url.clone(), store.shared.clone());
         std::thread::Builder::new()
             .name("pg-listen".into())
-            .spawn(move || listen(config, url2, listener, shared))
+            .spawn(move || listen(connector, url2, listener, shared))
             .map_err(|e| StoreError::PgInvalid {
-                url: url.redacted(),
-                detail: format!("cannot start the listener thread: {e}"),
-            })?;
+            url: url.redacted(),
+            detail: format!("cannot start the listener thread: {e}"),
+        })?;
         Ok(store)
     }
 
@@ -209,9 +332,7 @@ impl PgStore {
     /// Bring the schema of an existing database up to date; returns the versions
     /// before and after.
     pub fn upgrade(url: &StoreUrl) -> Result<(i64, i64), StoreError> {
-        check_url(url).map_err(|detail| StoreError::PgInvalid { url: url.redacted(), detail })?;
-        let mut client =
-            url.expose().parse::<postgres::Config>().and_then(|c| c.connect(NoTls)).map_err(|e| pg(url, e))?;
+        let mut client = Connector::new(url)?.connect().map_err(|e| pg(url, e))?;
         let before = schema_version(&mut client).map_err(|e| pg(url, e))?;
         migrate(&mut client, url, true)?;
         Ok((before, MIGRATIONS.len() as i64))
@@ -238,7 +359,7 @@ impl PgStore {
                 return Err(StoreError::PgUnavailable { url: self.url.redacted() });
             }
             self.retry_at = Some(Instant::now() + RETRY_EVERY);
-            let client = self.config.connect(NoTls).map_err(|e| pg(&self.url, e))?;
+            let client = self.connector.connect().map_err(|e| pg(&self.url, e))?;
             self.adopt(client)?;
             tracing::info!(url = %self.url.redacted(), "database connection made again");
         }
