@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, FirewallConfig, LogConfig, ServiceConfig, StoreConfig, valid_host_name};
 use crate::doors::Doors;
-use crate::store::{DoorRecord, PgStore};
+use crate::store::{Change, DoorRecord, PgStore};
 
 /// An agent's config file: `[agent]`, `[store]` (a `url`), `[firewall]`,
 /// `[[service]]` (those listing this agent's name in `hosts` are opened here).
@@ -127,10 +127,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     crate::notify::notify("READY=1\nSTATUS=agent running");
     while !stop.load(Ordering::Relaxed) {
         match store.wait_change(Duration::from_millis(200)) {
-            Ok(true) => {
+            // Chains moving (knocks accepted anywhere) are no business of ours.
+            Ok(changes) if changes.contains(&Change::Other) => {
                 agent.converge(&mut store);
             }
-            Ok(false) => {}
+            Ok(_) => {}
             Err(error) => tracing::error!(%error, "database unreachable; nothing new opens until it is back"),
         }
     }

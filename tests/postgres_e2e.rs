@@ -129,6 +129,7 @@ fn two_nameservers_share_one_postgres_database() {
     // 2. Each nameserver's index follows the other's advances (LISTEN/NOTIFY): the
     // next knocks alternate and each opens where it arrives; a replay at the other fails.
     let before = (count(&d1, "door opened user="), count(&d2, "door opened user="));
+    let loads = count(&d1, "verifier index loaded");
     let n2 = otp_bound(&cred);
     knock_at(&lab.client, NS2, &n2);
     assert!(
@@ -142,6 +143,11 @@ fn two_nameservers_share_one_postgres_database() {
         wait_until(Duration::from_secs(5), || count(&d1, "door opened user=") == before.0 + 1),
         "{}",
         d1.log_text()
+    );
+    assert_eq!(
+        count(&d1, "verifier index loaded"),
+        loads,
+        "ns1 followed ns2's chain move from the notification alone, without reloading its index"
     );
     // The element ns2 accepted, replayed at ns1 after the grace period would be a
     // replay; within it, a repeat: either way no door.

@@ -167,6 +167,17 @@ pub enum StoreError {
     BadUserName(String),
 }
 
+/// What another writer changed, as precisely as the store can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// One chain moved (another nameserver accepted a knock): `old`, if any, is no
+    /// longer a verifier; `new`, if any, is. The index follows without a reload.
+    Chain { user: i64, form: Form, old: Option<Element>, new: Option<Element> },
+    /// Anything else (users added, revoked, rekeyed; door records closed), or not
+    /// known precisely: reload the index and re-check the doors.
+    Other,
+}
+
 /// Durable chain state. Implementations must make [`Store::advance`] atomic.
 pub trait Store: Send {
     /// All users that may knock (not revoked), for the in-memory verifier index.
@@ -211,6 +222,12 @@ pub trait Store: Send {
     /// True if another process changed the data since the last call (cheap; no disk I/O
     /// in WAL mode), so the verifier can reload its index after `user add`/`revoke`.
     fn changed_elsewhere(&mut self) -> Result<bool, StoreError>;
+    /// [`Store::changed_elsewhere`], itemised where the store can: a shared store
+    /// reports other nameservers' chain moves one by one, so a busy zone does not
+    /// make every nameserver reload its whole index at every knock elsewhere.
+    fn changes_elsewhere(&mut self) -> Result<Vec<Change>, StoreError> {
+        Ok(if self.changed_elsewhere()? { vec![Change::Other] } else { Vec::new() })
+    }
     /// Record doors about to open (one transaction), only for users not revoked:
     /// returns how many were recorded, and the caller opens only those.
     fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError>;

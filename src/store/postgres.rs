@@ -31,7 +31,7 @@ use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, IsolationLevel, NoTls, Transaction};
 
-use super::{ChainState, DoorRecord, Enrolment, Store, StoreError, UserRecord, check_user_name};
+use super::{ChainState, Change, DoorRecord, Enrolment, Store, StoreError, UserRecord, check_user_name};
 use crate::config::StoreUrl;
 use crate::firewall::{DoorKey, Proto};
 use crate::token::{Element, Form, ZONE_KEY_LEN};
@@ -212,23 +212,71 @@ pub struct PgStore {
 struct Shared {
     /// Our main connection's backend process id: notifications from it are our own writes.
     pid: AtomicI32,
-    /// Another writer changed something (or notifications may have been lost)
-    /// since the last [`Store::changed_elsewhere`].
-    changed: AtomicBool,
     /// The store is gone: the listener thread ends.
     stop: AtomicBool,
     /// An agent's name: grants for it count as changes (nameservers: `None`).
     grants_for: Option<String>,
+    /// What other writers changed (or whether notifications may have been lost)
+    /// since the last [`Store::changes_elsewhere`].
+    pending: Mutex<Pending>,
     /// Wakes [`PgStore::wait_change`].
-    wake: (Mutex<()>, Condvar),
+    wake: Condvar,
 }
 
+/// Changes not taken yet: chain moves one by one, up to [`PENDING_MAX`]; past
+/// that, or for anything else, "everything".
+#[derive(Default)]
+struct Pending {
+    all: bool,
+    chains: Vec<Change>,
+}
+
+/// Chain moves kept one by one before they collapse into "reload everything".
+const PENDING_MAX: usize = 4096;
+
 impl Shared {
-    fn raise(&self) {
-        let _guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
-        self.changed.store(true, Ordering::Release);
-        self.wake.1.notify_all();
+    fn raise(&self, change: Change) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match change {
+            Change::Chain { .. } if !p.all && p.chains.len() < PENDING_MAX => p.chains.push(change),
+            Change::Chain { .. } if p.all => {}
+            _ => {
+                p.all = true;
+                p.chains = Vec::new();
+            }
+        }
+        self.wake.notify_all();
     }
+
+    fn take(&self) -> Vec<Change> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut p.all) { vec![Change::Other] } else { std::mem::take(&mut p.chains) }
+    }
+}
+
+/// A notification's payload: `chains USER FORM OLD NEW` (hex, `-` for none) from
+/// the chains trigger; anything else is [`Change::Other`].
+fn parse_change(payload: &str) -> Change {
+    let hex = |h: &str| -> Option<Option<Element>> {
+        if h == "-" {
+            return Some(None);
+        }
+        let bytes = data_encoding::HEXLOWER_PERMISSIVE.decode(h.as_bytes()).ok()?;
+        Element::from_slice(&bytes).map(Some)
+    };
+    let parts: Vec<&str> = payload.split(' ').collect();
+    let parsed = match parts.as_slice() {
+        ["chains", user, form, old, new] => (|| {
+            let form = match *form {
+                "0" => Form::Plain,
+                "1" => Form::Bound,
+                _ => return None,
+            };
+            Some(Change::Chain { user: user.parse().ok()?, form, old: hex(old)?, new: hex(new)? })
+        })(),
+        _ => None,
+    };
+    parsed.unwrap_or(Change::Other)
 }
 
 impl Drop for PgStore {
@@ -256,7 +304,7 @@ fn listen(connector: Connector, url: StoreUrl, mut client: Client, shared: Arc<S
                         _ => true,
                     };
                     if relevant && !ours {
-                        shared.raise();
+                        shared.raise(parse_change(n.payload()));
                     }
                 }
                 Ok(None) if client.is_closed() => break,
@@ -275,7 +323,7 @@ fn listen(connector: Connector, url: StoreUrl, mut client: Client, shared: Arc<S
                 Err(error) => tracing::debug!(%error, "notification connection not back yet"),
             }
         };
-        shared.raise();
+        shared.raise(Change::Other);
         tracing::info!(url = %url.redacted(), "notification connection made again");
     }
 }
@@ -305,7 +353,7 @@ impl PgStore {
         listener.batch_execute(&listen_sql(&shared)).map_err(|source| pg(url, source))?;
         let mut store = PgStore { url: url.clone(), connector, client: None, shared, retry_at: None };
         store.adopt(client)?;
-        store.shared.changed.store(false, Ordering::Relaxed);
+        store.shared.take();
         let (connector, url2, shared) = (store.connector.clone(), url.clone(), store.shared.clone());
         std::thread::Builder::new()
             .name("pg-listen".into())
@@ -317,16 +365,16 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Wait up to `timeout` for a change (see [`Store::changed_elsewhere`]), without
+    /// Wait up to `timeout` for changes (see [`Store::changes_elsewhere`]), without
     /// polling: the listener thread wakes us.
-    pub fn wait_change(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+    pub fn wait_change(&mut self, timeout: Duration) -> Result<Vec<Change>, StoreError> {
         {
-            let guard = self.shared.wake.0.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.shared.changed.load(Ordering::Acquire) {
-                let _ = self.shared.wake.1.wait_timeout(guard, timeout);
+            let guard = self.shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if !guard.all && guard.chains.is_empty() {
+                let _ = self.shared.wake.wait_timeout(guard, timeout);
             }
         }
-        self.changed_elsewhere()
+        self.changes_elsewhere()
     }
 
     /// Bring the schema of an existing database up to date; returns the versions
@@ -344,7 +392,7 @@ impl PgStore {
         let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).map_err(|e| pg(&self.url, e))?.get(0);
         self.shared.pid.store(pid, Ordering::Relaxed);
         self.client = Some(client);
-        self.shared.changed.store(true, Ordering::Release);
+        self.shared.raise(Change::Other);
         Ok(())
     }
 
@@ -727,16 +775,20 @@ impl Store for PgStore {
     }
 
     fn changed_elsewhere(&mut self) -> Result<bool, StoreError> {
+        Ok(!self.changes_elsewhere()?.is_empty())
+    }
+
+    fn changes_elsewhere(&mut self) -> Result<Vec<Change>, StoreError> {
         // The listener thread has the news; make sure the main connection is (or
         // comes) back too, so a reconnect is reported.
         match self.client() {
             Ok(_) => {}
             // Between two attempts: say nothing new (every other call fails closed
             // meanwhile); a failed attempt, once a second, is reported.
-            Err(StoreError::PgUnavailable { .. }) => return Ok(false),
+            Err(StoreError::PgUnavailable { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         }
-        Ok(self.shared.changed.swap(false, Ordering::AcqRel))
+        Ok(self.shared.take())
     }
 
     fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
@@ -862,5 +914,41 @@ impl Store for PgStore {
             )
             .map_err(|e| pg(&url, e))?;
         if n == 0 { Err(StoreError::NoSuchUser(name.to_owned())) } else { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_notifications_parse_and_anything_else_is_other() {
+        let e = |b: u8| Element([b; crate::token::ELEMENT_LEN]);
+        let hex = |b: u8| data_encoding::HEXLOWER.encode(&e(b).0);
+        assert_eq!(
+            parse_change(&format!("chains 7 1 {} {}", hex(1), hex(2))),
+            Change::Chain { user: 7, form: Form::Bound, old: Some(e(1)), new: Some(e(2)) }
+        );
+        assert_eq!(
+            parse_change(&format!("chains 3 0 - {}", hex(9))),
+            Change::Chain { user: 3, form: Form::Plain, old: None, new: Some(e(9)) }
+        );
+        for other in ["users", "doors", "", "chains 1 2 - -", "chains x 0 - -", "chains 1 0 abc -", "chains 1 0 - - x"]
+        {
+            assert_eq!(parse_change(other), Change::Other, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn urls_split_off_tls_parameters() {
+        let (c, want) = parse_url(&StoreUrl::new(
+            "postgres://u@db/x?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3",
+        ))
+        .unwrap();
+        assert_eq!(want, TlsWant::Verify { root: Some(PathBuf::from("/etc/ca.pem")) });
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(parse_url(&StoreUrl::new("postgres://u@db/x")).unwrap().1, TlsWant::Off);
+        assert!(parse_url(&StoreUrl::new("postgres://u@db/x?sslmode=maybe")).is_err());
+        assert!(parse_url(&StoreUrl::new("mysql://u@db/x")).is_err());
     }
 }

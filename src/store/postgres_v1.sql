@@ -57,8 +57,23 @@ END
 $$;
 CREATE TRIGGER users_notify AFTER INSERT OR UPDATE OR DELETE ON users
     FOR EACH ROW EXECUTE FUNCTION nxknock_notify();
+-- A chain's move says which verifier left and which came, so other nameservers
+-- follow it in their index without reloading: 'chains USER FORM OLD NEW' (hex, '-').
+CREATE FUNCTION nxknock_notify_chain() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM pg_notify('nxknock', format('chains %s %s - %s', NEW.user_id, NEW.form, encode(NEW.verifier, 'hex')));
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('nxknock', format('chains %s %s %s -', OLD.user_id, OLD.form, encode(OLD.verifier, 'hex')));
+    ELSE
+        PERFORM pg_notify('nxknock', format('chains %s %s %s %s', NEW.user_id, NEW.form,
+            encode(OLD.verifier, 'hex'), encode(NEW.verifier, 'hex')));
+    END IF;
+    RETURN NULL;
+END
+$$;
 CREATE TRIGGER chains_notify AFTER INSERT OR UPDATE OR DELETE ON chains
-    FOR EACH ROW EXECUTE FUNCTION nxknock_notify();
+    FOR EACH ROW EXECUTE FUNCTION nxknock_notify_chain();
 -- New door records concern only the host that opens them; closing one (revoke,
 -- close knock, `nxknock doors close`) concerns every host that may hold it.
 CREATE TRIGGER doors_notify AFTER UPDATE OR DELETE ON doors

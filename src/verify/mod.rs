@@ -24,7 +24,7 @@ use crate::clock::unix_now;
 use crate::config::{Config, PlainPolicy, ServiceConfig};
 use crate::knock::{Knock, Via};
 use crate::netaddr::{DoorSizeError, Prefix};
-use crate::store::{Store, StoreError, UserRecord};
+use crate::store::{Change, Store, StoreError, UserRecord};
 use crate::token::{Element, Form, Token, TokenError, ZoneId, ZoneKey, chain, service_id};
 use crate::whoami::KeyTable;
 use index::{ChainRef, Index};
@@ -306,11 +306,26 @@ impl Verifier {
     /// so a revocation closes doors at once and not at the next knock.
     pub fn refresh(&mut self) -> Result<(), StoreError> {
         self.asked = Some(Instant::now());
-        if self.store.changed_elsewhere()? || self.dirty {
+        let changes = self.store.changes_elsewhere()?;
+        if self.dirty || changes.contains(&Change::Other) {
             self.changed = true;
             self.dirty = true;
             self.reload()?;
             self.dirty = false;
+            return Ok(());
+        }
+        // Only chains moved (knocks accepted by another nameserver): follow them.
+        for change in changes {
+            let Change::Chain { user, form, old, new } = change else { continue };
+            let chain = ChainRef { user, form };
+            if let Some(old) = old {
+                if self.index.get(&old) == Some(chain) {
+                    self.index.remove(&old);
+                }
+            }
+            if let Some(new) = new.filter(|_| ChainRef::fits(user)) {
+                self.index.insert(new, chain);
+            }
         }
         Ok(())
     }
