@@ -248,6 +248,18 @@ fn postgres_user_commands_and_config_errors() {
     assert!(code != Some(0) && err.contains("store.path"), "{err}");
     let (code, err) = write("url = \"mysql://db/x\"\n");
     assert!(code != Some(0) && err.contains("store.url"), "{err}");
+    // Services on other hosts need the shared database.
+    let sqlite = dir.join("sqlite.toml");
+    config("none", 30)
+        .service(nxknock::config::ServiceConfig {
+            hosts: vec!["bastion".into()],
+            ..ServiceConfig::new("b", Proto::Tcp, 2222)
+        })
+        .write(&sqlite)
+        .unwrap();
+    let out = nx(&["user", "list", "--config", sqlite.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("service[1].hosts") && err.contains("[store] url"), "{err}");
 }
 
 /// `text` with its `[store]` table's body replaced by `body`.
