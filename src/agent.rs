@@ -99,6 +99,9 @@ impl AgentFile {
 /// Run the agent for the config at `path` until SIGTERM/SIGINT (the guard stays).
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = AgentFile::load(path)?;
+    // Nothing here needs more than the network capabilities: give up the rest while
+    // this is the only thread (capabilities are per thread).
+    crate::privilege::restrict().context("cannot give up privileges; refusing to run")?;
     let name = cfg.agent.name.clone();
     let url = cfg.store.url.clone().expect("checked by load");
     let mut store = PgStore::open_agent(&url, &name)?;
@@ -116,7 +119,6 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let (adopted, removed) = doors.reconcile(&mut store).context("reconcile open doors")?;
     let stop = Arc::new(AtomicBool::new(false));
     catch_stop(stop.clone())?;
-    crate::privilege::restrict().context("cannot give up privileges; refusing to run")?;
     let mut agent = Agent { doors, name, opened: HashSet::new() };
     let opened = agent.converge(&mut store);
     tracing::info!(

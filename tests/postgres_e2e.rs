@@ -58,6 +58,28 @@ fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Every thread of `pid`: no capability beyond CAP_NET_ADMIN, CAP_NET_BIND_SERVICE
+/// and CAP_NET_RAW, and no_new_privs.
+fn assert_threads_restricted(pid: u32) {
+    const KEPT: u64 = (1 << 10) | (1 << 12) | (1 << 13);
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace().nth(1).unwrap().to_owned()
+        };
+        let name = status.lines().next().unwrap().to_owned();
+        for set in ["CapEff:", "CapPrm:", "CapAmb:"] {
+            let v = u64::from_str_radix(&field(set), 16).unwrap();
+            assert_eq!(v & !KEPT, 0, "{name}: {set} {v:#x}");
+        }
+        assert_eq!(field("NoNewPrivs:"), "1", "{name}: no_new_privs");
+        threads += 1;
+    }
+    assert!(threads >= 2, "{threads} threads read");
+}
+
 fn ssh_on(host: &str) -> SocketAddr {
     format!("{host}:22").parse().unwrap()
 }
@@ -288,6 +310,12 @@ fn agent_opens_doors_granted_at_either_nameserver_on_its_host_only() {
     assert!(try_connect(&lab.client, ssh_on(SERVER)).is_err(), "the nameserver's own ssh stays guarded");
     let agent_set = bast.run(&["nft", "list", "set", "inet", "nxknock", "doors4"]).unwrap();
     assert!(agent_set.contains(&format!("{CLIENT} . tcp . 2222")), "{agent_set}");
+
+    // Least privilege holds with the database threads too: every thread of a
+    // nameserver and of the agent keeps the network capabilities only.
+    for p in [&d1, &d2, &agent] {
+        assert_threads_restricted(p.pid());
+    }
 
     // A grant made while the agent is down opens when it starts (reconcile from the database).
     agent.kill();

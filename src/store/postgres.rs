@@ -290,6 +290,11 @@ impl Drop for PgStore {
 /// connection is made again (at most every [`RETRY_EVERY`]); since notifications
 /// were lost meanwhile, the store then reports a change (the caller reloads).
 fn listen(connector: Connector, url: StoreUrl, mut client: Client, shared: Arc<Shared>) {
+    // Capabilities are per thread, and this one may start before the daemon gives
+    // up its own (`serve` opens the store first): it gets no more than the rest.
+    if let Err(error) = crate::privilege::restrict() {
+        tracing::warn!(%error, "the notification thread could not give up privileges");
+    }
     loop {
         loop {
             if shared.stop.load(Ordering::Relaxed) {
