@@ -306,7 +306,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 impl Cli {
-    /// The log format: `--log-format`, else for `serve` the config's `[log] format`
+    /// The log format: `--log-format`, else for `serve` and `agent` the config's `[log] format`
     /// (a config that does not load is reported by `serve` itself), else text.
     pub fn log_format(&self) -> crate::config::LogFormat {
         if let Some(f) = self.log_format {
@@ -314,6 +314,7 @@ impl Cli {
         }
         match &self.command {
             Command::Serve(c) => Config::load(&c.config).map(|c| c.log.format).unwrap_or_default(),
+            Command::Agent(c) => crate::agent::AgentFile::load(&c.config).map(|c| c.log.format).unwrap_or_default(),
             _ => crate::config::LogFormat::default(),
         }
     }
