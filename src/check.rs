@@ -87,7 +87,16 @@ pub fn check(path: &Path) -> Report {
     };
     check_zone(&cfg, &mut report);
     check_listen(&cfg, &mut report);
-    check_store(&cfg.store.path, &mut report);
+    match &cfg.store.url {
+        // Reaching the database is part of the check; a missing schema is created by serve.
+        Some(url) => match crate::store::PgStore::open(url, false) {
+            Ok(_) => {}
+            Err(StoreError::PgInvalid { detail, .. }) if detail.contains("holds no nxknock schema") => {}
+            Err(e) => report.error(format!("store.url: {e}")),
+        },
+        None if cfg.store.path.as_os_str().is_empty() => {}
+        None => check_store(&cfg.store.path, &mut report),
+    }
     check_backend(&cfg, &mut report);
     check_hooks(&cfg, path, &text, &mut report);
     report

@@ -16,7 +16,7 @@ use crate::dns::Zone;
 use crate::enrol::{self, UserSpec};
 use crate::netaddr::Prefix;
 use crate::profile::{self, Profile, ProfileFile};
-use crate::store::{SqliteStore, Store};
+use crate::store::SqliteStore;
 use crate::token::{Form, ZoneId};
 
 #[derive(Parser, Debug)]
@@ -45,6 +45,9 @@ pub enum Command {
     Serve(ConfigArg),
     /// Check the configuration and zone file, then exit.
     CheckConfig(ConfigArg),
+    /// On a protected host: open the doors that knocks at any nameserver grant this
+    /// host (`[agent] name`), from the shared PostgreSQL database. Runs no DNS.
+    Agent(ConfigArg),
     /// Manage enrolled users.
     #[command(subcommand)]
     User(UserCmd),
@@ -317,7 +320,7 @@ pub fn render_error(e: &anyhow::Error) -> String {
 }
 
 impl Cli {
-    /// The log format: `--log-format`, else for `serve` the config's `[log] format`
+    /// The log format: `--log-format`, else for `serve` and `agent` the config's `[log] format`
     /// (a config that does not load is reported by `serve` itself), else text.
     pub fn log_format(&self) -> crate::config::LogFormat {
         if let Some(f) = self.log_format {
@@ -325,6 +328,7 @@ impl Cli {
         }
         match &self.command {
             Command::Serve(c) => Config::load(&c.config).map(|c| c.log.format).unwrap_or_default(),
+            Command::Agent(c) => crate::agent::AgentFile::load(&c.config).map(|c| c.log.format).unwrap_or_default(),
             _ => crate::config::LogFormat::default(),
         }
     }
@@ -333,10 +337,20 @@ impl Cli {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(c) => crate::server::serve(&c.config),
+        Command::Agent(c) => crate::agent::run(&c.config),
         Command::CheckConfig(c) => check_config(&c.config),
         Command::User(u) => user(u),
         Command::Store(StoreCmd::Upgrade(c)) => {
             let cfg = Config::load(&c.config)?;
+            if let Some(url) = &cfg.store.url {
+                let (before, after) = crate::store::PgStore::upgrade(url)?;
+                if before == after {
+                    println!("{}: schema {after} is current; nothing to do", url.redacted());
+                } else {
+                    println!("{}: schema {before} -> {after}", url.redacted());
+                }
+                return Ok(());
+            }
             let users = SqliteStore::upgrade(&cfg.store.path)?;
             if users.is_empty() {
                 println!("{}: schema is current; nothing to do", cfg.store.path.display());
@@ -450,8 +464,8 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let openable = openable(&cfg, &services);
             let spec = UserSpec { name: name.clone(), services, from, max_open, chain_len, server, openable };
-            let mut store = SqliteStore::open(&cfg.store.path)?;
-            let enrol = enrol::add(&mut store, &zone_id(&cfg)?, &spec, &out)?;
+            let mut store = crate::store::open(&cfg.store)?;
+            let enrol = enrol::add(store.as_mut(), &zone_id(&cfg)?, &spec, &out)?;
             println!(
                 "added user {name}: {chain_len} knocks, services {}, from {}; credential written to {} (mode 0600)",
                 list_or(&enrol.services, "all"),
@@ -462,7 +476,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::List(c) => {
             let cfg = Config::load(&c.config)?;
-            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            let mut store = crate::store::open_existing(&cfg.store)?;
             println!(
                 "{:<20} {:>9} {:>9} {:>9}  {:<8} {:<16} FROM",
                 "USER", "PLAIN", "BOUND", "CHAIN", "STATE", "SERVICES"
@@ -483,7 +497,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Revoke { name, config } => {
             let cfg = Config::load(&config.config)?;
-            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            let mut store = crate::store::open_existing(&cfg.store)?;
             if store.revoke(&name)? {
                 println!("revoked {name}");
             } else {
@@ -493,7 +507,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Delete { name, config } => {
             let cfg = Config::load(&config.config)?;
-            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            let mut store = crate::store::open_existing(&cfg.store)?;
             store.delete_user(&name)?;
             println!("deleted {name}; a running daemon closes their doors within a second");
             Ok(())
@@ -513,7 +527,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
             if max_open.is_some_and(|m| m > 86_400) {
                 bail!("--max-open must be at most 86400 seconds (0: the service's time)");
             }
-            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            let mut store = crate::store::open_existing(&cfg.store)?;
             let user = store
                 .list_users()?
                 .into_iter()
@@ -539,10 +553,10 @@ fn user(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Rekey { name, out, chain_len, server, config } => {
             let cfg = Config::load(&config.config)?;
-            let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+            let mut store = crate::store::open_existing(&cfg.store)?;
             let services =
                 store.list_users()?.into_iter().find(|u| u.name == name).map(|u| u.services).unwrap_or_default();
-            enrol::rekey(&mut store, &zone_id(&cfg)?, &name, chain_len, server, openable(&cfg, &services), &out)?;
+            enrol::rekey(store.as_mut(), &zone_id(&cfg)?, &name, chain_len, server, openable(&cfg, &services), &out)?;
             println!("rekeyed {name}: {chain_len} knocks; credential written to {} (mode 0600)", out.display());
             record_knock_ports(&cfg, &out)
         }
@@ -841,7 +855,7 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
         Some(false) => println!("daemon:  not running ({} backend, in this network namespace)", doors.backend_name()),
         None => println!("daemon:  unknown (backend none holds no lock)"),
     }
-    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
+    let mut store = crate::store::open_existing(&cfg.store)?;
     let users = store.list_users()?;
     let revoked = users.iter().filter(|u| u.revoked).count();
     println!("users:   {} active, {revoked} revoked", users.len() - revoked);
@@ -858,8 +872,8 @@ fn status(cfg: &Config) -> anyhow::Result<()> {
 /// `doors close`: close the records; without a running daemon, remove the kernel
 /// doors here (the daemon's lock tells which).
 fn close_doors(cfg: &Config, user: Option<&str>, address: Option<IpAddr>) -> anyhow::Result<()> {
-    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
-    let closed = crate::doors::Doors::close_records(&mut store, user, address)?;
+    let mut store = crate::store::open_existing(&cfg.store)?;
+    let closed = crate::doors::Doors::close_records(store.as_mut(), user, address)?;
     let doors = crate::doors::Doors::from_config(cfg);
     let what = user.map_or_else(
         || format!("admitting {}", address.map(|a| a.to_string()).unwrap_or_default()),
@@ -871,7 +885,7 @@ fn close_doors(cfg: &Config, user: Option<&str>, address: Option<IpAddr>) -> any
     }
     match crate::server::claim_firewall(doors.backend_name()) {
         Ok(_lock) => {
-            let (_, removed) = doors.reconcile(&mut store)?;
+            let (_, removed) = doors.reconcile(store.as_mut())?;
             println!("closed {closed} door record(s) {what}; no daemon is running: removed {removed} kernel door(s)");
         }
         Err(_) => println!("closed {closed} door record(s) {what}; the running daemon removes them within a second"),
@@ -880,8 +894,8 @@ fn close_doors(cfg: &Config, user: Option<&str>, address: Option<IpAddr>) -> any
 }
 
 fn doors(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let mut store = SqliteStore::open_existing(&cfg.store.path)?;
-    let view = crate::doors::Doors::from_config(cfg).view(&mut store)?;
+    let mut store = crate::store::open_existing(&cfg.store)?;
+    let view = crate::doors::Doors::from_config(cfg).view(store.as_mut())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
         return Ok(());

@@ -179,7 +179,72 @@ pub struct DnsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// The embedded SQLite file (one nameserver). Exactly one of `path` and `url`.
+    #[serde(default, skip_serializing_if = "path_is_unset")]
     pub path: PathBuf,
+    /// A PostgreSQL database shared by several nameservers and door agents
+    /// (`postgres://user@host/db`). Exactly one of `path` and `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<StoreUrl>,
+}
+
+fn path_is_unset(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+impl StoreConfig {
+    /// The SQLite file, if this store is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        (self.url.is_none()).then_some(self.path.as_path())
+    }
+}
+
+/// A PostgreSQL connection URL. It may hold a password, so `Debug` and
+/// [`StoreUrl::redacted`] show it without one; only the store reads the full text.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    pub fn new(url: impl Into<String>) -> StoreUrl {
+        StoreUrl(url.into())
+    }
+
+    /// The URL as written, password included: for the PostgreSQL client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`, for messages and logs.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        let Some(scheme_end) = s.find("://") else { return s.clone() };
+        let rest = &s[scheme_end + 3..];
+        let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let Some(at) = rest[..auth_end].rfind('@') else {
+            return redact_query_password(s);
+        };
+        let userinfo = &rest[..at];
+        let user = userinfo.split(':').next().unwrap_or("");
+        let shown = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+        redact_query_password(&format!("{}{shown}{}", &s[..scheme_end + 3], &rest[at..]))
+    }
+}
+
+/// `password=` in the query string is a password too.
+fn redact_query_password(s: &str) -> String {
+    let Some(q) = s.find('?') else { return s.to_owned() };
+    let pairs: Vec<String> = s[q + 1..]
+        .split('&')
+        .map(|kv| if kv.starts_with("password=") { "password=***".to_owned() } else { kv.to_owned() })
+        .collect();
+    format!("{}?{}", &s[..q], pairs.join("&"))
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -259,6 +324,19 @@ pub struct ServiceConfig {
     /// The hook is killed after this many seconds.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout_seconds: u64,
+    /// Protected hosts this service lives on (each runs `nxknock agent` with
+    /// `[agent] name` one of these); the nameserver records a door grant for each
+    /// and opens nothing itself. Empty: the service lives on the nameserver's host.
+    /// Needs `[store] url`: grants travel through the shared database.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
+/// Host names (`[[service]] hosts`, `[agent] name`) go into door records and logs.
+pub fn valid_host_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b".-_".contains(&c))
 }
 
 impl DnsConfig {
@@ -294,6 +372,7 @@ impl ServiceConfig {
             single_use: false,
             hook: None,
             hook_timeout_seconds: default_hook_timeout(),
+            hosts: Vec::new(),
         }
     }
 }
@@ -414,7 +493,9 @@ impl Config {
             .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.dns.zone_file = base.join(&cfg.dns.zone_file);
-        cfg.store.path = base.join(&cfg.store.path);
+        if !cfg.store.path.as_os_str().is_empty() {
+            cfg.store.path = base.join(&cfg.store.path);
+        }
         Ok(cfg)
     }
 
@@ -422,6 +503,21 @@ impl Config {
     fn problems(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         let mut bad = |key: &str, expected: String| out.push((key.to_owned(), expected));
+        match (self.store.path.as_os_str().is_empty(), &self.store.url) {
+            (true, None) => bad(
+                "store.path",
+                "a database file such as \"/var/lib/nxknock/nxknock.db\", or [store] url = \"postgres://…\"".into(),
+            ),
+            (false, Some(_)) => {
+                bad("store.url", "either [store] path (SQLite) or [store] url (PostgreSQL), not both".into())
+            }
+            (true, Some(url)) => {
+                if let Err(why) = crate::store::check_url(url) {
+                    bad("store.url", why);
+                }
+            }
+            (false, None) => {}
+        }
         if self.dns.listen.is_empty() && self.pcap.is_none() {
             bad(
                 "dns.listen",
@@ -484,6 +580,17 @@ impl Config {
             }
             if s.port == 0 {
                 bad(&format!("service[{i}].port"), "a port between 1 and 65535, got 0".into());
+            }
+            if let Some(h) = s.hosts.iter().find(|h| !valid_host_name(h)) {
+                bad(
+                    &format!("service[{i}].hosts"),
+                    format!("host names of letters, digits, '.', '-' or '_' (as in [agent] name), got {h:?}"),
+                );
+            } else if !s.hosts.is_empty() && self.store.url.is_none() {
+                bad(
+                    &format!("service[{i}].hosts"),
+                    "[store] url: door grants reach other hosts through a shared PostgreSQL database".into(),
+                );
             }
             if let Some(hook) = &s.hook {
                 if hook.first().is_none_or(|p| !Path::new(p).is_absolute()) {
@@ -645,5 +752,14 @@ port = 22
         assert!(e.contains("store"), "{e}");
         let e = err("[dns\n");
         assert!(e.contains("/etc/nxknock/nxknock.toml"), "{e}");
+    }
+
+    #[test]
+    fn store_urls_never_show_their_password() {
+        let u = StoreUrl::new("postgres://nx:s3cret@db.example:5432/nxknock?sslmode=disable&password=other");
+        let shown = format!("{} {u:?}", u.redacted());
+        assert!(!shown.contains("s3cret") && !shown.contains("other"), "{shown}");
+        assert!(shown.contains("nx:***@db.example:5432/nxknock"), "{shown}");
+        assert_eq!(StoreUrl::new("postgres://nx@db/x").redacted(), "postgres://nx@db/x");
     }
 }

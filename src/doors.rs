@@ -23,6 +23,9 @@ use crate::verify::{Decision, Reject};
 pub struct Doors {
     backend: Box<dyn DoorBackend>,
     services: Vec<ServiceConfig>,
+    /// Whose doors the kernel here holds: `""` for a nameserver, an agent's
+    /// `[agent] name` for a protected host. Records of other hosts are not ours.
+    host: String,
     open_for: Duration,
     metrics: Arc<Metrics>,
     /// Refusals not logged one by one (see [`Doors::apply`]), by reason, until the
@@ -56,11 +59,29 @@ impl Doors {
         Doors {
             backend,
             services,
+            host: String::new(),
             open_for,
             metrics: Arc::default(),
             quiet: Mutex::default(),
             loud: Mutex::new((LOUD_PER_SECOND, None)),
         }
+    }
+
+    /// Manage the doors of agent `host` (`nxknock agent`) rather than a nameserver's.
+    pub fn for_host(mut self, host: &str) -> Doors {
+        self.host = host.to_owned();
+        self
+    }
+
+    /// The live door records of this host's kernel.
+    pub fn live_records(&self, store: &mut dyn Store, t: u64) -> Result<Vec<DoorRecord>, crate::store::StoreError> {
+        self.live(store, t)
+    }
+
+    fn live(&self, store: &mut dyn Store, t: u64) -> Result<Vec<DoorRecord>, crate::store::StoreError> {
+        let mut records = store.live_doors(t)?;
+        records.retain(|r| r.host == self.host);
+        Ok(records)
     }
 
     /// Count decisions, doors and latencies into `metrics` (`[metrics]`).
@@ -88,7 +109,7 @@ impl Doors {
 
     /// Set the open-doors gauge from the live door records.
     pub fn count_open(&self, store: &mut dyn Store) {
-        if let Ok(live) = store.live_doors(now()) {
+        if let Ok(live) = self.live(store, now()) {
             self.metrics.set_doors_open(live.len());
         }
     }
@@ -137,14 +158,21 @@ impl Doors {
         )
     }
 
-    /// The guard for every configured service.
+    /// The guard for every configured service that lives here (a nameserver does
+    /// not guard the services of `[[service]] hosts`: their agents do).
     pub fn guarded(services: &[ServiceConfig]) -> Vec<Guarded> {
-        services.iter().map(|s| Guarded { proto: s.proto, port: s.port }).collect()
+        services.iter().filter(|s| s.hosts.is_empty()).map(|s| Guarded { proto: s.proto, port: s.port }).collect()
     }
 
     /// Install the guard; `serve` refuses to start if this fails.
     pub fn install_guard(&self) -> Result<(), FirewallError> {
-        self.backend.install_guard(&Self::guarded(&self.services))
+        if self.host.is_empty() {
+            self.backend.install_guard(&Self::guarded(&self.services))
+        } else {
+            // An agent's services are all its own (it keeps only those naming it).
+            let all: Vec<Guarded> = self.services.iter().map(|s| Guarded { proto: s.proto, port: s.port }).collect();
+            self.backend.install_guard(&all)
+        }
     }
 
     /// Tell the guard which ports a blocked source may not reach (the capture
@@ -170,7 +198,7 @@ impl Doors {
 
     /// [`Doors::reconcile`]; adoptions are logged at info at start-up, at debug later.
     fn reconcile_logged(&self, store: &mut dyn Store, at_start: bool) -> Result<(usize, usize), FirewallError> {
-        let records = match store.live_doors(now()) {
+        let records = match self.live(store, now()) {
             Ok(r) => r,
             Err(error) => {
                 // Without records nothing can be recognised: fail closed.
@@ -207,7 +235,7 @@ impl Doors {
     /// backend has no kernel doors: its records are the doors it would have opened.
     pub fn view(&self, store: &mut dyn Store) -> anyhow::Result<Vec<DoorView>> {
         let t = now();
-        let records = store.live_doors(t)?;
+        let records = self.live(store, t)?;
         if self.backend.name() == "none" {
             return Ok(records
                 .into_iter()
@@ -357,15 +385,40 @@ impl Doors {
         // How long the knock took to verify (and commit), for the log.
         let verified_us = knock.received.elapsed().as_micros() as u64;
         let t = now();
-        let live = match store.live_doors(t) {
+        let live = match self.live(store, t) {
             Ok(live) => live,
             Err(error) => {
                 tracing::error!(%user, %error, "cannot read door records; opening none (fail closed)");
                 return;
             }
         };
+        // Services on other hosts: a grant (a door record) per host, which that
+        // host's agent opens; nothing opens here.
+        let grants: Vec<(&ServiceConfig, DoorRecord)> = self
+            .doors_for(door, services, open_for)
+            .filter(|(svc, _)| !svc.hosts.is_empty())
+            .flat_map(|(svc, d)| {
+                svc.hosts.iter().map(move |host| {
+                    let record = DoorRecord {
+                        user: user.to_owned(),
+                        service: svc.name.clone(),
+                        addr: door.addr(),
+                        prefix_len: door.len(),
+                        proto: svc.proto,
+                        port: svc.port,
+                        via: via.to_owned(),
+                        single_use: d.single_use,
+                        opened_at: t,
+                        expires_at: t + open_for.as_secs(),
+                        host: host.clone(),
+                    };
+                    (svc, record)
+                })
+            })
+            .collect();
         let planned: Vec<(&ServiceConfig, Door, DoorRecord)> = self
             .doors_for(door, services, open_for)
+            .filter(|(svc, _)| svc.hosts.is_empty())
             .map(|(svc, mut d)| {
                 let record = DoorRecord {
                     user: user.to_owned(),
@@ -378,6 +431,7 @@ impl Doors {
                     single_use: d.single_use,
                     opened_at: t,
                     expires_at: t + open_for.as_secs(),
+                    host: self.host.clone(),
                 };
                 let others = live.iter().filter(|r| r.key() == d.key());
                 if let Some(latest) = others.map(|r| r.expires_at).max() {
@@ -386,7 +440,8 @@ impl Doors {
                 (svc, d, record)
             })
             .collect();
-        let records: Vec<DoorRecord> = planned.iter().map(|(_, _, r)| r.clone()).collect();
+        let records: Vec<DoorRecord> =
+            planned.iter().map(|(_, _, r)| r.clone()).chain(grants.iter().map(|(_, r)| r.clone())).collect();
         match store.record_doors(&records) {
             Ok(n) if n == records.len() => {}
             Ok(_) => {
@@ -397,6 +452,12 @@ impl Doors {
                 tracing::error!(%user, %error, "could not record the doors; opening none (fail closed)");
                 return;
             }
+        }
+        for (svc, r) in &grants {
+            tracing::info!(
+                %user, %door, service = %svc.name, host = %r.host, %via, %from, open_seconds = open_for.as_secs(),
+                verified_us, "door granted (the host's agent opens it)"
+            );
         }
         for (svc, d, _) in planned {
             // latency_us: packet receipt to door in the kernel; verified_us: to the
@@ -422,6 +483,48 @@ impl Doors {
         }
     }
 
+    /// An agent opens grant `r` (a record for its host): with the port of its own
+    /// service of that name, until the latest live record of the same door ends.
+    /// A grant for a service this host does not have, or whose port differs, is
+    /// refused (logged). Returns whether a door opened.
+    pub fn open_grant(&self, r: &DoorRecord, live: &[DoorRecord]) -> bool {
+        let Some(svc) = self.services.iter().find(|s| s.name == r.service && s.proto == r.proto && s.port == r.port)
+        else {
+            tracing::warn!(user = %r.user, service = %r.service, port = r.port, "grant for a service this host does not guard; ignored");
+            return false;
+        };
+        let t = now();
+        let latest = live.iter().filter(|o| o.key() == r.key()).map(|o| o.expires_at).max().unwrap_or(r.expires_at);
+        let door = Door {
+            addr: r.addr,
+            prefix_len: r.prefix_len,
+            proto: svc.proto,
+            port: svc.port,
+            open_for: Duration::from_secs(latest.saturating_sub(t).max(1)),
+            single_use: r.single_use,
+        };
+        if let Err(error) = door.key().prefix.door() {
+            tracing::error!(user = %r.user, %error, "refusing a granted door wider than the rules allow");
+            return false;
+        }
+        match self.backend.open(&door) {
+            Ok(()) => {
+                self.metrics.door_opened(Duration::ZERO);
+                tracing::info!(
+                    user = %r.user, door = %door.key().prefix, service = %svc.name, host = %self.host, via = %r.via,
+                    open_seconds = door.open_for.as_secs(), single_use = door.single_use, "door opened"
+                );
+                self.hook(svc, "open", &r.user, &door, &r.via);
+                true
+            }
+            Err(error) => {
+                self.metrics.door_error();
+                tracing::error!(user = %r.user, service = %svc.name, %error, "could not open granted door");
+                false
+            }
+        }
+    }
+
     /// A close knock ends the knocker's own doors. A kernel door shared with another
     /// user's live door (same address and port) stays open for that user.
     fn close(&self, user: &str, door: Prefix, services: &[String], via: &str, store: &mut dyn Store) {
@@ -431,7 +534,12 @@ impl Doors {
                 tracing::error!(%user, %error, "could not record the closed door; leaving it to expire");
                 continue;
             }
-            let live = match store.live_doors(now()) {
+            if !svc.hosts.is_empty() {
+                // The agents of those hosts see the record close and remove their doors.
+                tracing::info!(%user, %door, service = %svc.name, hosts = %svc.hosts.join(","), %via, "close knock: grant closed");
+                continue;
+            }
+            let live = match self.live(store, now()) {
                 Ok(live) => live,
                 Err(error) => {
                     tracing::error!(%error, "cannot read door records; leaving the door to expire");

@@ -14,6 +14,7 @@
 //! [`profile`] for the options a user would otherwise type), [`config`] the operator's TOML, and
 //! [`lab`] the network-namespace harness shared by `nxknock demo`, the tests and the benchmark.
 
+pub mod agent;
 pub mod capture;
 pub mod check;
 pub mod cli;

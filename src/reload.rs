@@ -39,6 +39,7 @@ pub fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
         ("dns.whoami", o.whoami != n.whoami),
         ("dns.tcp_timeout_seconds", o.tcp_timeout_seconds != n.tcp_timeout_seconds),
         ("store.path", old.store.path != new.store.path),
+        ("store.url", old.store.url != new.store.url),
         ("firewall.backend", old.firewall.backend != new.firewall.backend),
         ("metrics", old.metrics != new.metrics),
         ("log.format", old.log.format != new.log.format),

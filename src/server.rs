@@ -49,9 +49,9 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let zone = Zone::load(&cfg.dns.zone_file, cfg.dns.zone.as_deref())?;
     let zone_id = ZoneId::new(&zone.apex.to_ascii());
-    let mut store = SqliteStore::open(&cfg.store.path)?;
-    let zone_key = crate::store::Store::zone_key(&mut store)?;
-    let mut verifier = Verifier::new(Box::new(store), zone_id.clone(), &cfg)?;
+    let mut store = crate::store::open(&cfg.store)?;
+    let zone_key = store.zone_key()?;
+    let mut verifier = Verifier::new(store, zone_id.clone(), &cfg)?;
     let whoami_keys = Arc::new(crate::whoami::KeyTable::default());
     if cfg.dns.whoami {
         verifier.publish_keys(whoami_keys.clone())?;
@@ -118,19 +118,10 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         .context("spawn verifier thread")?;
     // The whole-file integrity check reads every page: it runs beside serving, so a
     // large database starts fast; a damaged one stops the daemon (the guard stays).
-    let db = cfg.store.path.clone();
-    std::thread::Builder::new()
-        .name("integrity".into())
-        .spawn(move || match SqliteStore::check_integrity_of(&db) {
-            Ok(None) => tracing::debug!(path = %db.display(), "database integrity check passed"),
-            Ok(Some(problem)) => {
-                tracing::error!(path = %db.display(), %problem, "database is damaged; stopping (the guard stays in place)");
-                std::process::exit(3);
-            }
-            // Not a verdict on the file (busy, out of descriptors, …): say so and go on.
-            Err(error) => tracing::warn!(%error, "could not run the database integrity check"),
-        })
-        .context("spawn integrity thread")?;
+    // (PostgreSQL checks its own pages: `data_checksums`, `amcheck`.)
+    if let Some(db) = cfg.store.sqlite_path().map(Path::to_path_buf) {
+        spawn_integrity_check(db)?;
+    }
 
     // One single-threaded runtime per core, each serving its own SO_REUSEPORT
     // UDP sockets through the fast path (batched knocks, the rest via hickory): a
@@ -477,6 +468,23 @@ fn verify_loop(
             doors.sync(&revoked, verifier.store_mut());
         }
     }
+}
+
+/// The SQLite file's whole-file integrity check, beside serving.
+fn spawn_integrity_check(db: PathBuf) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("integrity".into())
+        .spawn(move || match SqliteStore::check_integrity_of(&db) {
+            Ok(None) => tracing::debug!(path = %db.display(), "database integrity check passed"),
+            Ok(Some(problem)) => {
+                tracing::error!(path = %db.display(), %problem, "database is damaged; stopping (the guard stays in place)");
+                std::process::exit(3);
+            }
+            // Not a verdict on the file (busy, out of descriptors, …): say so and go on.
+            Err(error) => tracing::warn!(%error, "could not run the database integrity check"),
+        })
+        .context("spawn integrity thread")?;
+    Ok(())
 }
 
 /// Blocks reach the kernel from a thread of their own with its own backend handle,

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
+use nxknock::firewall::BackendKind;
 use nxknock::lab::interrupt;
 
 use crate::exec::{now_ns, run_in, wait_bounded};
@@ -189,6 +190,30 @@ impl Bench {
             "nxknock peak resident memory during the latency trials: {:.1} MiB.",
             nx_hwm as f64 / 1024.0
         ));
+        // The same bound direct knock with the PostgreSQL store beside SQLite: a local
+        // cluster (initdb/pg_ctl as the postgres user) reached over its Unix socket, so
+        // the row differs from the first only in the store's commits.
+        let pg_row = {
+            let flush = || {
+                run_in(self.srv(), &["nft", "flush", "set", "inet", "nxknock", "doors4"], Duration::from_secs(5))
+                    .map(drop)
+            };
+            self.latency_postgres(&sniffer, trials, &flush)
+        };
+        match pg_row {
+            Ok(v) => {
+                eprintln!("  nxknock knock (bound, direct), PostgreSQL store: {}", brief(&v));
+                rows.insert(
+                    1,
+                    (
+                        "nxknock knock (bound, direct), PostgreSQL store".into(),
+                        v,
+                        "as the first row, `[store] url` = a local PostgreSQL over its Unix socket".into(),
+                    ),
+                );
+            }
+            Err(e) => self.notes.push(format!("PostgreSQL knock-to-open row skipped: {e:#}")),
+        }
         let out = run_in(
             self.srv(),
             &[BIN, "uninstall-firewall", "--config", cfg.to_str().unwrap()],
@@ -300,6 +325,25 @@ impl Bench {
         eprint!("{t}");
         self.report.push_str(&t);
         Ok(())
+    }
+
+    /// Knock-to-open trials of `nxknock knock` (bound, direct) on a daemon whose store
+    /// is a throwaway PostgreSQL cluster.
+    fn latency_postgres(&self, sniffer: &Sniffer, trials: usize, close: &dyn Fn() -> Result<()>) -> Result<Vec<Trial>> {
+        let pg = nxknock::lab::postgres::Postgres::start("kb-lat", None)?;
+        let cfg = self.dir.join("lat-pg.toml");
+        nxknock::lab::config::ConfigBuilder::new(BackendKind::Nftables).store_url(&pg.url()).write(&cfg)?;
+        let frank = self.user_add(&cfg, "frank")?;
+        let mut nx = self.start_nxknock(&cfg, "nxknock-lat-pg.log", &[])?;
+        let cmd = |_| {
+            let mut c = Command::new(BIN);
+            c.args(["knock", "--credential", frank.to_str().unwrap(), "--server", &SERVER.to_string()]);
+            c.args(["--ip", &CLIENT.to_string()]);
+            c
+        };
+        let v = self.trials(sniffer, trials, close, cmd, Probe::udp(SERVER, 53));
+        nx.stop();
+        v
     }
 
     /// `n` trials of `cmd(i)`, each after `close()` so every one starts with the door closed.

@@ -54,7 +54,7 @@ impl ConfigBuilder {
     pub fn new(backend: BackendKind) -> ConfigBuilder {
         let config = Config {
             dns: DnsConfig::new(ZONE_FILE, vec![SocketAddr::new(IpAddr::V4(SERVER_V4), 53)]),
-            store: StoreConfig { path: STORE_FILE.into() },
+            store: StoreConfig { path: STORE_FILE.into(), url: None },
             firewall: FirewallConfig::new(backend),
             token: TokenConfig::default(),
             services: vec![ssh()],
@@ -91,6 +91,12 @@ impl ConfigBuilder {
     /// The database path (relative: to the config's directory).
     pub fn store(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.store.path = path.into();
+        self
+    }
+
+    /// Store in the PostgreSQL database at `url` instead of a file.
+    pub fn store_url(mut self, url: &str) -> Self {
+        self.config.store = StoreConfig { path: PathBuf::new(), url: Some(crate::config::StoreUrl::new(url)) };
         self
     }
 

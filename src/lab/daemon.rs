@@ -18,6 +18,8 @@ use super::process::Process;
 
 /// The line `nxknock serve` logs once it answers.
 pub const READY: &str = "nxknock serving";
+/// The line `nxknock agent` logs once its guard is up and its grants reconciled.
+pub const AGENT_READY: &str = "nxknock agent running";
 
 /// How to start `nxknock serve`.
 #[derive(Clone, Debug)]
@@ -29,6 +31,7 @@ pub struct Serve {
     env: Vec<(String, String)>,
     within: Duration,
     grace: Duration,
+    agent: bool,
 }
 
 impl Serve {
@@ -43,7 +46,14 @@ impl Serve {
             env: Vec::new(),
             within: Duration::from_secs(20),
             grace: Duration::ZERO,
+            agent: false,
         }
+    }
+
+    /// Run `nxknock agent` (a protected host's door keeper) instead of `serve`.
+    pub fn agent(mut self) -> Serve {
+        self.agent = true;
+        self
     }
 
     /// `--log filter` (e.g. `nxknock=debug,info`) instead of the default level.
@@ -75,7 +85,7 @@ impl Serve {
         let config = self.config.to_str().ok_or_else(|| anyhow::anyhow!("config path is not UTF-8"))?;
         let bin = self.bin.to_str().ok_or_else(|| anyhow::anyhow!("nxknock path is not UTF-8"))?;
         let mut cmd = ns.cmd(bin);
-        cmd.arg("serve");
+        cmd.arg(if self.agent { "agent" } else { "serve" });
         if let Some(f) = &self.filter {
             cmd.args(["--log", f]);
         }
@@ -83,8 +93,9 @@ impl Serve {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut process = Process::spawn("nxknock serve", &mut cmd, &self.log)?.with_grace(self.grace);
-        let ready_after = process.wait_ready(self.within, |p| p.log_text().contains(READY))?;
+        let (name, ready) = if self.agent { ("nxknock agent", AGENT_READY) } else { ("nxknock serve", READY) };
+        let mut process = Process::spawn(name, &mut cmd, &self.log)?.with_grace(self.grace);
+        let ready_after = process.wait_ready(self.within, |p| p.log_text().contains(ready))?;
         Ok(Daemon { process, config: self.config.clone(), ready_after })
     }
 }

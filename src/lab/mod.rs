@@ -21,7 +21,8 @@
 //! benchmark: [`config`] builds the daemon's config as typed values,
 //! [`daemon`] runs the real `nxknock serve` on a host, [`unbound`] a real
 //! recursive resolver, [`process`] what every such daemon has in common (log,
-//! readiness, killed on drop), [`dig`] asks with the stock tool, and
+//! readiness, killed on drop), [`postgres`] a throwaway PostgreSQL cluster,
+//! [`dig`] asks with the stock tool, and
 //! [`interrupt`] lets Ctrl-C tear it all down through the Drop guards.
 
 pub mod config;
@@ -29,6 +30,7 @@ pub mod daemon;
 pub mod dig;
 pub mod interrupt;
 pub mod knotd;
+pub mod postgres;
 pub mod process;
 pub mod unbound;
 

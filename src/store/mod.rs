@@ -1,17 +1,39 @@
 //! Durable chain state: who is enrolled, each user's two chain verifiers, the
 //! zone's admission key and the doors nxknock opened.
 //!
-//! The [`Store`] trait is the seam for a future PostgreSQL backend (several
-//! nameservers of one zone sharing state), so it speaks only in our own types
-//! and its key operation is an atomic compare-and-advance of one verifier.
-//! [`SqliteStore`] is the embedded default (`sqlite.rs`, schema in `schema.sql`).
+//! The [`Store`] trait speaks only in our own types and its key operation is an
+//! atomic compare-and-advance of one verifier. [`SqliteStore`] is the embedded
+//! default (`sqlite.rs`, schema in `schema.sql`); [`PgStore`] shares one
+//! PostgreSQL database between several nameservers of a zone (`postgres.rs`).
+//! [`open`] picks one from `[store]`.
 
+mod postgres;
 mod sqlite;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+pub use postgres::{PgStore, check_url};
 pub use sqlite::SqliteStore;
+
+use crate::config::StoreConfig;
+
+/// Open the configured store, creating it if absent (`serve`, `user add`).
+pub fn open(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
+    Ok(match &cfg.url {
+        Some(url) => Box::new(PgStore::open(url, true)?),
+        None => Box::new(SqliteStore::open(&cfg.path)?),
+    })
+}
+
+/// Open the configured store, which must exist already: commands that only read
+/// or change what is there create nothing (a typo is an error, not a new database).
+pub fn open_existing(cfg: &StoreConfig) -> Result<Box<dyn Store>, StoreError> {
+    Ok(match &cfg.url {
+        Some(url) => Box::new(PgStore::open(url, false)?),
+        None => Box::new(SqliteStore::open_existing(&cfg.path)?),
+    })
+}
 
 use crate::firewall::{DoorKey, Proto};
 use crate::netaddr::Prefix;
@@ -84,6 +106,9 @@ pub struct DoorRecord {
     /// Unix seconds.
     pub opened_at: u64,
     pub expires_at: u64,
+    /// The host whose kernel holds the door: empty for the nameserver that accepted
+    /// the knock, else an agent's `[agent] name` (`[[service]] hosts`).
+    pub host: String,
 }
 
 impl DoorRecord {
@@ -122,12 +147,35 @@ pub enum StoreError {
         "database {path} does not exist or is empty (check [store] path; `nxknock serve` and `nxknock user add` create it)"
     )]
     Missing { path: PathBuf },
+    /// A PostgreSQL error (the URL is shown without its password).
+    #[error("database {url}: {source}")]
+    Postgres {
+        url: String,
+        #[source]
+        source: ::postgres::Error,
+    },
+    #[error("database {url}: {detail}")]
+    PgInvalid { url: String, detail: String },
+    /// The connection is lost and the next attempt to make it again is not due yet.
+    #[error("database {url}: not connected (retrying); nothing opens meanwhile")]
+    PgUnavailable { url: String },
     #[error("user {0:?} already exists")]
     UserExists(String),
     #[error("no such user {0:?}")]
     NoSuchUser(String),
     #[error("user name {0:?}: use 1-64 letters, digits, '.', '_', '-' or '@', starting with a letter or digit")]
     BadUserName(String),
+}
+
+/// What another writer changed, as precisely as the store can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// One chain moved (another nameserver accepted a knock): `old`, if any, is no
+    /// longer a verifier; `new`, if any, is. The index follows without a reload.
+    Chain { user: i64, form: Form, old: Option<Element>, new: Option<Element> },
+    /// Anything else (users added, revoked, rekeyed; door records closed), or not
+    /// known precisely: reload the index and re-check the doors.
+    Other,
 }
 
 /// Durable chain state. Implementations must make [`Store::advance`] atomic.
@@ -174,10 +222,18 @@ pub trait Store: Send {
     /// True if another process changed the data since the last call (cheap; no disk I/O
     /// in WAL mode), so the verifier can reload its index after `user add`/`revoke`.
     fn changed_elsewhere(&mut self) -> Result<bool, StoreError>;
+    /// [`Store::changed_elsewhere`], itemised where the store can: a shared store
+    /// reports other nameservers' chain moves one by one, so a busy zone does not
+    /// make every nameserver reload its whole index at every knock elsewhere.
+    fn changes_elsewhere(&mut self) -> Result<Vec<Change>, StoreError> {
+        Ok(if self.changed_elsewhere()? { vec![Change::Other] } else { Vec::new() })
+    }
     /// Record doors about to open (one transaction), only for users not revoked:
     /// returns how many were recorded, and the caller opens only those.
     fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError>;
-    /// Doors recorded as open whose expiry is after `now` (unix seconds), newest first.
+    /// Doors recorded as open whose expiry is after `now` (unix seconds), newest
+    /// first, for every host. (SQLite records only the nameserver's own: a record
+    /// for another host is refused.)
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError>;
     /// Mark `user`'s recorded doors for this key closed (close knock).
     fn close_door(&mut self, user: &str, key: &DoorKey) -> Result<(), StoreError>;

@@ -563,6 +563,11 @@ impl Store for SqliteStore {
     }
 
     fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
+        if let Some(d) = doors.iter().find(|d| !d.host.is_empty()) {
+            return Err(
+                self.invalid(format!("a door for host {:?} needs the shared PostgreSQL store ([store] url)", d.host))
+            );
+        }
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite { path: path.clone(), source };
         // Door records are bookkeeping, not chain state: committed without waiting
@@ -601,6 +606,7 @@ impl Store for SqliteStore {
                         single_use: r.get(7)?,
                         opened_at: r.get::<_, i64>(8)? as u64,
                         expires_at: r.get::<_, i64>(9)? as u64,
+                        host: String::new(),
                     },
                 ))
             })
@@ -769,6 +775,7 @@ mod tests {
             single_use: false,
             opened_at: t,
             expires_at: t + 30,
+            host: String::new(),
         };
         assert_eq!(s.record_doors(&[door("bob"), door("carol")]).unwrap(), 2);
         assert!(s.revoke("bob").unwrap());
@@ -911,6 +918,7 @@ mod tests {
             single_use: true,
             opened_at: t,
             expires_at: t + 30,
+            host: String::new(),
         };
         let old = DoorRecord { expires_at: t - 1, ..d.clone() };
         let bobs = DoorRecord { user: "bob".into(), ..d.clone() };

@@ -24,7 +24,7 @@ use crate::clock::unix_now;
 use crate::config::{Config, PlainPolicy, ServiceConfig};
 use crate::knock::{Knock, Via};
 use crate::netaddr::{DoorSizeError, Prefix};
-use crate::store::{Store, StoreError, UserRecord};
+use crate::store::{Change, Store, StoreError, UserRecord};
 use crate::token::{Element, Form, Token, TokenError, ZoneId, ZoneKey, chain, service_id};
 use crate::whoami::KeyTable;
 use index::{ChainRef, Index};
@@ -322,11 +322,26 @@ impl Verifier {
     /// so a revocation closes doors at once and not at the next knock.
     pub fn refresh(&mut self) -> Result<(), StoreError> {
         self.asked = Some(Instant::now());
-        if self.store.changed_elsewhere()? || self.dirty {
+        let changes = self.store.changes_elsewhere()?;
+        if self.dirty || changes.contains(&Change::Other) {
             self.changed = true;
             self.dirty = true;
             self.reload()?;
             self.dirty = false;
+            return Ok(());
+        }
+        // Only chains moved (knocks accepted by another nameserver): follow them.
+        for change in changes {
+            let Change::Chain { user, form, old, new } = change else { continue };
+            let chain = ChainRef { user, form };
+            if let Some(old) = old {
+                if self.index.get(&old) == Some(chain) {
+                    self.index.remove(&old);
+                }
+            }
+            if let Some(new) = new.filter(|_| ChainRef::fits(user)) {
+                self.index.insert(new, chain);
+            }
         }
         Ok(())
     }
@@ -446,6 +461,11 @@ impl Verifier {
         if state.verifier != found {
             // Another nameserver advanced this chain: our index is behind.
             let _ = self.reload();
+            if state.verifier == element {
+                // ... by spending this very element (the same knock reached it too).
+                self.recent.insert(element, (form, now));
+                return Decision::Repeat;
+            }
             return reject(Some(&user), Reject::Lost);
         }
         if state.counter + k > user.chain_len {
@@ -483,6 +503,14 @@ impl Verifier {
         }
         // Every check passed: commit the advance; only a committed advance may open a door.
         if let Err(why) = self.spend(chain, &state.verifier, element, state.counter + k, now) {
+            // Lost the race: if the winner spent this very element (the same knock
+            // reached another nameserver sharing the store), this one is its repeat.
+            if matches!(why, Reject::Lost)
+                && matches!(self.store.user(chain.user), Ok(Some(u)) if u.chain(form).verifier == element)
+            {
+                self.recent.insert(element, (form, now));
+                return Decision::Repeat;
+            }
             return reject(Some(&user), why);
         }
         if target.close {
