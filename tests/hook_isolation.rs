@@ -63,4 +63,13 @@ fn a_hook_inherits_no_capture_socket() {
              interface without CAP_NET_RAW\n\nhook output:\n{text}"
         );
     }
+    // Nor anything else the daemon opened: the hook's shell holds only its standard
+    // descriptors (stdout and stderr redirected to its own file).
+    let listing = section(&text, "fds");
+    let fds: Vec<&str> = listing.lines().filter(|l| l.contains(" -> ")).collect();
+    // `ls -l` lines end in "FD -> TARGET": the word before the arrow is the descriptor.
+    let fd_of = |l: &str| l.split(" -> ").next().and_then(|h| h.split_whitespace().last()).unwrap_or("").to_owned();
+    assert!(fds.iter().any(|l| fd_of(l) == "1"), "the listing was read: {listing}");
+    let extra: Vec<&&str> = fds.iter().filter(|l| !["0", "1", "2"].contains(&fd_of(l).as_str())).collect();
+    assert!(extra.is_empty(), "the hook inherited descriptors beyond 0, 1, 2: {extra:?}\n\nhook output:\n{text}");
 }
