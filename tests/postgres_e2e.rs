@@ -184,6 +184,32 @@ fn two_nameservers_share_one_postgres_database() {
     knock_at(&lab.client, NS2, &otp_bound(&cred));
     assert!(wait_until(Duration::from_secs(5), || count(&d2, "door opened user=") == opened2 + 1), "{}", d2.log_text());
 
+    // 3b. A partition: the database host drops everything silently (no RST, no
+    // answer). The nameserver must not hang on it: within seconds the store fails,
+    // nothing opens, and once the path is back the next knock opens again.
+    let db = lab.host("db").unwrap();
+    for rule in [
+        vec!["nft", "add", "table", "inet", "partition"],
+        vec!["nft", "add", "chain", "inet", "partition", "in", "{ type filter hook input priority 0; policy drop; }"],
+    ] {
+        db.run(&rule).expect("partition the database host");
+    }
+    let (failed, opened) = (count(&d2, "fail closed"), count(&d2, "door opened user="));
+    knock_at(&lab.client, NS2, &otp_bound(&cred));
+    assert!(
+        wait_until(Duration::from_secs(15), || count(&d2, "fail closed") > failed),
+        "a silent database is noticed and fails closed within seconds: {}",
+        d2.log_text()
+    );
+    assert_eq!(count(&d2, "door opened user="), opened, "nothing opens while the database is unreachable");
+    db.run(&["nft", "delete", "table", "inet", "partition"]).expect("heal the partition");
+    let healed = wait_until(Duration::from_secs(20), || {
+        knock_at(&lab.client, NS2, &otp_bound(&cred));
+        wait_until(Duration::from_millis(1500), || count(&d2, "door opened user=") == opened + 1)
+    });
+    assert!(healed, "a knock opens again once the database answers\n{}", d2.log_text());
+    let opened2 = opened2 + 1;
+
     // 4. The database stops: knocks are still answered, nothing opens, no crash.
     pg.stop().unwrap();
     let failed = count(&d2, "fail closed");

@@ -141,7 +141,19 @@ impl Connector {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        config.keepalives(true).keepalives_idle(Duration::from_secs(10));
+        // A database that stops answering (a partition, no reset) must not hold the
+        // verify thread for long: unacknowledged writes fail after 3 s, a silent peer is
+        // found by keepalives within ~4 s, and no statement runs past 5 s on the server.
+        // Every such failure fails closed: nothing opens until the connection is back.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(2))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(2)
+            .tcp_user_timeout(Duration::from_secs(3));
+        if config.get_options().is_none() {
+            config.options("-c statement_timeout=5000");
+        }
         if config.get_application_name().is_none() {
             config.application_name("nxknock");
         }
