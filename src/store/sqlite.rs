@@ -17,6 +17,12 @@ use crate::firewall::{DoorKey, Proto};
 use crate::token::{Element, Form, ZONE_KEY_LEN};
 
 const SCHEMA_VERSION: i64 = 2;
+/// The record of applied schema versions, as the PostgreSQL store keeps it too.
+/// `PRAGMA user_version` stays the value `open` decides by (it needs no table to
+/// read); this table says when each version was applied.
+const VERSION_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL);
+INSERT OR IGNORE INTO schema_version (version, applied) VALUES (2, CAST(strftime('%s', 'now') AS INTEGER));";
 const SCHEMA: &str = include_str!("schema.sql");
 const DOORS: &str = include_str!("doors.sql");
 const UPGRADE_V1: &str = include_str!("upgrade_v1.sql");
@@ -87,6 +93,7 @@ impl SqliteStore {
         tx.execute_batch(UPGRADE_V1).map_err(sq)?;
         tx.execute_batch("DROP TABLE users_v1;").map_err(sq)?;
         tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]]).map_err(sq)?;
+        tx.execute_batch(VERSION_TABLE).map_err(sq)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
         tx.commit().map_err(sq)?;
         Ok(names)
@@ -142,11 +149,27 @@ impl SqliteStore {
                 tx.execute_batch(DOORS).map_err(sq)?;
                 tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]])
                     .map_err(sq)?;
+                tx.execute_batch(VERSION_TABLE).map_err(sq)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
                 tx.commit().map_err(sq)
             }
             1 => Err(StoreError::OldSchema { path: self.path.clone() }),
-            SCHEMA_VERSION => Ok(()),
+            SCHEMA_VERSION => {
+                // Schema-2 files from before the table: record the version they are at.
+                let has: bool = self
+                    .conn
+                    .query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .map(|n| n > 0)
+                    .map_err(|e| self.err(e))?;
+                if !has {
+                    self.conn.execute_batch(VERSION_TABLE).map_err(|e| self.err(e))?;
+                }
+                Ok(())
+            }
             v => Err(StoreError::Invalid {
                 path: self.path.clone(),
                 detail: format!("schema version {v} is not one this nxknock knows ({SCHEMA_VERSION})"),
@@ -877,6 +900,25 @@ mod tests {
         s.rekey(&enrol("dave", 3)).unwrap();
         assert_eq!(s.active_users().unwrap().len(), 1);
         assert!(SqliteStore::upgrade(&path).unwrap().is_empty(), "upgrading a current database changes nothing");
+        assert_eq!(recorded_versions(&path), vec![2], "the upgrade is recorded");
+    }
+
+    fn recorded_versions(path: &Path) -> Vec<i64> {
+        let c = Connection::open(path).unwrap();
+        let mut st = c.prepare("SELECT version FROM schema_version ORDER BY version").unwrap();
+        st.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn the_schema_version_is_recorded_in_a_table_also_for_older_schema_2_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(SqliteStore::open(&path).unwrap());
+        assert_eq!(recorded_versions(&path), vec![2], "a new database records its version");
+        // A schema-2 file from before the table gets it on its next open.
+        Connection::open(&path).unwrap().execute_batch("DROP TABLE schema_version").unwrap();
+        drop(SqliteStore::open(&path).unwrap());
+        assert_eq!(recorded_versions(&path), vec![2]);
     }
 
     #[test]
