@@ -398,41 +398,16 @@ impl Doors {
             .doors_for(door, services, open_for)
             .filter(|(svc, _)| !svc.hosts.is_empty())
             .flat_map(|(svc, d)| {
-                svc.hosts.iter().map(move |host| {
-                    let record = DoorRecord {
-                        user: user.to_owned(),
-                        service: svc.name.clone(),
-                        addr: door.addr(),
-                        prefix_len: door.len(),
-                        proto: svc.proto,
-                        port: svc.port,
-                        via: via.to_owned(),
-                        single_use: d.single_use,
-                        opened_at: t,
-                        expires_at: t + open_for.as_secs(),
-                        host: host.clone(),
-                    };
-                    (svc, record)
-                })
+                svc.hosts
+                    .iter()
+                    .map(move |host| (svc, record_of(user, svc, door, d.single_use, via, t, open_for, host)))
             })
             .collect();
         let planned: Vec<(&ServiceConfig, Door, DoorRecord)> = self
             .doors_for(door, services, open_for)
             .filter(|(svc, _)| svc.hosts.is_empty())
             .map(|(svc, mut d)| {
-                let record = DoorRecord {
-                    user: user.to_owned(),
-                    service: svc.name.clone(),
-                    addr: door.addr(),
-                    prefix_len: door.len(),
-                    proto: svc.proto,
-                    port: svc.port,
-                    via: via.to_owned(),
-                    single_use: d.single_use,
-                    opened_at: t,
-                    expires_at: t + open_for.as_secs(),
-                    host: self.host.clone(),
-                };
+                let record = record_of(user, svc, door, d.single_use, via, t, open_for, &self.host);
                 let others = live.iter().filter(|r| r.key() == d.key());
                 if let Some(latest) = others.map(|r| r.expires_at).max() {
                     d.open_for = d.open_for.max(Duration::from_secs(latest.saturating_sub(t)));
@@ -634,6 +609,33 @@ fn same_door(r: &DoorRecord, d: &OpenDoor) -> bool {
 
 fn now() -> u64 {
     crate::clock::unix_now()
+}
+
+/// The record of one door (or grant) of `svc` for `user` at `door`, opened at `t`.
+#[allow(clippy::too_many_arguments)]
+fn record_of(
+    user: &str,
+    svc: &ServiceConfig,
+    door: Prefix,
+    single_use: bool,
+    via: &str,
+    t: u64,
+    open_for: Duration,
+    host: &str,
+) -> DoorRecord {
+    DoorRecord {
+        user: user.to_owned(),
+        service: svc.name.clone(),
+        addr: door.addr(),
+        prefix_len: door.len(),
+        proto: svc.proto,
+        port: svc.port,
+        via: via.to_owned(),
+        single_use,
+        opened_at: t,
+        expires_at: t + open_for.as_secs(),
+        host: host.to_owned(),
+    }
 }
 
 #[cfg(test)]
