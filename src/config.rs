@@ -36,8 +36,22 @@ pub struct Config {
     /// Prometheus text at `/metrics`; off unless configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// `[daemon]`: how `serve` runs once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<DaemonConfig>,
     #[serde(default, skip_serializing_if = "LogConfig::is_default")]
     pub log: LogConfig,
+}
+
+/// `[daemon]`: what `serve` becomes once its sockets, captures and guard are set up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Run as this user (its primary group, no supplementary groups), keeping only
+    /// the three network capabilities, so that neither the daemon nor its hooks can
+    /// read or write root's files. The database must stay readable and writable to
+    /// it through the descriptors opened before the switch (ARCHITECTURE.md, "Privileges").
+    pub user: String,
 }
 
 /// `[metrics]`: where to serve Prometheus text. Counters tell how busy the daemon is

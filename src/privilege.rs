@@ -34,6 +34,14 @@ pub enum PrivilegeError {
     NoNewPrivs(std::io::Error),
     #[error("capabilities beyond the three nxknock keeps are still effective: {0}")]
     Leftover(String),
+    #[error("[daemon] user {0:?}: no such user on this system")]
+    NoUser(String),
+    #[error("cannot become user {user:?}: {source}")]
+    Switch {
+        user: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What [`restrict`] could not do and why (it never fails for these).
@@ -143,4 +151,31 @@ pub fn clear_for_child() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Become `name` (its uid, its primary group, no supplementary groups), keeping the
+/// permitted capabilities for [`restrict`], which must follow. Single-threaded, like
+/// `restrict`. Neither the daemon nor any program it runs is uid 0 afterwards, so
+/// root's files (the database among them, unless opened before) are out of reach.
+pub fn become_user(name: &str) -> Result<(u32, u32), PrivilegeError> {
+    let cname = std::ffi::CString::new(name).map_err(|_| PrivilegeError::NoUser(name.to_owned()))?;
+    // SAFETY: getpwnam with a valid C string; the result is read at once, before any
+    // other call that could reuse its static buffer (we are the only thread).
+    let pw = unsafe { libc::getpwnam(cname.as_ptr()) };
+    if pw.is_null() {
+        return Err(PrivilegeError::NoUser(name.to_owned()));
+    }
+    // SAFETY: `pw` is non-null and points at libc's passwd record.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    let fail = |source| PrivilegeError::Switch { user: name.to_owned(), source };
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(fail(std::io::Error::last_os_error())) };
+    // SAFETY: prctl, setgroups, setgid and setuid with integer arguments (and a null
+    // group list of length 0); glibc applies the id changes to every thread.
+    unsafe {
+        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setgid(gid))?;
+        check(libc::setuid(uid))?;
+    }
+    Ok((uid, gid))
 }

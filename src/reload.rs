@@ -38,11 +38,15 @@ pub fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
         ("dns.zone", o.zone != n.zone),
         ("dns.whoami", o.whoami != n.whoami),
         ("dns.tcp_timeout_seconds", o.tcp_timeout_seconds != n.tcp_timeout_seconds),
+        ("dns.rrl_per_second", o.rrl_per_second != n.rrl_per_second),
+        ("dns.rrl_slip", o.rrl_slip != n.rrl_slip),
         ("store.path", old.store.path != new.store.path),
         ("store.url", old.store.url != new.store.url),
         ("firewall.backend", old.firewall.backend != new.firewall.backend),
         ("metrics", old.metrics != new.metrics),
         ("log.format", old.log.format != new.log.format),
+        ("pcap", old.pcap != new.pcap),
+        ("daemon", old.daemon != new.daemon),
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))
@@ -60,6 +64,8 @@ pub fn applicable(old: &Config, new: Config) -> Config {
     c.firewall.backend = old.firewall.backend;
     c.metrics = old.metrics.clone();
     c.log.format = old.log.format;
+    c.pcap = old.pcap.clone();
+    c.daemon = old.daemon.clone();
     c
 }
 
@@ -103,6 +109,12 @@ mod tests {
         new.dns.knocks_per_source = 7;
         new.firewall.open_seconds = 9;
         assert_eq!(restart_only(&old, &new), vec!["dns.listen"]);
+        // The capture listener and RRL are built once too: their changes wait as well.
+        let mut pcap = old.clone();
+        pcap.pcap = Some(crate::config::PcapConfig { udp_port: Some(62201), ..Default::default() });
+        pcap.dns.rrl_per_second = 5;
+        assert_eq!(restart_only(&old, &pcap), vec!["dns.rrl_per_second", "pcap"]);
+        assert_eq!(applicable(&old, pcap.clone()).pcap, old.pcap);
         let applied = applicable(&old, new);
         assert_eq!(applied.dns.listen, old.dns.listen, "listen kept");
         assert_eq!((applied.dns.knocks_per_source, applied.firewall.open_seconds), (7, 9));

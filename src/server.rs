@@ -92,6 +92,13 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     tracing::info!(adopted, removed, "doors reconciled");
     // Everything privileged at start-up is done: keep only the three network
     // capabilities, while this is still the only thread (capabilities are per thread).
+    // The integrity check's own read-only connection is opened now, while the file
+    // is still readable whoever we become next.
+    let integrity = cfg.store.sqlite_path().map(|db| (db.to_path_buf(), SqliteStore::open_for_check(db)));
+    if let Some(d) = &cfg.daemon {
+        let (uid, gid) = crate::privilege::become_user(&d.user).context("refusing to serve")?;
+        tracing::info!(user = %d.user, uid, gid, "running as an unprivileged user");
+    }
     let kept = crate::privilege::restrict().context("cannot give up privileges; refusing to serve")?;
     tracing::info!(
         keep = "CAP_NET_ADMIN,CAP_NET_BIND_SERVICE,CAP_NET_RAW",
@@ -119,8 +126,8 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     // The whole-file integrity check reads every page: it runs beside serving, so a
     // large database starts fast; a damaged one stops the daemon (the guard stays).
     // (PostgreSQL checks its own pages: `data_checksums`, `amcheck`.)
-    if let Some(db) = cfg.store.sqlite_path().map(Path::to_path_buf) {
-        spawn_integrity_check(db)?;
+    if let Some((db, check)) = integrity {
+        spawn_integrity_check(db, check)?;
     }
 
     // One single-threaded runtime per core, each serving its own SO_REUSEPORT
@@ -471,10 +478,13 @@ fn verify_loop(
 }
 
 /// The SQLite file's whole-file integrity check, beside serving.
-fn spawn_integrity_check(db: PathBuf) -> anyhow::Result<()> {
+fn spawn_integrity_check(
+    db: PathBuf,
+    check: Result<crate::store::IntegrityCheck, crate::store::StoreError>,
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("integrity".into())
-        .spawn(move || match SqliteStore::check_integrity_of(&db) {
+        .spawn(move || match check.and_then(|c| c.run()) {
             Ok(None) => tracing::debug!(path = %db.display(), "database integrity check passed"),
             Ok(Some(problem)) => {
                 tracing::error!(path = %db.display(), %problem, "database is damaged; stopping (the guard stays in place)");

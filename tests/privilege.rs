@@ -76,3 +76,61 @@ fn the_daemon_keeps_three_capabilities_and_hooks_none() {
     }
     assert!(listed.contains(ATTACKER), "the block reached the kernel: {listed}\n{}", s.daemon.log_text());
 }
+
+/// `[daemon] user`: the daemon becomes an unprivileged user once started (keeping
+/// the three capabilities), so neither it nor its hooks are uid 0 any more: the
+/// hook cannot read the database, while the daemon still spends elements in it
+/// (through the descriptors it opened as root) and still opens doors and blocks.
+#[test]
+fn the_daemon_can_run_as_an_unprivileged_user() {
+    if !require_root("the_daemon_can_run_as_an_unprivileged_user") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = dir.path().join("hook.out");
+    // The database in a private directory of root's; the hook's output beside it.
+    let db_dir = dir.path().join("db");
+    std::fs::create_dir(&db_dir).unwrap();
+    std::fs::set_permissions(&db_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let db = db_dir.join("nxknock.db");
+    let hook = format!("{{ id -u; head -c 15 {} || echo unreadable; }} > {} 2>&1", db.display(), out.display());
+    let mut o = config("nftables", 30)
+        .store(&db)
+        .services([ServiceConfig { hook: Some(vec!["/bin/sh".into(), "-c".into(), hook]), ..ssh() }])
+        .pcap(PcapConfig { udp_port: Some(62201), block_after: 2, ..PcapConfig::default() });
+    o.config_mut().daemon = Some(nxknock::config::DaemonConfig { user: "nobody".into() });
+    let s = Setup::with("privuser", o);
+    let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    for task in std::fs::read_dir(format!("/proc/{}/task", s.daemon.pid())).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_owned();
+        assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "every thread runs as nobody: {uid}");
+        assert_eq!(field(&status, "CapEff:"), KEPT, "{status}");
+    }
+    // Still spends elements and opens doors, and still blocks through nft.
+    let cred = s.add_user("alice", &[]);
+    s.dig_knock(&s.lab.client, &cred);
+    assert!(connect_soon(&s.lab.client, ssh_addr()).is_ok(), "doors still open: {}", s.daemon.log_text());
+    let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    for _ in 0..2 {
+        sock.send_to(b"garbage", (SERVER, 62201)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut listed = String::new();
+    while Instant::now() < deadline && !listed.contains(ATTACKER) {
+        listed = String::from_utf8_lossy(&s.nx_server(&["doors", "--blocked"]).stdout).into_owned();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(listed.contains(ATTACKER), "the block reached the kernel: {listed}\n{}", s.daemon.log_text());
+    // The hook ran as nobody and could not read the database.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !out.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let hook = std::fs::read_to_string(&out).expect("the hook ran");
+    assert!(hook.starts_with("65534\n"), "the hook runs as nobody: {hook}");
+    assert!(!hook.contains("SQLite format"), "the hook cannot read the database: {hook}");
+}

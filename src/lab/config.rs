@@ -60,6 +60,7 @@ impl ConfigBuilder {
             services: vec![ssh()],
             pcap: None,
             metrics: None,
+            daemon: None,
             log: Default::default(),
         };
         ConfigBuilder { config, raw: Vec::new() }

@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 pub use postgres::{PgStore, check_url};
-pub use sqlite::SqliteStore;
+pub use sqlite::{IntegrityCheck, SqliteStore};
 
 use crate::config::StoreConfig;
 

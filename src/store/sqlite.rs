@@ -106,19 +106,16 @@ impl SqliteStore {
     /// [`SqliteStore::check_integrity`] on a read-only connection of its own:
     /// `Ok(Some(problem))` if the file is damaged, `Err` if the check could not run.
     pub fn check_integrity_of(path: &Path) -> Result<Option<String>, StoreError> {
+        SqliteStore::open_for_check(path)?.run()
+    }
+
+    /// A read-only connection for [`IntegrityCheck::run`], opened now (the daemon
+    /// opens it before it gives up root, and runs it beside serving).
+    pub fn open_for_check(path: &Path) -> Result<IntegrityCheck, StoreError> {
         let sq = |source| StoreError::Sqlite { path: path.to_owned(), source };
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sq)?;
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(sq)?;
-        match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
-            Ok(ok) if ok == "ok" => Ok(None),
-            Ok(problem) => Ok(Some(problem)),
-            Err(rusqlite::Error::SqliteFailure(f, _))
-                if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) =>
-            {
-                Ok(Some(f.to_string()))
-            }
-            Err(e) => Err(sq(e)),
-        }
+        Ok(IntegrityCheck { conn, path: path.to_owned() })
     }
 
     /// SQLite's `quick_check` over the whole file: reads every page, so it takes
@@ -402,6 +399,29 @@ fn insert_user(tx: &rusqlite::Transaction, e: &Enrolment, now: i64) -> Result<i6
         tx.prepare_cached(ADD_CHAIN)?.execute(params![id, form as i64, &e.verifiers[form.index()].0[..], now])?;
     }
     Ok(id)
+}
+
+/// A read-only connection that runs SQLite's `quick_check` over the whole file.
+pub struct IntegrityCheck {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl IntegrityCheck {
+    /// `Ok(Some(problem))` if the file is damaged, `Err` if the check could not run.
+    pub fn run(self) -> Result<Option<String>, StoreError> {
+        let sq = |source| StoreError::Sqlite { path: self.path.clone(), source };
+        match self.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+            Ok(ok) if ok == "ok" => Ok(None),
+            Ok(problem) => Ok(Some(problem)),
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) =>
+            {
+                Ok(Some(f.to_string()))
+            }
+            Err(e) => Err(sq(e)),
+        }
+    }
 }
 
 impl Store for SqliteStore {
