@@ -9,7 +9,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nxknock::config::PcapConfig;
@@ -62,17 +62,6 @@ fn blocked(s: &Setup) -> Vec<String> {
     assert!(out.status.success(), "doors --blocked: {}", out_text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     v.as_array().unwrap().iter().map(|e| e["source"].as_str().unwrap().to_owned()).collect()
-}
-
-fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 fn wait_log(s: &Setup, needle: &str) -> bool {

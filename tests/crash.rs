@@ -106,7 +106,7 @@ fn sigkill_at_random_moments_never_accepts_an_element_twice() {
     let db = s.dir.join(nxknock::lab::config::STORE_FILE);
     assert_eq!(nxknock::store::SqliteStore::check_integrity_of(&db).unwrap(), None, "integrity_check");
     assert!(
-        wait_until_empty(&s, Duration::from_secs(OPEN_SECONDS + 2)),
+        wait_until(Duration::from_secs(OPEN_SECONDS + 2), || kernel_doors(&s).is_empty()),
         "with the daemon dead, every door expires in the kernel: {:?}",
         kernel_doors(&s)
     );
@@ -114,15 +114,4 @@ fn sigkill_at_random_moments_never_accepts_an_element_twice() {
     assert!(try_connect(&s.lab.attacker, ssh_addr()).is_err(), "the attacker never holds a door");
     s.dig_knock(&s.lab.client, &cred);
     assert!(connect_soon(&s.lab.client, ssh_addr()).is_ok(), "the user still gets in after the crashes");
-}
-
-fn wait_until_empty(s: &Setup, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if kernel_doors(s).is_empty() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nxknock::config::PcapConfig;
@@ -31,11 +31,7 @@ fn hook_output(prefix: &str) -> String {
     let cred = s.add_user("alice", &[]);
     s.dig_knock(&s.lab.client, &cred);
     assert!(connect_soon(&s.lab.client, ssh_addr()).is_ok(), "the door opened");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !out.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::fs::read_to_string(&out).expect("the hook ran")
+    wait_for_file(&out, Duration::from_secs(5)).expect("the hook ran")
 }
 
 fn section(text: &str, name: &str) -> String {

@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nxknock::lab::postgres::Postgres;
@@ -44,18 +44,6 @@ fn knock_at(ns: &Netns, server: &str, name: &str) {
 
 fn count(d: &Daemon, needle: &str) -> usize {
     d.log_text().matches(needle).count()
-}
-
-/// Wait (bounded) until `f` holds.
-fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 /// Every thread of `pid`: no capability beyond CAP_NET_ADMIN, CAP_NET_BIND_SERVICE

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use nxknock::config::PcapConfig;
@@ -19,6 +19,21 @@ fn field(status: &str, name: &str) -> u64 {
     let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {status}"));
     let value = line.split_whitespace().nth(1).unwrap();
     if name == "NoNewPrivs:" { value.parse().unwrap() } else { u64::from_str_radix(value, 16).unwrap() }
+}
+
+/// Two bad datagrams from the attacker (`block_after = 2`): the block reaches the
+/// kernel through `nft`, a child that must keep CAP_NET_ADMIN.
+fn assert_a_block_reaches_the_kernel(s: &Setup) {
+    let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    for _ in 0..2 {
+        sock.send_to(b"garbage", (SERVER, 62201)).unwrap();
+    }
+    let mut listed = String::new();
+    let blocked = wait_until(Duration::from_secs(5), || {
+        listed = String::from_utf8_lossy(&s.nx_server(&["doors", "--blocked"]).stdout).into_owned();
+        listed.contains(ATTACKER)
+    });
+    assert!(blocked, "the block reached the kernel: {listed}\n{}", s.daemon.log_text());
 }
 
 #[test]
@@ -55,26 +70,11 @@ fn the_daemon_keeps_three_capabilities_and_hooks_none() {
     let cred = s.add_user("alice", &[]);
     s.dig_knock(&s.lab.client, &cred);
     assert!(connect_soon(&s.lab.client, ssh_addr()).is_ok(), "doors still open");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !out.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let hook = std::fs::read_to_string(&out).expect("the hook ran");
+    let hook = wait_for_file(&out, Duration::from_secs(5)).expect("the hook ran");
     for set in ["CapEff:", "CapPrm:", "CapAmb:", "CapInh:"] {
         assert_eq!(field(&hook, set), 0, "the hook holds no capability: {set}");
     }
-    let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
-    for _ in 0..2 {
-        sock.send_to(b"garbage", (SERVER, 62201)).unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut listed = String::new();
-    while Instant::now() < deadline && !listed.contains(ATTACKER) {
-        listed = String::from_utf8_lossy(&s.nx_server(&["doors", "--blocked"]).stdout).into_owned();
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(listed.contains(ATTACKER), "the block reached the kernel: {listed}\n{}", s.daemon.log_text());
+    assert_a_block_reaches_the_kernel(&s);
 }
 
 /// `[daemon] user`: the daemon becomes an unprivileged user once started (keeping
@@ -113,24 +113,9 @@ fn the_daemon_can_run_as_an_unprivileged_user() {
     let cred = s.add_user("alice", &[]);
     s.dig_knock(&s.lab.client, &cred);
     assert!(connect_soon(&s.lab.client, ssh_addr()).is_ok(), "doors still open: {}", s.daemon.log_text());
-    let sock = s.lab.attacker.udp_bind("0.0.0.0:0".parse().unwrap()).unwrap();
-    for _ in 0..2 {
-        sock.send_to(b"garbage", (SERVER, 62201)).unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut listed = String::new();
-    while Instant::now() < deadline && !listed.contains(ATTACKER) {
-        listed = String::from_utf8_lossy(&s.nx_server(&["doors", "--blocked"]).stdout).into_owned();
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(listed.contains(ATTACKER), "the block reached the kernel: {listed}\n{}", s.daemon.log_text());
+    assert_a_block_reaches_the_kernel(&s);
     // The hook ran as nobody and could not read the database.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !out.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let hook = std::fs::read_to_string(&out).expect("the hook ran");
+    let hook = wait_for_file(&out, Duration::from_secs(5)).expect("the hook ran");
     assert!(hook.starts_with("65534\n"), "the hook runs as nobody: {hook}");
     assert!(!hook.contains("SQLite format"), "the hook cannot read the database: {hook}");
 }

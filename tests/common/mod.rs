@@ -247,3 +247,25 @@ impl Rng {
         (self.next() % n.max(1) as u64) as usize
     }
 }
+
+/// Wait (bounded) until `cond` holds, looking every 50 ms, and once more at the end.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// What a hook (or any other program) wrote to `path`: waits (bounded) for the file,
+/// gives the writer a moment to finish, and reads it whole; `None` if it never came.
+pub fn wait_for_file(path: &Path, within: Duration) -> Option<String> {
+    if !wait_until(within, || path.exists()) {
+        return None;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::read_to_string(path).ok()
+}
