@@ -593,7 +593,7 @@ fn otp_direct(
     port: Option<&str>,
 ) -> anyhow::Result<()> {
     use crate::direct::{self, Direct};
-    let cred = Credential::load(credential)?;
+    let mut cred = Credential::load(credential)?;
     if how == Direct::Udp {
         let Some(ip) = ip else { bail!("--via udp prints bound labels: --ip ADDR (the address to admit) is required") };
         let port = direct::udp_port(&cred, port)?;
@@ -609,8 +609,7 @@ fn otp_direct(
         bail!("port sequences open for the address the server sees; --ip does not apply");
     }
     let code = direct::sequence_code(&cred, port)?;
-    for _ in 0..count {
-        let ports = direct::next_sequence(credential, &code)?;
+    for ports in direct::next_sequences(&mut cred, credential, &code, count)? {
         println!("{}", ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" "));
     }
     match how {
@@ -626,7 +625,7 @@ fn otp_direct(
 /// what to tell the user.
 fn send_direct(o: &KnockOpts, plan: &KnockPlan, close: bool, how: crate::direct::Direct) -> anyhow::Result<String> {
     use crate::direct::{self, Direct};
-    let cred = Credential::load(&plan.credential)?;
+    let mut cred = Credential::load(&plan.credential)?;
     let server = plan.server.as_ref().or(cred.server.as_ref()).context("--server HOST: the host to knock at")?;
     let server = client::parse_endpoint(server).context("--server")?.ip();
     if how == Direct::Udp {
@@ -643,7 +642,7 @@ fn send_direct(o: &KnockOpts, plan: &KnockPlan, close: bool, how: crate::direct:
         bail!("port sequences carry a plain element: no --close, --service or --ip (use --via udp or dns for those)");
     }
     let code = direct::sequence_code(&cred, o.knock_port.as_deref())?;
-    let ports = direct::next_sequence(&plan.credential, &code)?;
+    let ports = direct::next_sequences(&mut cred, &plan.credential, &code, 1)?.remove(0);
     direct::send_sequence(server, &ports, how)?;
     Ok(format!("knocked: {} packets to {server} ports {}-{}", ports.len(), code.range().0, code.range().1))
 }

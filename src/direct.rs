@@ -75,11 +75,15 @@ fn bind_for(server: IpAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
 }
 
-/// The next plain element as ports, reserved in the credential first.
-pub fn next_sequence(credential: &Path, code: &SequenceCode) -> anyhow::Result<Vec<u16>> {
-    let mut cred = Credential::load(credential)?;
-    let element = cred.take(credential, Form::Plain, 1)?.remove(0);
-    Ok(code.encode(&element))
+/// The next `n` plain elements as port sequences, reserved in the credential (one
+/// locked read-advance-save for all of them) before they are returned.
+pub fn next_sequences(
+    cred: &mut Credential,
+    path: &Path,
+    code: &SequenceCode,
+    n: u64,
+) -> anyhow::Result<Vec<Vec<u16>>> {
+    Ok(cred.take(path, Form::Plain, n)?.iter().map(|e| code.encode(e)).collect())
 }
 
 /// Knock the ports in order: a SYN each (a non-blocking connect, dropped as soon as
