@@ -40,12 +40,18 @@ pub enum Full {
     Closed,
 }
 
+/// Each form's per-source budget for the main queue.
+struct Budgets {
+    plain: SourceLimiter,
+    bound: SourceLimiter,
+}
+
 /// The listeners' end (cloned into every listener thread).
 #[derive(Clone)]
 pub struct IntakeSender {
     main: SyncSender<Knock>,
     /// `None`: everything goes to main (tests, tools).
-    overflow: Option<(SyncSender<Knock>, Arc<[SourceLimiter; 2]>)>,
+    overflow: Option<(SyncSender<Knock>, Arc<Budgets>)>,
     /// Knocks put in the overflow queue so far (the receiver's hint to look there).
     overflowed: Arc<AtomicU64>,
 }
@@ -70,10 +76,10 @@ pub struct IntakeReceiver {
 pub fn channel(main: usize, overflow: usize) -> (IntakeSender, IntakeReceiver) {
     let (mtx, mrx) = sync_channel(main);
     let (otx, orx) = sync_channel(overflow);
-    let limiter = Arc::new([
-        SourceLimiter::new(PLAIN_PER_SOURCE, 2 * PLAIN_PER_SOURCE),
-        SourceLimiter::new(BOUND_PER_SOURCE, 2 * BOUND_PER_SOURCE),
-    ]);
+    let limiter = Arc::new(Budgets {
+        plain: SourceLimiter::new(PLAIN_PER_SOURCE, 2 * PLAIN_PER_SOURCE),
+        bound: SourceLimiter::new(BOUND_PER_SOURCE, 2 * BOUND_PER_SOURCE),
+    });
     let overflowed = Arc::new(AtomicU64::new(0));
     (
         IntakeSender { main: mtx, overflow: Some((otx, limiter)), overflowed: overflowed.clone() },
@@ -85,8 +91,8 @@ impl IntakeSender {
     pub fn send(&self, knock: Knock) -> Result<(), Full> {
         let to_main = match (&knock.token, &self.overflow) {
             (_, None) => true,
-            (Token::Plain(_), Some((_, limits))) => limits[0].admit(knock.seen_from, knock.received),
-            (Token::Bound(_), Some((_, limits))) => limits[1].admit(knock.seen_from, knock.received),
+            (Token::Plain(_), Some((_, b))) => b.plain.admit(knock.seen_from, knock.received),
+            (Token::Bound(_), Some((_, b))) => b.bound.admit(knock.seen_from, knock.received),
         };
         let (queue, full) = match (&self.overflow, to_main) {
             (Some((overflow, _)), false) => (overflow, Full::Overflow),
