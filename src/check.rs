@@ -99,6 +99,12 @@ pub fn check(path: &Path) -> Report {
     }
     check_backend(&cfg, &mut report);
     check_hooks(&cfg, path, &text, &mut report);
+    // The knock ports against this network namespace's ephemeral range, as serve checks.
+    if let Some(p) = &cfg.pcap {
+        if let Err(e) = crate::capture::check_ephemeral(p, crate::capture::ephemeral_ports()) {
+            report.error(e.to_string());
+        }
+    }
     report
 }
 

@@ -43,6 +43,11 @@ fn nothing(_: &Path) {}
 
 #[test]
 fn check_config_catches_each_bad_config_with_its_message() {
+    // The first port of this machine's ephemeral range (serve refuses knock ports there).
+    let eph: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
     let cases = [
         Case {
             what: "unknown key",
@@ -131,6 +136,16 @@ fn check_config_catches_each_bad_config_with_its_message() {
                 std::os::unix::fs::symlink(d.join("real.sqlite"), d.join("link.sqlite")).unwrap();
             },
             says: &["store.path", "symlink"],
+            ok: false,
+        },
+        Case {
+            what: "sequence ports inside the kernel's ephemeral range",
+            config: base().pcap(nxknock::config::PcapConfig {
+                sequence_ports: Some(format!("{eph}-{}", eph + 999)),
+                ..Default::default()
+            }),
+            setup: nothing,
+            says: &["sequence_ports", "ip_local_port_range"],
             ok: false,
         },
         Case {
