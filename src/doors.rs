@@ -332,15 +332,14 @@ impl Doors {
             Decision::Reject { why, .. } => self.metrics.refused(why.reason()),
         }
         match decision {
-            Decision::Open { user, door, services, max_open } => {
+            Decision::Open { user, door, records } => {
                 // The verifier only makes door-sized prefixes; checked again here because
                 // this is the last place before the kernel.
                 if let Err(error) = door.door() {
                     tracing::error!(%user, %door, %error, "refusing a door wider than the rules allow");
                     return;
                 }
-                let open_for = max_open.map_or(self.open_for, |m| self.open_for.min(Duration::from_secs(m)));
-                self.open(user, *door, services, open_for, via, from, knock, store);
+                self.open(user, *door, records, knock, store);
             }
             Decision::Close { user, door, services } => self.close(user, *door, services, via, store),
             Decision::Repeat => {
@@ -365,76 +364,43 @@ impl Doors {
         }
     }
 
-    /// Record, then open: a door that exists in the kernel always has its record, so
-    /// `doors` can name it and a restart adopts it. A kernel door is one element per
-    /// (address, proto, port) shared by every user who opened it, so it is (re)set to
-    /// the latest expiry among their live records: one user's short door never cuts
-    /// another's long one.
-    #[allow(clippy::too_many_arguments)]
-    fn open(
-        &self,
-        user: &str,
-        door: Prefix,
-        services: &[String],
-        open_for: Duration,
-        via: &str,
-        from: IpAddr,
-        knock: &Knock,
-        store: &mut dyn Store,
-    ) {
+    /// Open the doors of `records`, which the verifier committed with the spent
+    /// element (so a door in the kernel always has its record: `doors` can name it
+    /// and a restart adopts it). Records for other hosts are grants their agents
+    /// open. A kernel door is one element per (address, proto, port) shared by every
+    /// user who opened it: it opens at once with this knock's window, then, if
+    /// another user's live record of the same door ends later, is set to that end —
+    /// one user's short door never cuts another's long one, and the door never
+    /// waits for that lookup.
+    fn open(&self, user: &str, door: Prefix, records: &[DoorRecord], knock: &Knock, store: &mut dyn Store) {
+        let (via, from) = (knock.via.as_str(), knock.seen_from);
         // How long the knock took to verify (and commit), for the log.
         let verified_us = knock.received.elapsed().as_micros() as u64;
-        let t = now();
-        let live = match self.live(store, t) {
-            Ok(live) => live,
-            Err(error) => {
-                tracing::error!(%user, %error, "cannot read door records; opening none (fail closed)");
-                return;
+        let mut opened = Vec::new();
+        for r in records {
+            let open_for = Duration::from_secs(r.expires_at.saturating_sub(r.opened_at));
+            if r.host != self.host {
+                tracing::info!(
+                    %user, %door, service = %r.service, host = %r.host, %via, %from, open_seconds = open_for.as_secs(),
+                    verified_us, "door granted (the host's agent opens it)"
+                );
+                continue;
             }
-        };
-        // Services on other hosts: a grant (a door record) per host, which that
-        // host's agent opens; nothing opens here.
-        let grants: Vec<(&ServiceConfig, DoorRecord)> = self
-            .doors_for(door, services, open_for)
-            .filter(|(svc, _)| !svc.hosts.is_empty())
-            .flat_map(|(svc, d)| {
-                svc.hosts
-                    .iter()
-                    .map(move |host| (svc, record_of(user, svc, door, d.single_use, via, t, open_for, host)))
-            })
-            .collect();
-        let planned: Vec<(&ServiceConfig, Door, DoorRecord)> = self
-            .doors_for(door, services, open_for)
-            .filter(|(svc, _)| svc.hosts.is_empty())
-            .map(|(svc, mut d)| {
-                let record = record_of(user, svc, door, d.single_use, via, t, open_for, &self.host);
-                let others = live.iter().filter(|r| r.key() == d.key());
-                if let Some(latest) = others.map(|r| r.expires_at).max() {
-                    d.open_for = d.open_for.max(Duration::from_secs(latest.saturating_sub(t)));
-                }
-                (svc, d, record)
-            })
-            .collect();
-        let records: Vec<DoorRecord> =
-            planned.iter().map(|(_, _, r)| r.clone()).chain(grants.iter().map(|(_, r)| r.clone())).collect();
-        match store.record_doors(&records) {
-            Ok(n) if n == records.len() => {}
-            Ok(_) => {
-                tracing::info!(%user, "user revoked while the knock was verified; opening nothing");
-                return;
-            }
-            Err(error) => {
-                tracing::error!(%user, %error, "could not record the doors; opening none (fail closed)");
-                return;
-            }
-        }
-        for (svc, r) in &grants {
-            tracing::info!(
-                %user, %door, service = %svc.name, host = %r.host, %via, %from, open_seconds = open_for.as_secs(),
-                verified_us, "door granted (the host's agent opens it)"
-            );
-        }
-        for (svc, d, _) in planned {
+            let Some(svc) =
+                self.services.iter().find(|s| s.name == r.service && s.proto == r.proto && s.port == r.port)
+            else {
+                // The config was reloaded between the decision and here.
+                tracing::warn!(%user, service = %r.service, "service no longer configured; its door stays closed");
+                continue;
+            };
+            let d = Door {
+                addr: r.addr,
+                prefix_len: r.prefix_len,
+                proto: r.proto,
+                port: r.port,
+                open_for,
+                single_use: r.single_use,
+            };
             // latency_us: packet receipt to door in the kernel; verified_us: to the
             // verifier's committed decision; firewall_us: the backend's share.
             let asked = std::time::Instant::now();
@@ -448,12 +414,35 @@ impl Doors {
                         firewall_us = asked.elapsed().as_micros() as u64, "door opened"
                     );
                     self.hook(svc, "open", user, &d, via);
+                    opened.push((d, r.expires_at));
                 }
                 Err(error) => {
                     self.metrics.door_error();
                     tracing::error!(%user, service = %svc.name, %error, "could not open door");
                     let _ = store.close_door(user, &d.key());
                 }
+            }
+        }
+        if opened.is_empty() {
+            return;
+        }
+        let t = now();
+        let live = match self.live(store, t) {
+            Ok(live) => live,
+            Err(error) => {
+                tracing::error!(%user, %error, "cannot read door records; a door shared with another user keeps this knock's window");
+                return;
+            }
+        };
+        for (mut d, ours) in opened {
+            let key = d.key();
+            let Some(latest) = live.iter().filter(|r| r.key() == key).map(|r| r.expires_at).max() else { continue };
+            if latest <= ours {
+                continue;
+            }
+            d.open_for = Duration::from_secs(latest.saturating_sub(t));
+            if let Err(error) = self.backend.open(&d) {
+                tracing::error!(%user, door = %key, %error, "could not extend a shared door to its latest record");
             }
         }
     }
@@ -611,30 +600,60 @@ fn now() -> u64 {
     crate::clock::unix_now()
 }
 
-/// The record of one door (or grant) of `svc` for `user` at `door`, opened at `t`.
-#[allow(clippy::too_many_arguments)]
-fn record_of(
-    user: &str,
-    svc: &ServiceConfig,
-    door: Prefix,
-    single_use: bool,
-    via: &str,
-    t: u64,
+/// What a granted knock records: for each service it opens, a record for this
+/// nameserver's kernel (host `""`), or one per `hosts` entry (a grant that host's
+/// agent opens), for the door window cut to the user's `max_open`. The verifier
+/// commits these in the same transaction as the spent element, so a door in any
+/// kernel always has its record and a crash never leaves one without the other.
+#[derive(Clone, Debug)]
+pub struct DoorPlan {
+    services: Vec<ServiceConfig>,
     open_for: Duration,
-    host: &str,
-) -> DoorRecord {
-    DoorRecord {
-        user: user.to_owned(),
-        service: svc.name.clone(),
-        addr: door.addr(),
-        prefix_len: door.len(),
-        proto: svc.proto,
-        port: svc.port,
-        via: via.to_owned(),
-        single_use,
-        opened_at: t,
-        expires_at: t + open_for.as_secs(),
-        host: host.to_owned(),
+}
+
+impl DoorPlan {
+    pub fn from_config(cfg: &crate::config::Config) -> DoorPlan {
+        DoorPlan { services: cfg.services.clone(), open_for: Duration::from_secs(cfg.firewall.open_seconds) }
+    }
+
+    /// The configured services.
+    pub fn services(&self) -> &[ServiceConfig] {
+        &self.services
+    }
+
+    /// The records of `user`'s door at `door` for `services` (names), opened at `t`.
+    pub fn records(
+        &self,
+        user: &str,
+        door: Prefix,
+        services: &[String],
+        max_open: Option<u64>,
+        via: &str,
+        t: u64,
+    ) -> Vec<DoorRecord> {
+        let open_for = max_open.map_or(self.open_for, |m| self.open_for.min(Duration::from_secs(m)));
+        let record = |svc: &ServiceConfig, host: &str| DoorRecord {
+            user: user.to_owned(),
+            service: svc.name.clone(),
+            addr: door.addr(),
+            prefix_len: door.len(),
+            proto: svc.proto,
+            port: svc.port,
+            via: via.to_owned(),
+            single_use: svc.single_use,
+            opened_at: t,
+            expires_at: t + open_for.as_secs(),
+            host: host.to_owned(),
+        };
+        let mut out = Vec::new();
+        for svc in self.services.iter().filter(|s| services.contains(&s.name)) {
+            if svc.hosts.is_empty() {
+                out.push(record(svc, ""));
+            } else {
+                out.extend(svc.hosts.iter().map(|h| record(svc, h)));
+            }
+        }
+        out
     }
 }
 
@@ -644,7 +663,7 @@ mod tests {
     use crate::firewall::{DoorKey, Guarded, OpenDoor};
     use crate::knock::Via;
     use crate::store::{Enrolment, SqliteStore};
-    use crate::token::{Element, Token};
+    use crate::token::{Element, Form, Token};
     use std::collections::HashMap;
     use std::sync::Mutex;
     use std::time::Instant;
@@ -714,9 +733,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let mut store = SqliteStore::open(&path).unwrap();
-        store.add_user(&enrol("alice", 1, None)).unwrap();
-        store.add_user(&enrol("bob", 2, Some(30))).unwrap();
+        let ids =
+            [store.add_user(&enrol("alice", 1, None)).unwrap(), store.add_user(&enrol("bob", 2, Some(30))).unwrap()];
         let svc: ServiceConfig = toml::from_str("name = \"ssh\"\nproto = \"tcp\"\nport = 22").unwrap();
+        let plan = DoorPlan { services: vec![svc.clone()], open_for: Duration::from_secs(3600) };
         let doors = Doors::new(Box::new(Fake::default()), vec![svc], Duration::from_secs(3600));
         let door: Prefix = "198.18.0.9/32".parse().unwrap();
         let knock = Knock {
@@ -726,8 +746,13 @@ mod tests {
             ecs: None,
             received: Instant::now(),
         };
-        for (user, max_open) in [("alice", None), ("bob", Some(30))] {
-            let open = Decision::Open { user: user.into(), door, services: vec!["ssh".into()], max_open };
+        for ((user, max_open), (id, v)) in
+            [("alice", None), ("bob", Some(30))].into_iter().zip(ids.into_iter().zip(1u8..))
+        {
+            // What the verifier does: spend the element with the door's records, then open.
+            let records = plan.records(user, door, &["ssh".into()], max_open, "dns/udp", now());
+            assert!(store.spend(id, Form::Plain, &Element([v; 12]), &Element([v + 50; 12]), 1, &records).unwrap());
+            let open = Decision::Open { user: user.into(), door, records };
             doors.apply(&knock, &open, &mut store);
         }
         Shared { _dir: dir, path, store, doors, door, knock }

@@ -107,15 +107,20 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
 
     // Door records, revoke, rekey.
     let t = now();
-    s.add_user(&enrol("carol", 2)).unwrap();
-    assert_eq!(s.record_doors(&[door("alice", t), door("carol", t)]).unwrap(), 2);
+    let carol = s.add_user(&enrol("carol", 2)).unwrap();
+    // A spend commits the element and its door records together.
+    assert!(s.spend(id, Form::Bound, &Element([101; 12]), &Element([5; 12]), 1, &[door("alice", t)]).unwrap());
+    assert!(s.spend(carol, Form::Plain, &Element([2; 12]), &Element([3; 12]), 1, &[door("carol", t)]).unwrap());
     assert_eq!(s.live_doors(t).unwrap().len(), 2);
     assert!(s.revoke("alice").unwrap());
     assert!(!s.revoke("alice").unwrap());
     assert!(matches!(s.revoke("nobody"), Err(StoreError::NoSuchUser(_))));
     assert_eq!(s.live_doors(t).unwrap(), vec![door("carol", t)], "revoke closes the user's door records");
-    assert_eq!(s.record_doors(&[door("alice", t)]).unwrap(), 0, "no door is recorded for a revoked user");
-    assert!(!s.advance(id, Form::Bound, &Element([101; 12]), &Element([5; 12]), 1).unwrap(), "revoked: no advance");
+    assert!(
+        !s.spend(id, Form::Bound, &Element([5; 12]), &Element([6; 12]), 2, &[door("alice", t)]).unwrap(),
+        "revoked: no advance, no door recorded"
+    );
+    assert_eq!(s.live_doors(t).unwrap(), vec![door("carol", t)]);
     assert_eq!(s.revoked_users().unwrap(), vec!["alice".to_owned()]);
     assert_eq!(s.active_users().unwrap().len(), 1);
     assert_eq!(s.rekey(&enrol("alice", 7)).unwrap(), id);

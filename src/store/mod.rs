@@ -198,9 +198,22 @@ pub trait Store: Send {
     fn user(&mut self, id: i64) -> Result<Option<UserRecord>, StoreError>;
     /// The zone-wide admission key (created with the database).
     fn zone_key(&mut self) -> Result<[u8; ZONE_KEY_LEN], StoreError>;
-    /// Set `user`'s `form` chain to `new` and `counter` only if its verifier is still
-    /// `expected` and the user is not revoked. `Ok(false)` means another writer won
-    /// (or the user was revoked); the caller must not open a door.
+    /// Spend an element: set `user`'s `form` chain to `new` and `counter` only if its
+    /// verifier is still `expected` and the user is not revoked, and record `doors`
+    /// (the doors this knock opens), all in one durable transaction — one commit, one
+    /// disk flush per knock, and never a spent element without its doors' records or
+    /// the reverse. `Ok(false)` means another writer won (or the user was revoked):
+    /// nothing was written and the caller must not open a door.
+    fn spend(
+        &mut self,
+        user: i64,
+        form: Form,
+        expected: &Element,
+        new: &Element,
+        counter: u64,
+        doors: &[DoorRecord],
+    ) -> Result<bool, StoreError>;
+    /// [`Store::spend`] recording no door (a close knock).
     fn advance(
         &mut self,
         user: i64,
@@ -208,7 +221,9 @@ pub trait Store: Send {
         expected: &Element,
         new: &Element,
         counter: u64,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        self.spend(user, form, expected, new, counter, &[])
+    }
     /// Enrol a user; returns the user's id (written into the credential).
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError>;
     /// Enrol many users at once, all or none (bulk enrolment: migrations, benchmarks).
@@ -228,9 +243,6 @@ pub trait Store: Send {
     fn changes_elsewhere(&mut self) -> Result<Vec<Change>, StoreError> {
         Ok(if self.changed_elsewhere()? { vec![Change::Other] } else { Vec::new() })
     }
-    /// Record doors about to open (one transaction), only for users not revoked:
-    /// returns how many were recorded, and the caller opens only those.
-    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError>;
     /// Doors recorded as open whose expiry is after `now` (unix seconds), newest
     /// first, for every host. (SQLite records only the nameserver's own: a record
     /// for another host is refused.)

@@ -707,26 +707,53 @@ impl Store for PgStore {
             .map_err(|v: Vec<u8>| self.invalid(format!("zone_key has {} bytes, expected {ZONE_KEY_LEN}", v.len())))
     }
 
-    fn advance(
+    fn spend(
         &mut self,
         user: i64,
         form: Form,
         expected: &Element,
         new: &Element,
         counter: u64,
+        doors: &[DoorRecord],
     ) -> Result<bool, StoreError> {
-        let url = self.url.clone();
-        // One statement, committed on its own (autocommit) before this returns.
-        let n = self
-            .client()?
-            .execute(
+        // One transaction, committed (synchronous_commit on) before this returns:
+        // the advance and its door records together or not at all.
+        self.write(None, |tx| {
+            let n = tx.execute(
                 "UPDATE chains SET verifier = $1, counter = $2, updated = $3
                  WHERE user_id = $4 AND form = $5 AND verifier = $6
                    AND EXISTS (SELECT 1 FROM users WHERE id = $4 AND revoked = 0)",
                 &[&&new.0[..], &(counter as i64), &now(), &user, &(form as i64), &&expected.0[..]],
-            )
-            .map_err(|e| pg(&url, e))?;
-        Ok(n == 1)
+            )?;
+            if n != 1 {
+                // Nothing was written; committing the empty transaction costs nothing.
+                return Ok(false);
+            }
+            for d in doors {
+                tx.execute(
+                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at, host)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    &[
+                        &d.user,
+                        &d.service,
+                        &d.addr.to_string(),
+                        &i64::from(d.prefix_len),
+                        &d.proto.as_str(),
+                        &i64::from(d.port),
+                        &d.via,
+                        &i64::from(d.single_use),
+                        &(d.opened_at as i64),
+                        &(d.expires_at as i64),
+                        &d.host,
+                    ],
+                )?;
+            }
+            if !doors.is_empty() {
+                // Keep the table small: forget doors that expired a day ago.
+                tx.execute("DELETE FROM doors WHERE expires_at < $1", &[&(now() - 86_400)])?;
+            }
+            Ok(true)
+        })
     }
 
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError> {
@@ -806,37 +833,6 @@ impl Store for PgStore {
             Err(e) => return Err(e),
         }
         Ok(self.shared.take())
-    }
-
-    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
-        self.write(None, |tx| {
-            // Door records are bookkeeping, not chain state: they need not wait for
-            // the disk (as with SQLite's synchronous=NORMAL for them).
-            tx.batch_execute("SET LOCAL synchronous_commit = off")?;
-            let mut recorded = 0;
-            for d in doors {
-                recorded += tx.execute(
-                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at, host)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
-                     WHERE EXISTS (SELECT 1 FROM users WHERE name = $1 AND revoked = 0)",
-                    &[
-                        &d.user,
-                        &d.service,
-                        &d.addr.to_string(),
-                        &i64::from(d.prefix_len),
-                        &d.proto.as_str(),
-                        &i64::from(d.port),
-                        &d.via,
-                        &i64::from(d.single_use),
-                        &(d.opened_at as i64),
-                        &(d.expires_at as i64),
-                        &d.host,
-                    ],
-                )? as usize;
-            }
-            tx.execute("DELETE FROM doors WHERE expires_at < $1", &[&(now() - 86_400)])?;
-            Ok(recorded)
-        })
     }
 
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError> {

@@ -504,24 +504,40 @@ impl Store for SqliteStore {
             .map_err(|v: Vec<u8>| self.invalid(format!("zone_key has {} bytes, expected {ZONE_KEY_LEN}", v.len())))
     }
 
-    fn advance(
+    fn spend(
         &mut self,
         user: i64,
         form: Form,
         expected: &Element,
         new: &Element,
         counter: u64,
+        doors: &[DoorRecord],
     ) -> Result<bool, StoreError> {
-        let n = self
-            .conn
+        if let Some(d) = doors.iter().find(|d| !d.host.is_empty()) {
+            return Err(
+                self.invalid(format!("a door for host {:?} needs the shared PostgreSQL store ([store] url)", d.host))
+            );
+        }
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let n = tx
             .prepare_cached(
                 "UPDATE chains SET verifier = ?1, counter = ?2, updated = ?3
                  WHERE user_id = ?4 AND form = ?5 AND verifier = ?6
                    AND EXISTS (SELECT 1 FROM users WHERE id = ?4 AND revoked = 0)",
             )
             .and_then(|mut s| s.execute(params![&new.0[..], counter as i64, now(), user, form as i64, &expected.0[..]]))
-            .map_err(|e| self.err(e))?;
-        Ok(n == 1)
+            .map_err(err)?;
+        if n != 1 {
+            // Dropping the transaction rolls it back: nothing was written.
+            return Ok(false);
+        }
+        insert_doors(&tx, doors).map_err(err)?;
+        // One synchronous=FULL commit: the advance and its door records reach the
+        // disk together, before any door opens.
+        tx.commit().map_err(err)?;
+        Ok(true)
     }
 
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError> {
@@ -603,24 +619,6 @@ impl Store for SqliteStore {
         let changed = v != self.data_version;
         self.data_version = v;
         Ok(changed)
-    }
-
-    fn record_doors(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
-        if let Some(d) = doors.iter().find(|d| !d.host.is_empty()) {
-            return Err(
-                self.invalid(format!("a door for host {:?} needs the shared PostgreSQL store ([store] url)", d.host))
-            );
-        }
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
-        // Door records are bookkeeping, not chain state: committed without waiting
-        // for the disk (WAL survives a killed process; only a power loss could drop
-        // the last records, and it drops the kernel's doors with them). This keeps a
-        // knock to one fsync: the chain's advance, which stays synchronous=FULL.
-        self.conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        let recorded = self.record_doors_tx(doors);
-        self.conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        recorded
     }
 
     fn live_doors(&mut self, now: u64) -> Result<Vec<DoorRecord>, StoreError> {
@@ -722,44 +720,32 @@ impl Store for SqliteStore {
     }
 }
 
-impl SqliteStore {
-    fn record_doors_tx(&mut self, doors: &[DoorRecord]) -> Result<usize, StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction().map_err(err)?;
-        let mut recorded = 0;
-        {
-            // A revocation may have committed since the knock was verified: its
-            // doors are not recorded, so they are not opened.
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
-                     WHERE EXISTS (SELECT 1 FROM users WHERE name = ?1 AND revoked = 0)",
-                )
-                .map_err(err)?;
-            for d in doors {
-                recorded += stmt
-                    .execute(params![
-                        d.user,
-                        d.service,
-                        d.addr.to_string(),
-                        d.prefix_len,
-                        d.proto.as_str(),
-                        d.port,
-                        d.via,
-                        d.single_use,
-                        d.opened_at as i64,
-                        d.expires_at as i64
-                    ])
-                    .map_err(err)?;
-            }
-            // Keep the table small: forget doors that expired a day ago.
-            tx.execute("DELETE FROM doors WHERE expires_at < ?1", [now() - 86_400]).map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
-        Ok(recorded)
+/// Insert door records (the caller's transaction), and forget doors that expired a
+/// day ago, which keeps the table small.
+fn insert_doors(tx: &rusqlite::Transaction<'_>, doors: &[DoorRecord]) -> rusqlite::Result<()> {
+    if doors.is_empty() {
+        return Ok(());
     }
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO doors (user_name, service, addr, prefix_len, proto, port, via, single_use, opened_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    for d in doors {
+        stmt.execute(params![
+            d.user,
+            d.service,
+            d.addr.to_string(),
+            d.prefix_len,
+            d.proto.as_str(),
+            d.port,
+            d.via,
+            d.single_use,
+            d.opened_at as i64,
+            d.expires_at as i64
+        ])?;
+    }
+    tx.prepare_cached("DELETE FROM doors WHERE expires_at < ?1")?.execute([now() - 86_400])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -804,7 +790,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
         let id = s.add_user(&enrol("bob", 1)).unwrap();
-        s.add_user(&enrol("carol", 2)).unwrap();
+        let carol = s.add_user(&enrol("carol", 2)).unwrap();
         assert!(matches!(s.add_user(&enrol("bob", 5)), Err(StoreError::UserExists(_))));
         let t = now() as u64;
         let door = |user: &str| DoorRecord {
@@ -820,9 +806,13 @@ mod tests {
             expires_at: t + 30,
             host: String::new(),
         };
-        assert_eq!(s.record_doors(&[door("bob"), door("carol")]).unwrap(), 2);
+        assert!(s.spend(id, Form::Plain, &Element([1; 12]), &Element([11; 12]), 1, &[door("bob")]).unwrap());
+        assert!(s.spend(carol, Form::Plain, &Element([2; 12]), &Element([12; 12]), 1, &[door("carol")]).unwrap());
         assert!(s.revoke("bob").unwrap());
-        assert_eq!(s.record_doors(&[door("bob")]).unwrap(), 0, "no door is recorded for a revoked user");
+        assert!(
+            !s.spend(id, Form::Plain, &Element([11; 12]), &Element([21; 12]), 2, &[door("bob")]).unwrap(),
+            "a revoked user spends nothing and no door is recorded"
+        );
         assert!(!s.revoke("bob").unwrap());
         assert!(matches!(s.revoke("nobody"), Err(StoreError::NoSuchUser(_))));
         assert_eq!(s.active_users().unwrap().len(), 1);
@@ -836,9 +826,8 @@ mod tests {
         );
         // Rekey brings bob back with fresh chains, same id.
         assert_eq!(s.rekey(&enrol("bob", 7)).unwrap(), id);
-        assert!(s.advance(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1).unwrap());
         // ... and a rekey closes the doors of the old credential.
-        assert_eq!(s.record_doors(&[door("bob")]).unwrap(), 1);
+        assert!(s.spend(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1, &[door("bob")]).unwrap());
         s.rekey(&enrol("bob", 9)).unwrap();
         assert_eq!(s.live_doors(t).unwrap(), vec![door("carol")]);
     }
@@ -985,7 +974,11 @@ mod tests {
         let old = DoorRecord { expires_at: t - 1, ..d.clone() };
         let bobs = DoorRecord { user: "bob".into(), ..d.clone() };
         s.add_users(&[enrol("alice", 1), enrol("bob", 2)]).unwrap();
-        assert_eq!(s.record_doors(&[d.clone(), old, bobs.clone()]).unwrap(), 3);
+        let [alice, bob] = [0, 1].map(|i| s.active_users().unwrap()[i].id);
+        assert!(s.spend(alice, Form::Plain, &Element([1; 12]), &Element([3; 12]), 1, &[d.clone(), old]).unwrap());
+        assert!(
+            s.spend(bob, Form::Plain, &Element([2; 12]), &Element([4; 12]), 1, std::slice::from_ref(&bobs)).unwrap()
+        );
         assert_eq!(s.live_doors(t).unwrap(), vec![bobs.clone(), d.clone()]);
         s.close_door("bob", &d.key()).unwrap();
         assert_eq!(s.live_doors(t).unwrap(), vec![d.clone()], "closing bob's door leaves alice's");

@@ -21,10 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::clock::unix_now;
-use crate::config::{Config, PlainPolicy, ServiceConfig};
+use crate::config::{Config, PlainPolicy};
+use crate::doors::DoorPlan;
 use crate::knock::{Knock, Via};
 use crate::netaddr::{DoorSizeError, Prefix};
-use crate::store::{Change, Store, StoreError, UserRecord};
+use crate::store::{Change, DoorRecord, Store, StoreError, UserRecord};
 use crate::token::{Element, Form, Token, TokenError, ZoneId, ZoneKey, chain, service_id};
 use crate::whoami::KeyTable;
 use index::{ChainRef, Index};
@@ -32,9 +33,9 @@ use index::{ChainRef, Index};
 /// What the door stage should do for a knock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Open `services` for `door`. The chain advance is already committed.
-    /// `max_open` is the user's limit on the door's open time, if any.
-    Open { user: String, door: Prefix, services: Vec<String>, max_open: Option<u64> },
+    /// Open `door` for these door records (services, hosts, windows), which are
+    /// committed together with the chain's advance.
+    Open { user: String, door: Prefix, records: Vec<DoorRecord> },
     /// Close this user's doors for `door` (close knock). Committed too.
     Close { user: String, door: Prefix, services: Vec<String> },
     /// The same token as one accepted moments ago: a resolver retry. Nothing to do.
@@ -187,7 +188,8 @@ pub struct Verifier {
     grace: Duration,
     plain: PlainPolicy,
     ecs_from: Vec<Prefix>,
-    services: Vec<ServiceConfig>,
+    /// The services, and what a granted knock records (committed with its element).
+    plan: DoorPlan,
     /// Current verifier -> the chain it ends.
     index: Index,
     users: usize,
@@ -230,7 +232,7 @@ impl Verifier {
             grace: Duration::from_secs(cfg.token.grace_seconds),
             plain: cfg.token.plain,
             ecs_from: cfg.token.ecs_from.clone(),
-            services: cfg.services.clone(),
+            plan: DoorPlan::from_config(cfg),
             index: Index::with_capacity(0),
             users: 0,
             recent: HashMap::new(),
@@ -257,7 +259,7 @@ impl Verifier {
         self.grace = Duration::from_secs(cfg.token.grace_seconds);
         self.plain = cfg.token.plain;
         self.ecs_from = cfg.token.ecs_from.clone();
-        self.services = cfg.services.clone();
+        self.plan = DoorPlan::from_config(cfg);
     }
 
     /// Keep `table` filled with the active users' MAC keys, for whoami answers.
@@ -320,7 +322,8 @@ impl Verifier {
     /// Pick up `user add`/`revoke`/`rekey` done by another process. Cheap when
     /// nothing changed (no disk I/O in WAL mode); the daemon calls it when idle too,
     /// so a revocation closes doors at once and not at the next knock.
-    pub fn refresh(&mut self) -> Result<(), StoreError> {
+    /// Returns whether anything changed.
+    pub fn refresh(&mut self) -> Result<bool, StoreError> {
         self.asked = Some(Instant::now());
         let changes = self.store.changes_elsewhere()?;
         if self.dirty || changes.contains(&Change::Other) {
@@ -328,8 +331,9 @@ impl Verifier {
             self.dirty = true;
             self.reload()?;
             self.dirty = false;
-            return Ok(());
+            return Ok(true);
         }
+        let moved = !changes.is_empty();
         // Only chains moved (knocks accepted by another nameserver): follow them.
         for change in changes {
             let Change::Chain { user, form, old, new } = change else { continue };
@@ -343,13 +347,13 @@ impl Verifier {
                 self.index.insert(new, chain);
             }
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// [`Verifier::refresh`], at most every [`REFRESH_GAP`]: on the knock path.
-    fn refresh_soon(&mut self, now: Instant) -> Result<(), StoreError> {
+    fn refresh_soon(&mut self, now: Instant) -> Result<bool, StoreError> {
         match self.asked {
-            Some(at) if now.duration_since(at) < REFRESH_GAP && !self.dirty => Ok(()),
+            Some(at) if now.duration_since(at) < REFRESH_GAP && !self.dirty => Ok(false),
             _ => self.refresh(),
         }
     }
@@ -412,9 +416,6 @@ impl Verifier {
     /// Verification with a forward walk of at most `depth` steps; `None` if the walk
     /// found nothing but a longer one (up to `window`) might.
     fn verify_depth(&mut self, knock: &Knock, now_unix: u64, now: Instant, depth: u32) -> Option<Decision> {
-        if let Err(e) = self.refresh_soon(now) {
-            return Some(reject(None, Reject::Store(e.to_string())));
-        }
         let form = knock.token.form();
         let element = *knock.token.element();
         // Look-alikes cost one keyed hash here, never a chain walk (the DNS listener
@@ -427,7 +428,19 @@ impl Verifier {
         if let Some(d) = self.already_accepted(&element, form, now_unix, now) {
             return Some(d);
         }
-        let Some((chain, found, k)) = self.find(&element, form, depth) else {
+        // A hit needs no look at the store first: the user's record is read and the
+        // advance compared-and-set in the store itself. A miss may be a chain this
+        // index has not seen yet (a user added or re-keyed by another process), so it
+        // looks (at most every REFRESH_GAP) and walks again if anything changed.
+        let hit = match self.find(&element, form, depth) {
+            Some(hit) => Some(hit),
+            None => match self.refresh_soon(now) {
+                Err(e) => return Some(reject(None, Reject::Store(e.to_string()))),
+                Ok(true) => self.find(&element, form, depth),
+                Ok(false) => None,
+            },
+        };
+        let Some((chain, found, k)) = hit else {
             return (depth >= self.window).then(|| reject(None, Reject::Unknown));
         };
         Some(self.decide(knock, chain, found, k, now_unix, now))
@@ -440,7 +453,7 @@ impl Verifier {
         knock: &Knock,
         chain: ChainRef,
         found: Element,
-        k: u64,
+        mut k: u64,
         now_unix: u64,
         now: Instant,
     ) -> Decision {
@@ -459,14 +472,23 @@ impl Verifier {
         };
         let state = *user.chain(form);
         if state.verifier != found {
-            // Another nameserver advanced this chain: our index is behind.
-            let _ = self.reload();
+            // Another nameserver advanced this chain: our index is behind. Catch up.
+            let _ = self.refresh();
             if state.verifier == element {
                 // ... by spending this very element (the same knock reached it too).
                 self.recent.insert(element, (form, now));
                 return Decision::Repeat;
             }
-            return reject(Some(&user), Reject::Lost);
+            // ... by spending earlier elements: this one may still be ahead of the
+            // store's verifier, and then it is decided on the store's state.
+            let mut h = element;
+            let Some(ahead) = (1..=k).find(|_| {
+                h = chain::step(&self.zone, form, &h);
+                h == state.verifier
+            }) else {
+                return reject(Some(&user), Reject::Lost);
+            };
+            k = ahead;
         }
         if state.counter + k > user.chain_len {
             return reject(Some(&user), Reject::Exhausted);
@@ -501,8 +523,14 @@ impl Verifier {
         if services.is_empty() {
             return reject(Some(&user), Reject::NoService);
         }
-        // Every check passed: commit the advance; only a committed advance may open a door.
-        if let Err(why) = self.spend(chain, &state.verifier, element, state.counter + k, now) {
+        // Every check passed: commit the advance and the door records in one
+        // transaction; only a committed advance may open a door.
+        let records = if target.close {
+            Vec::new()
+        } else {
+            self.plan.records(&user.name, target.door, &services, user.max_open, knock.via.as_str(), now_unix)
+        };
+        if let Err(why) = self.spend(chain, &state.verifier, element, state.counter + k, &records, now) {
             // Lost the race: if the winner spent this very element (the same knock
             // reached another nameserver sharing the store), this one is its repeat.
             if matches!(why, Reject::Lost)
@@ -516,7 +544,7 @@ impl Verifier {
         if target.close {
             Decision::Close { user: user.name, door: target.door, services }
         } else {
-            Decision::Open { user: user.name, door: target.door, services, max_open: user.max_open }
+            Decision::Open { user: user.name, door: target.door, records }
         }
     }
 
@@ -615,7 +643,8 @@ impl Verifier {
     /// Configured services this knock may open: the requested one (or all), within
     /// the user's list.
     fn permitted(&self, user: &UserRecord, requested: u16) -> Vec<String> {
-        self.services
+        self.plan
+            .services()
             .iter()
             .filter(|s| requested == 0 || service_id(&s.name) == requested)
             .filter(|s| user.services.is_empty() || user.services.contains(&s.name))
@@ -623,16 +652,18 @@ impl Verifier {
             .collect()
     }
 
-    /// Commit `element` as the chain's new verifier, then update the index.
+    /// Commit `element` as the chain's new verifier, with the door records it
+    /// opens, then update the index.
     fn spend(
         &mut self,
         chain: ChainRef,
         old: &Element,
         element: Element,
         counter: u64,
+        records: &[DoorRecord],
         now: Instant,
     ) -> Result<(), Reject> {
-        match self.store.advance(chain.user, chain.form, old, &element, counter) {
+        match self.store.spend(chain.user, chain.form, old, &element, counter, records) {
             Ok(true) => {}
             Ok(false) => {
                 // Another writer won or the user was revoked meanwhile: resync, open nothing.
@@ -755,6 +786,16 @@ port = 443
         s.parse().unwrap()
     }
 
+    /// Who, where and which services an `Open` decision opens (its records,
+    /// which the same test checks are committed).
+    fn opened(d: Decision) -> (String, Prefix, Vec<String>) {
+        let Decision::Open { user, door, records } = d else { panic!("not an Open decision: {d:?}") };
+        for r in &records {
+            assert_eq!((r.addr, r.prefix_len, r.user.as_str()), (door.addr(), door.len(), user.as_str()));
+        }
+        (user, door, records.into_iter().map(|r| r.service).collect())
+    }
+
     fn why(d: Decision) -> Reject {
         match d {
             Decision::Reject { why, .. } => why,
@@ -767,15 +808,7 @@ port = 443
         let mut f = fixture(vec![], vec![]);
         let t = f.plain(N - 1);
         let d = f.v.verify(&knock(t.clone()));
-        assert_eq!(
-            d,
-            Decision::Open {
-                user: "alice".into(),
-                door: p("198.18.0.2/32"),
-                services: vec!["ssh".into(), "web".into()],
-                max_open: None
-            }
-        );
+        assert_eq!(opened(d), ("alice".to_owned(), p("198.18.0.2/32"), vec!["ssh".to_owned(), "web".to_owned()]));
         // Within grace: a silent repeat. After grace: a replay.
         assert_eq!(f.v.verify(&knock(t.clone())), Decision::Repeat);
         let later = Instant::now() + Duration::from_secs(3600);
@@ -836,15 +869,7 @@ port = 443
     fn bound_knock_opens_embedded_address_for_requested_service() {
         let mut f = fixture(vec![], vec![]);
         let t = f.bound(N - 1, "2001:db8:18::77", service_id("web"));
-        assert_eq!(
-            f.v.verify(&knock(t)),
-            Decision::Open {
-                user: "alice".into(),
-                door: p("2001:db8:18::/64"),
-                services: vec!["web".into()],
-                max_open: None
-            }
-        );
+        assert_eq!(opened(f.v.verify(&knock(t))), ("alice".to_owned(), p("2001:db8:18::/64"), vec!["web".to_owned()]));
     }
 
     #[test]
@@ -957,13 +982,8 @@ port = 443
         );
         // Refusals spent nothing: the same element opens as the trusted resolver's ECS says.
         assert_eq!(
-            f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1234::", 64)))),
-            Decision::Open {
-                user: "alice".into(),
-                door: p("2001:db8:77:1234::/64"),
-                services: vec!["ssh".into(), "web".into()],
-                max_open: None
-            }
+            opened(f.v.verify(&with_ecs("198.18.0.4", Some(("2001:db8:77:1234::", 64))))),
+            ("alice".to_owned(), p("2001:db8:77:1234::/64"), vec!["ssh".to_owned(), "web".to_owned()])
         );
         let t2 = f.plain(N - 2);
         let mut k = knock_from(t2, "198.18.0.4");
