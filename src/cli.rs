@@ -634,8 +634,9 @@ fn send_direct(o: &KnockOpts, plan: &KnockPlan, close: bool, how: crate::direct:
             None => bail!("--via udp sends a bound knock: --ip ADDR (the address the door should admit) is required"),
         };
         let port = direct::udp_port(&cred, o.knock_port.as_deref())?;
-        let name = client::bound_name(&plan.credential, ip, plan.service.as_deref(), close)?;
-        direct::send_udp(server, port, direct::label_of(&name))?;
+        client::with_bound_name(&plan.credential, ip, plan.service.as_deref(), close, |name| {
+            direct::send_udp(server, port, direct::label_of(name))
+        })?;
         return Ok(format!("knocked for {ip}: one datagram to {server} port {port}"));
     }
     if close || plan.service.is_some() || plan.ip.is_some() {

@@ -161,22 +161,29 @@ pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str
         .collect())
 }
 
-/// Build a bound knock name for the next element (reserving it first).
-/// A service the credential records as not openable is refused before an element is taken.
-pub fn bound_name(credential: &Path, ip: IpAddr, service: Option<&str>, close: bool) -> anyhow::Result<String> {
-    let mut cred = Credential::load(credential)?;
-    if let Some(service) = service {
-        if !cred.services.is_empty() && !cred.services.iter().any(|s| s == service) {
-            let may = format!("{}; a service added since needs `nxknock user rekey`", cred.services.join(", "));
-            return Err(KnockError::UnknownService(service.to_owned(), may).into());
-        }
-    }
-    let element = cred.take(credential, Form::Bound, 1)?.remove(0);
+/// The bound knock name of `element` for `ip`, stamped now.
+fn bound_name(
+    cred: &Credential,
+    element: crate::token::Element,
+    ip: IpAddr,
+    service: Option<&str>,
+    close: bool,
+) -> String {
     let now = crate::clock::unix_now() as u32;
     let sid = service.map(service_id).unwrap_or(0);
     let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip), service: sid, time: now, close };
     let b = Bound::sign(&cred.mac_key(), &cred.zone_key(), &cred.zone_id(), knock);
-    Ok(format!("{}.{}.", Token::Bound(b).to_label(), cred.zone))
+    format!("{}.{}.", Token::Bound(b).to_label(), cred.zone)
+}
+
+fn check_service(cred: &Credential, service: Option<&str>) -> Result<(), KnockError> {
+    if let Some(service) = service {
+        if !cred.services.is_empty() && !cred.services.iter().any(|s| s == service) {
+            let may = format!("{}; a service added since needs `nxknock user rekey`", cred.services.join(", "));
+            return Err(KnockError::UnknownService(service.to_owned(), may));
+        }
+    }
+    Ok(())
 }
 
 /// Why a knock did not reach the knock zone's nameserver. Each has its own exit
@@ -220,7 +227,27 @@ fn zone_answered(resp: &Message, zone: &str, direct: bool) -> bool {
 /// Send a bound knock and wait for its (NXDOMAIN) answer, retrying a lost one.
 /// Succeeds only on the knock zone's NXDOMAIN ([`KnockError`] otherwise).
 pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockReport> {
-    let name = bound_name(credential, req.ip, req.service.as_deref(), req.close)?;
+    with_bound_name(credential, req.ip, req.service.as_deref(), req.close, |name| exchange_knock(name, req))
+}
+
+/// Reserve the next bound element and hand its knock name for `ip` to `send`,
+/// which runs while the credential's new counter is saved
+/// ([`Credential::take_sending`]). A service the credential records as not
+/// openable is refused before an element is taken.
+pub fn with_bound_name<R>(
+    credential: &Path,
+    ip: IpAddr,
+    service: Option<&str>,
+    close: bool,
+    send: impl FnOnce(&str) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    let mut cred = Credential::load(credential)?;
+    check_service(&cred, service)?;
+    cred.take_sending(credential, Form::Bound, |cred, element| send(&bound_name(cred, element, ip, service, close)))?
+}
+
+/// Send knock `name` as `req` says, with its retries, and check the answer.
+fn exchange_knock(name: &str, req: &KnockRequest) -> anyhow::Result<KnockReport> {
     let (addr, rd) = match req.target {
         Target::Server(a) => (a, false),
         Target::Resolver(a) => (a, true),
@@ -229,7 +256,7 @@ pub fn knock(credential: &Path, req: &KnockRequest) -> anyhow::Result<KnockRepor
     let mut last_err = None;
     let zone = name.split_once('.').map(|(_, z)| z.trim_end_matches('.').to_owned()).unwrap_or_default();
     for attempt in 1..=req.attempts.max(1) {
-        match exchange(addr, &name, RecordType::A, rd, req.tcp, req.timeout) {
+        match exchange(addr, name, RecordType::A, rd, req.tcp, req.timeout) {
             Ok(resp) if !zone_answered(&resp, &zone, !rd) => {
                 return Err(KnockError::WrongAnswer {
                     server: addr,
