@@ -95,6 +95,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     // The integrity check's own read-only connection is opened now, while the file
     // is still readable whoever we become next.
     let integrity = cfg.store.sqlite_path().map(|db| (db.to_path_buf(), SqliteStore::open_for_check(db)));
+    let housekeeping = verifier.store_mut().housekeeping().context("store housekeeping")?;
     if let Some(d) = &cfg.daemon {
         let (uid, gid) = crate::privilege::become_user(&d.user).context("refusing to serve")?;
         tracing::info!(user = %d.user, uid, gid, "running as an unprivileged user");
@@ -128,6 +129,9 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     // (PostgreSQL checks its own pages: `data_checksums`, `amcheck`.)
     if let Some((db, check)) = integrity {
         spawn_integrity_check(db, check)?;
+    }
+    if let Some(job) = housekeeping {
+        spawn_housekeeping(job)?;
     }
 
     // One single-threaded runtime per core, each serving its own SO_REUSEPORT
@@ -494,6 +498,27 @@ fn spawn_integrity_check(
             Err(error) => tracing::warn!(%error, "could not run the database integrity check"),
         })
         .context("spawn integrity thread")?;
+    Ok(())
+}
+
+/// The store's upkeep (WAL checkpoints), beside serving: a failure is logged (at
+/// most once a minute) and the next round tries again.
+fn spawn_housekeeping(mut job: crate::store::Housekeeping) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("housekeeping".into())
+        .spawn(move || {
+            let mut said: Option<Instant> = None;
+            loop {
+                std::thread::sleep(crate::store::HOUSEKEEPING_EVERY);
+                if let Err(error) = job() {
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(%error, "store housekeeping (WAL checkpoint) failed; retrying");
+                        said = Some(Instant::now());
+                    }
+                }
+            }
+        })
+        .context("spawn housekeeping thread")?;
     Ok(())
 }
 

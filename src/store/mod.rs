@@ -179,7 +179,21 @@ pub enum Change {
 }
 
 /// Durable chain state. Implementations must make [`Store::advance`] atomic.
+/// Store upkeep for a thread of its own (see [`Store::housekeeping`]); call it
+/// every [`HOUSEKEEPING_EVERY`].
+pub type Housekeeping = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
+
+/// How often [`Housekeeping`] runs.
+pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub trait Store: Send {
+    /// Move the store's own upkeep off the knock path: SQLite's WAL checkpoints would
+    /// otherwise run inside whichever commit crosses the WAL's size limit — a
+    /// knock's, several milliseconds long. The daemon runs the returned job on a
+    /// thread of its own; `None` when there is nothing to move.
+    fn housekeeping(&mut self) -> Result<Option<Housekeeping>, StoreError> {
+        Ok(None)
+    }
     /// All users that may knock (not revoked), for the in-memory verifier index.
     fn active_users(&mut self) -> Result<Vec<UserRecord>, StoreError>;
     /// Every user, revoked ones included, ordered by name.
