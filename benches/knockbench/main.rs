@@ -138,11 +138,41 @@ struct Bench {
     opts: Opts,
     lab: Lab,
     dir: PathBuf,
+    /// Where the clients keep their credentials (see [`ClientDir`]).
+    clients: ClientDir,
     zone: ZoneId,
     report: String,
     /// Per method: latencies (ms) of the knocks that opened, and the number of trials.
     cdf: BTreeMap<String, (Vec<f64>, usize)>,
     notes: Vec<String>,
+}
+
+/// The clients' credentials live on a tmpfs (`/dev/shm`), not on the disk the
+/// servers commit to: on a real network the client saves its counter on its own
+/// machine's disk, and here its flushes (which `knock` overlaps with sending) would
+/// queue with the server's commit on the one disk this machine has. Removed on drop.
+struct ClientDir(PathBuf);
+
+impl ClientDir {
+    fn new(fallback: &std::path::Path) -> Result<ClientDir> {
+        let shm = std::path::Path::new("/dev/shm");
+        if !shm.is_dir() {
+            eprintln!("knockbench: no /dev/shm; client credentials share the servers' disk");
+            return Ok(ClientDir(fallback.join("clients")));
+        }
+        let dir = shm.join(format!("nxknock-kb-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir)?;
+        Ok(ClientDir(dir))
+    }
+}
+
+impl Drop for ClientDir {
+    fn drop(&mut self) {
+        if self.0.starts_with("/dev/shm") {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 fn run(opts: &Opts) -> Result<()> {
@@ -159,6 +189,7 @@ fn run(opts: &Opts) -> Result<()> {
     let mut b = Bench {
         opts: opts.clone(),
         lab,
+        clients: ClientDir::new(&dir)?,
         dir,
         zone: ZoneId::new(ZONE),
         report: String::new(),

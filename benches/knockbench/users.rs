@@ -36,7 +36,8 @@ impl Bench {
 
     /// `nxknock user add` (the credential the real client reads).
     pub(crate) fn user_add(&self, config: &Path, name: &str) -> Result<PathBuf> {
-        let cred = self.dir.join(format!("{name}.cred"));
+        std::fs::create_dir_all(&self.clients.0)?;
+        let cred = self.clients.0.join(format!("{name}.cred"));
         let out = Command::new(BIN)
             .args(["user", "add", name, "--out", cred.to_str().unwrap(), "--config", config.to_str().unwrap()])
             .output()?;
