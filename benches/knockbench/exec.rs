@@ -70,3 +70,50 @@ pub(crate) fn host_cmd(args: &[&str]) -> String {
 pub(crate) fn now_ns() -> i128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
 }
+
+/// The latency section models two machines on this one: the server side (the
+/// daemon under test, the resolver, the reference daemons) runs on CPU 0, the
+/// client side (the knocking program, the probe, the sniffer) on CPU 1, so the
+/// client's own start-up and exit do not take CPU from the server, nor the server's
+/// from the probe. (The DNS-rate and flood sections leave every CPU to the server.)
+pub(crate) const SERVER_CPU: usize = 0;
+pub(crate) const CLIENT_CPU: usize = 1;
+
+/// Run every thread of process `pid` (0: this process) on CPU `cpu` only. New
+/// threads and children inherit it. A machine with one CPU keeps everything there.
+pub(crate) fn pin(pid: u32, cpu: usize) {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if cpus < 2 {
+        return;
+    }
+    let dir = if pid == 0 { "/proc/self/task".to_owned() } else { format!("/proc/{pid}/task") };
+    let Ok(tasks) = std::fs::read_dir(&dir) else { return };
+    for t in tasks.flatten() {
+        let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+/// Every CPU again for this process (the latency section is over).
+pub(crate) fn unpin() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    for t in tasks.flatten() {
+        let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // SAFETY: as in `pin`.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in 0..cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}

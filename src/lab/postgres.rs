@@ -144,6 +144,12 @@ impl Postgres {
     }
 
     /// The server's log.
+    /// The postmaster's process id (its backends are its children), if running.
+    pub fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     pub fn log(&self) -> PathBuf {
         self.dir.join("server.log")
     }

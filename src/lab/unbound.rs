@@ -54,6 +54,11 @@ pub struct Unbound {
 }
 
 impl Unbound {
+    /// The resolver's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Writes `unbound.conf` into `dir` (created if need be) and starts unbound
     /// in `ns` on `listen`:53; ready once it resolves `ns1.<zone>` through the stub.
     pub fn start(ns: &Netns, listen: Ipv4Addr, dir: &Path, o: &UnboundOpts) -> anyhow::Result<Unbound> {
