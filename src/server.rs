@@ -121,9 +121,10 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     let verify_blocks = blocklist.clone();
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<reload::Request>();
     let summary_every = Duration::from_secs(cfg.log.summary_seconds);
+    let inline = verifier.store_mut().usable_in_async_threads();
     let stage = SharedStage::new(Stage::new(verifier, doors, deep, verify_blocks));
     // Listeners take a knock themselves when nothing is queued and the stage is idle.
-    let tx = tx.with_inline(Arc::new(stage.clone()));
+    let tx = if inline { tx.with_inline(Arc::new(stage.clone())) } else { tx };
     std::thread::Builder::new()
         .name("verify".into())
         .spawn(move || verify_loop(stage, rx, reload_rx, summary_every))

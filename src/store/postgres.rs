@@ -707,6 +707,10 @@ impl Store for PgStore {
             .map_err(|v: Vec<u8>| self.invalid(format!("zone_key has {} bytes, expected {ZONE_KEY_LEN}", v.len())))
     }
 
+    fn usable_in_async_threads(&self) -> bool {
+        false
+    }
+
     fn spend(
         &mut self,
         user: i64,
