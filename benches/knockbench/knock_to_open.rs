@@ -306,7 +306,7 @@ impl Bench {
              connects are tried back to back, each with a 0.25 ms timeout (a dropped SYN), for up to 2 s. Between trials the \
              door is removed (`nft flush set`, `iptables -F`), so every trial starts closed. \"from command start\" \
              adds the client program's own start-up.\n\n\
-             | method | opened | p50 | p99 | mean | max | p50 from command start | command |\n|---|---:|---:|---:|---:|---:|---:|---|\n"
+             | method | opened | p50 | p99 | mean | max | p50 from command start | p99 from command start | command |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
         );
         for (label, v, how) in &rows {
             let ok: Vec<f64> = v.iter().filter_map(|t| t.packet_ms).collect();
@@ -315,14 +315,15 @@ impl Bench {
             let c = summarize(&cmd);
             let _ = writeln!(
                 t,
-                "| {label} | {}/{} | {} | {} | {} | {} | {} | {how} |",
+                "| {label} | {}/{} | {} | {} | {} | {} | {} | {} | {how} |",
                 ok.len(),
                 v.len(),
                 fmt_ms(s.p50),
                 fmt_ms(s.p99),
                 fmt_ms(s.mean),
                 fmt_ms(s.max),
-                fmt_ms(c.p50)
+                fmt_ms(c.p50),
+                fmt_ms(c.p99)
             );
             self.cdf.insert(label.clone(), (ok, v.len()));
         }
