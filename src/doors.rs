@@ -386,21 +386,12 @@ impl Doors {
                 );
                 continue;
             }
-            let Some(svc) =
-                self.services.iter().find(|s| s.name == r.service && s.proto == r.proto && s.port == r.port)
-            else {
+            let Some(svc) = self.service_of(r) else {
                 // The config was reloaded between the decision and here.
                 tracing::warn!(%user, service = %r.service, "service no longer configured; its door stays closed");
                 continue;
             };
-            let d = Door {
-                addr: r.addr,
-                prefix_len: r.prefix_len,
-                proto: r.proto,
-                port: r.port,
-                open_for,
-                single_use: r.single_use,
-            };
+            let d = r.door(open_for);
             // latency_us: packet receipt to door in the kernel; verified_us: to the
             // verifier's committed decision; firewall_us: the backend's share.
             let asked = std::time::Instant::now();
@@ -447,26 +438,23 @@ impl Doors {
         }
     }
 
+    /// This host's service a record names (by name, protocol and port).
+    fn service_of(&self, r: &DoorRecord) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == r.service && s.proto == r.proto && s.port == r.port)
+    }
+
     /// An agent opens grant `r` (a record for its host): with the port of its own
     /// service of that name, until the latest live record of the same door ends.
     /// A grant for a service this host does not have, or whose port differs, is
     /// refused (logged). Returns whether a door opened.
     pub fn open_grant(&self, r: &DoorRecord, live: &[DoorRecord]) -> bool {
-        let Some(svc) = self.services.iter().find(|s| s.name == r.service && s.proto == r.proto && s.port == r.port)
-        else {
+        let Some(svc) = self.service_of(r) else {
             tracing::warn!(user = %r.user, service = %r.service, port = r.port, "grant for a service this host does not guard; ignored");
             return false;
         };
         let t = now();
         let latest = live.iter().filter(|o| o.key() == r.key()).map(|o| o.expires_at).max().unwrap_or(r.expires_at);
-        let door = Door {
-            addr: r.addr,
-            prefix_len: r.prefix_len,
-            proto: svc.proto,
-            port: svc.port,
-            open_for: Duration::from_secs(latest.saturating_sub(t).max(1)),
-            single_use: r.single_use,
-        };
+        let door = r.door(Duration::from_secs(latest.saturating_sub(t).max(1)));
         if let Err(error) = door.key().prefix.door() {
             tracing::error!(user = %r.user, %error, "refusing a granted door wider than the rules allow");
             return false;

@@ -116,6 +116,18 @@ impl DoorRecord {
     pub fn key(&self) -> DoorKey {
         DoorKey { prefix: Prefix::new(self.addr, self.prefix_len), proto: self.proto, port: self.port }
     }
+
+    /// The kernel door this record stands for, open for `open_for`.
+    pub fn door(&self, open_for: std::time::Duration) -> crate::firewall::Door {
+        crate::firewall::Door {
+            addr: self.addr,
+            prefix_len: self.prefix_len,
+            proto: self.proto,
+            port: self.port,
+            open_for,
+            single_use: self.single_use,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
