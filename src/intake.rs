@@ -8,8 +8,11 @@
 //! - **overflow**: knocks over their source's budget.
 //!
 //! When both queues are empty and the verify stage is idle, a knock within its
-//! budget is not queued at all: the listener's thread runs its cheap check and its
-//! door ([`Inline`], `src/stage.rs`), sparing the hand-off between threads.
+//! budget that came through the capture listener is not queued at all: that
+//! thread runs its cheap check and its door ([`Inline`], `src/stage.rs`), sparing
+//! the hand-off between threads. DNS knocks are always queued: the threads that
+//! answer DNS must not pause for a valid knock's commit, or the pause would give
+//! the valid ones away.
 //!
 //! The verifier always takes from main first. So a flood of well-formed plain tokens
 //! from one source (or through one resolver) fills only the overflow queue, and a
@@ -122,7 +125,8 @@ impl IntakeSender {
             (Token::Plain(_), Some((_, b))) => b.plain.admit(knock.seen_from, knock.received),
             (Token::Bound(_), Some((_, b))) => b.bound.admit(knock.seen_from, knock.received),
         };
-        if let (true, Some(stage)) = (to_main, &self.inline) {
+        // Never on a thread that answers DNS (see `Via::answered_here`).
+        if let (true, false, Some(stage)) = (to_main, knock.via.answered_here(), &self.inline) {
             if self.queued.load(Ordering::Acquire) == 0 {
                 match stage.try_now(knock) {
                     Ok(()) => return Ok(()),
@@ -299,34 +303,35 @@ mod tests {
     }
 
     /// A knock goes inline only while nothing is queued (so it never jumps the
-    /// queue), and never when it is over its source's budget.
+    /// queue), never when it is over its source's budget, and never when it came
+    /// to the DNS server (whose threads must not pause for a valid knock).
     #[test]
     fn inline_only_when_nothing_waits() {
+        let direct = |from: &str, n: u8| Knock { via: Via::TcpSequence, ..plain(from, n) };
+        let offered = |stub: &Stub| stub.offered.load(Ordering::Relaxed);
         let stub = Arc::new(Stub::default());
         let (tx, rx) = channel(100, 100);
         let tx = tx.with_inline(stub.clone());
+        assert!(tx.send(direct("198.51.100.1", 1)).is_ok());
+        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (1, 0), "taken inline");
         assert!(tx.send(plain("198.51.100.1", 1)).is_ok());
-        assert_eq!((stub.offered.load(Ordering::Relaxed), tx.queued.load(Ordering::Acquire)), (1, 0), "taken inline");
+        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (1, 1), "a DNS knock is queued, never inline");
+        assert!(rx.try_recv().is_ok());
         stub.busy.store(true, Ordering::Relaxed);
-        assert!(tx.send(plain("198.51.100.1", 2)).is_ok());
-        assert_eq!((stub.offered.load(Ordering::Relaxed), tx.queued.load(Ordering::Acquire)), (2, 1), "busy: queued");
+        assert!(tx.send(direct("198.51.100.1", 2)).is_ok());
+        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (2, 1), "busy: queued");
         stub.busy.store(false, Ordering::Relaxed);
-        assert!(tx.send(plain("198.51.100.1", 3)).is_ok());
-        assert_eq!(
-            (stub.offered.load(Ordering::Relaxed), tx.queued.load(Ordering::Acquire)),
-            (2, 2),
-            "something waits: queued behind it, not offered"
-        );
+        assert!(tx.send(direct("198.51.100.1", 3)).is_ok());
+        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (2, 2), "something waits: queued behind it");
         assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
         assert_eq!(tx.queued.load(Ordering::Acquire), 0);
         // Over its source's budget a knock goes to the overflow queue, never inline.
         for i in 0..(2 * PLAIN_PER_SOURCE + 10) {
-            let _ = tx.send(plain("198.51.100.7", (i % 200) as u8));
+            let _ = tx.send(direct("198.51.100.7", (i % 200) as u8));
         }
-        let inline_before = stub.offered.load(Ordering::Relaxed);
-        stub.busy.store(false, Ordering::Relaxed);
+        let before = offered(&stub);
         while rx.try_recv().is_ok() {}
-        assert!(tx.send(plain("198.51.100.7", 1)).is_ok());
-        assert_eq!(stub.offered.load(Ordering::Relaxed), inline_before, "over budget: not offered inline");
+        assert!(tx.send(direct("198.51.100.7", 1)).is_ok());
+        assert_eq!(offered(&stub), before, "over budget: not offered inline");
     }
 }

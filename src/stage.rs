@@ -2,12 +2,14 @@
 //! (ARCHITECTURE.md, "Verification").
 //!
 //! The verifier's own thread takes knocks from the intake queues
-//! ([`crate::intake`]). A listener whose knock finds both queues empty and the
-//! stage idle runs the knock's cheap check and its door itself ([`Inline`]): on an
-//! idle server that spares the knock the hand-off between threads, a wake-up that
-//! costs ~0.1 ms here (more when the other CPU sleeps). Whatever waits in a queue,
-//! or needs a deep walk, goes the usual way, so the fairness between sources is
-//! the queues' and nothing jumps them.
+//! ([`crate::intake`]). The capture listener, when its knock finds both queues
+//! empty and the stage idle, runs the knock's cheap check and its door itself
+//! ([`Inline`]): on an idle server that spares the knock the hand-off between
+//! threads, a wake-up that costs ~0.1 ms here (more when the other CPU sleeps).
+//! Whatever waits in a queue, or needs a deep walk, goes the usual way, so the
+//! fairness between sources is the queues' and nothing jumps them. DNS knocks are
+//! always queued: a thread that answers DNS must never pause for a valid knock's
+//! commit, or the pause would tell a watcher which knock was valid.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
