@@ -378,7 +378,9 @@ impl Doors {
         let verified_us = knock.received.elapsed().as_micros() as u64;
         let mut opened = Vec::new();
         for r in records {
-            let open_for = Duration::from_secs(r.expires_at.saturating_sub(r.opened_at));
+            // Until the record's end, counted from now: the commit took some time
+            // since `opened_at`, and the kernel door must not outlive its record.
+            let open_for = Duration::from_secs(r.expires_at.saturating_sub(now()).max(1));
             if r.host != self.host {
                 tracing::info!(
                     %user, %door, service = %r.service, host = %r.host, %via, %from, open_seconds = open_for.as_secs(),

@@ -7,13 +7,6 @@
 //!   a revoked one — can);
 //! - **overflow**: knocks over their source's budget.
 //!
-//! When both queues are empty and the verify stage is idle, a knock within its
-//! budget that came through the capture listener is not queued at all: that
-//! thread runs its cheap check and its door ([`Inline`], `src/stage.rs`), sparing
-//! the hand-off between threads. DNS knocks are always queued: the threads that
-//! answer DNS must not pause for a valid knock's commit, or the pause would give
-//! the valid ones away.
-//!
 //! The verifier always takes from main first. So a flood of well-formed plain tokens
 //! from one source (or through one resolver) fills only the overflow queue, and a
 //! user's knock from anywhere else — or any bound knock — still finds room in main
@@ -21,7 +14,7 @@
 //! dropped and counted (its answer has already gone, identical to every other).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -53,12 +46,6 @@ struct Budgets {
     bound: SourceLimiter,
 }
 
-/// A stage that takes a knock at once, on the caller's thread, when it is idle;
-/// `Err` gives the knock back (the stage is busy, or only a deep walk can tell).
-pub trait Inline: Send + Sync {
-    fn try_now(&self, knock: Knock) -> Result<(), Knock>;
-}
-
 /// The listeners' end (cloned into every listener thread).
 #[derive(Clone)]
 pub struct IntakeSender {
@@ -67,16 +54,12 @@ pub struct IntakeSender {
     overflow: Option<(SyncSender<Knock>, Arc<Budgets>)>,
     /// Knocks put in the overflow queue so far (the receiver's hint to look there).
     overflowed: Arc<AtomicU64>,
-    /// Knocks in either queue now.
-    queued: Arc<AtomicUsize>,
-    /// Where a knock goes when nothing is queued (see [`Inline`]).
-    inline: Option<Arc<dyn Inline>>,
 }
 
 impl From<SyncSender<Knock>> for IntakeSender {
     /// One queue, no budget.
     fn from(main: SyncSender<Knock>) -> IntakeSender {
-        IntakeSender { main, overflow: None, overflowed: Arc::default(), queued: Arc::default(), inline: None }
+        IntakeSender { main, overflow: None, overflowed: Arc::default() }
     }
 }
 
@@ -85,7 +68,6 @@ pub struct IntakeReceiver {
     main: Receiver<Knock>,
     overflow: Option<Receiver<Knock>>,
     overflowed: Arc<AtomicU64>,
-    queued: Arc<AtomicUsize>,
     /// Knocks taken from the overflow queue so far.
     taken: AtomicU64,
 }
@@ -99,52 +81,26 @@ pub fn channel(main: usize, overflow: usize) -> (IntakeSender, IntakeReceiver) {
         bound: SourceLimiter::new(BOUND_PER_SOURCE, 2 * BOUND_PER_SOURCE),
     });
     let overflowed = Arc::new(AtomicU64::new(0));
-    let queued = Arc::new(AtomicUsize::new(0));
     (
-        IntakeSender {
-            main: mtx,
-            overflow: Some((otx, limiter)),
-            overflowed: overflowed.clone(),
-            queued: queued.clone(),
-            inline: None,
-        },
-        IntakeReceiver { main: mrx, overflow: Some(orx), overflowed, queued, taken: AtomicU64::new(0) },
+        IntakeSender { main: mtx, overflow: Some((otx, limiter)), overflowed: overflowed.clone() },
+        IntakeReceiver { main: mrx, overflow: Some(orx), overflowed, taken: AtomicU64::new(0) },
     )
 }
 
 impl IntakeSender {
-    /// Knocks that find nothing queued go to `stage` at once (see [`Inline`]).
-    pub fn with_inline(mut self, stage: Arc<dyn Inline>) -> IntakeSender {
-        self.inline = Some(stage);
-        self
-    }
-
-    pub fn send(&self, mut knock: Knock) -> Result<(), Full> {
+    pub fn send(&self, knock: Knock) -> Result<(), Full> {
         let to_main = match (&knock.token, &self.overflow) {
             (_, None) => true,
             (Token::Plain(_), Some((_, b))) => b.plain.admit(knock.seen_from, knock.received),
             (Token::Bound(_), Some((_, b))) => b.bound.admit(knock.seen_from, knock.received),
         };
-        // Never on a thread that answers DNS (see `Via::answered_here`).
-        if let (true, false, Some(stage)) = (to_main, knock.via.answered_here(), &self.inline) {
-            if self.queued.load(Ordering::Acquire) == 0 {
-                match stage.try_now(knock) {
-                    Ok(()) => return Ok(()),
-                    Err(back) => knock = back,
-                }
-            }
-        }
         let (queue, full) = match (&self.overflow, to_main) {
             (Some((overflow, _)), false) => (overflow, Full::Overflow),
             _ => (&self.main, Full::Main),
         };
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        queue.try_send(knock).map_err(|e| {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            match e {
-                TrySendError::Full(_) => full,
-                TrySendError::Disconnected(_) => Full::Closed,
-            }
+        queue.try_send(knock).map_err(|e| match e {
+            TrySendError::Full(_) => full,
+            TrySendError::Disconnected(_) => Full::Closed,
         })?;
         if full == Full::Overflow {
             self.overflowed.fetch_add(1, Ordering::Release);
@@ -157,23 +113,17 @@ impl IntakeReceiver {
     /// The next knock, main first; `Err(true)` once every sender is gone.
     pub fn try_recv(&self) -> Result<Knock, bool> {
         match self.main.try_recv() {
-            Ok(k) => return Ok(self.got(k)),
+            Ok(k) => return Ok(k),
             Err(TryRecvError::Disconnected) => return Err(true),
             Err(TryRecvError::Empty) => {}
         }
         match self.overflow.as_ref().map(Receiver::try_recv) {
             Some(Ok(k)) => {
                 self.taken.fetch_add(1, Ordering::Relaxed);
-                Ok(self.got(k))
+                Ok(k)
             }
             _ => Err(false),
         }
-    }
-
-    /// `k` left its queue.
-    fn got(&self, k: Knock) -> Knock {
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        k
     }
 
     /// Wait up to `timeout` for a knock, main first. `Err(true)` once every sender is gone.
@@ -195,7 +145,7 @@ impl IntakeReceiver {
             let pending = self.overflowed.load(Ordering::Acquire) > self.taken.load(Ordering::Relaxed);
             let wait = if pending { left.min(OVERFLOW_POLL) } else { left };
             match self.main.recv_timeout(wait) {
-                Ok(k) => return Ok(self.got(k)),
+                Ok(k) => return Ok(k),
                 Err(RecvTimeoutError::Disconnected) => return Err(true),
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -275,63 +225,9 @@ mod tests {
     fn a_single_queue_takes_everything_in_order() {
         let (tx, rx) = sync_channel(4);
         let tx = IntakeSender::from(tx);
-        let rx = IntakeReceiver {
-            main: rx,
-            overflow: None,
-            overflowed: Arc::default(),
-            queued: tx.queued.clone(),
-            taken: AtomicU64::new(0),
-        };
+        let rx = IntakeReceiver { main: rx, overflow: None, overflowed: Arc::default(), taken: AtomicU64::new(0) };
         assert!((0..4).all(|i| tx.send(plain("198.51.100.9", i)).is_ok()));
         assert_eq!(tx.send(plain("198.51.100.9", 9)), Err(Full::Main));
         assert!(rx.recv_timeout(Duration::from_millis(10)).is_ok());
-        assert_eq!(tx.queued.load(Ordering::Acquire), 3);
-    }
-
-    /// Takes a knock inline while `busy` is false; counts what it was offered.
-    #[derive(Default)]
-    struct Stub {
-        busy: std::sync::atomic::AtomicBool,
-        offered: AtomicUsize,
-    }
-
-    impl Inline for Stub {
-        fn try_now(&self, knock: Knock) -> Result<(), Knock> {
-            self.offered.fetch_add(1, Ordering::Relaxed);
-            if self.busy.load(Ordering::Relaxed) { Err(knock) } else { Ok(()) }
-        }
-    }
-
-    /// A knock goes inline only while nothing is queued (so it never jumps the
-    /// queue), never when it is over its source's budget, and never when it came
-    /// to the DNS server (whose threads must not pause for a valid knock).
-    #[test]
-    fn inline_only_when_nothing_waits() {
-        let direct = |from: &str, n: u8| Knock { via: Via::TcpSequence, ..plain(from, n) };
-        let offered = |stub: &Stub| stub.offered.load(Ordering::Relaxed);
-        let stub = Arc::new(Stub::default());
-        let (tx, rx) = channel(100, 100);
-        let tx = tx.with_inline(stub.clone());
-        assert!(tx.send(direct("198.51.100.1", 1)).is_ok());
-        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (1, 0), "taken inline");
-        assert!(tx.send(plain("198.51.100.1", 1)).is_ok());
-        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (1, 1), "a DNS knock is queued, never inline");
-        assert!(rx.try_recv().is_ok());
-        stub.busy.store(true, Ordering::Relaxed);
-        assert!(tx.send(direct("198.51.100.1", 2)).is_ok());
-        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (2, 1), "busy: queued");
-        stub.busy.store(false, Ordering::Relaxed);
-        assert!(tx.send(direct("198.51.100.1", 3)).is_ok());
-        assert_eq!((offered(&stub), tx.queued.load(Ordering::Acquire)), (2, 2), "something waits: queued behind it");
-        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
-        assert_eq!(tx.queued.load(Ordering::Acquire), 0);
-        // Over its source's budget a knock goes to the overflow queue, never inline.
-        for i in 0..(2 * PLAIN_PER_SOURCE + 10) {
-            let _ = tx.send(direct("198.51.100.7", (i % 200) as u8));
-        }
-        let before = offered(&stub);
-        while rx.try_recv().is_ok() {}
-        assert!(tx.send(direct("198.51.100.7", 1)).is_ok());
-        assert_eq!(offered(&stub), before, "over budget: not offered inline");
     }
 }

@@ -36,14 +36,6 @@ impl Via {
         }
     }
 
-    /// Came to nxknock's own DNS server, which answers it. Such a knock is never
-    /// verified on the thread that serves DNS ([`crate::intake::Inline`]): a valid
-    /// knock's commit would hold up that thread's next answers, and the delay
-    /// would tell a watcher which knock was valid.
-    pub fn answered_here(self) -> bool {
-        matches!(self, Via::DnsUdp | Via::DnsTcp)
-    }
-
     /// Sent straight to this host, so the packet source is the sender's own
     /// address (or its NAT's): no resolver in between. Only these knocks feed the
     /// block list; a DNS knock's source may be a resolver that many users share.

@@ -43,7 +43,6 @@ pub mod privilege;
 pub mod profile;
 pub mod reload;
 pub mod server;
-pub mod stage;
 pub mod store;
 pub mod token;
 pub mod verify;

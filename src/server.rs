@@ -26,10 +26,9 @@ use crate::knock::Knock;
 use crate::limit::DeepQueue;
 use crate::metrics::Metrics;
 use crate::reload;
-use crate::stage::{SharedStage, Stage};
 use crate::store::SqliteStore;
 use crate::token::ZoneId;
-use crate::verify::Verifier;
+use crate::verify::{Decision, Reject, Verifier};
 
 /// Knocks waiting for the cheap check. Beyond this the listener drops knocks (and
 /// counts them) rather than let a flood grow memory without bound; at one hash a
@@ -121,13 +120,9 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     let verify_blocks = blocklist.clone();
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<reload::Request>();
     let summary_every = Duration::from_secs(cfg.log.summary_seconds);
-    let inline = verifier.store_mut().usable_in_async_threads();
-    let stage = SharedStage::new(Stage::new(verifier, doors, deep, verify_blocks));
-    // Listeners take a knock themselves when nothing is queued and the stage is idle.
-    let tx = if inline { tx.with_inline(Arc::new(stage.clone())) } else { tx };
     std::thread::Builder::new()
         .name("verify".into())
-        .spawn(move || verify_loop(stage, rx, reload_rx, summary_every))
+        .spawn(move || verify_loop(verifier, doors, rx, deep, reload_rx, summary_every, verify_blocks))
         .context("spawn verifier thread")?;
     // The whole-file integrity check reads every page: it runs beside serving, so a
     // large database starts fast; a damaged one stops the daemon (the guard stays).
@@ -387,29 +382,44 @@ const REFRESH_EVERY: Duration = Duration::from_millis(200);
 /// it cannot decide waits in the fair [`DeepQueue`] for a full walk, done only
 /// when no knock is waiting for its cheap check. Between knocks (and at least every
 /// [`REFRESH_EVERY`]) it re-reads the store, so revocations close doors promptly.
-/// (A knock that finds nothing queued may be taken by its listener instead:
-/// [`crate::stage`].)
-fn verify_loop(stage: SharedStage, rx: IntakeReceiver, reloads: Receiver<reload::Request>, summary_every: Duration) {
+fn verify_loop(
+    mut verifier: Verifier,
+    mut doors: Doors,
+    rx: IntakeReceiver,
+    mut deep: DeepQueue<Knock>,
+    reloads: Receiver<reload::Request>,
+    summary_every: Duration,
+    blocklist: Option<Arc<Blocklist>>,
+) {
+    // A refused *direct* knock is a strike against its source (block list).
+    let judge = |knock: &Knock, decision: &Decision| {
+        let Some(list) = &blocklist else { return };
+        let strike = match decision {
+            Decision::Reject { why, .. } => !matches!(why, Reject::Store(_) | Reject::Lost | Reject::UserRate),
+            _ => false,
+        };
+        if strike && knock.via.is_direct() {
+            list.strike(knock.seen_from, Instant::now());
+        }
+    };
+    let mut shed = 0u64;
+    let mut since_deep = 0u32;
     let mut chores = Chores { summary_every, summarised: Instant::now(), gauged: None, shed_counted: 0 };
-    let mut chores_due = true;
+    let (mut since_chores, mut chores_due) = (0u32, true);
     loop {
         // Between two knocks, when idle or every CHORES_EVERY knocks (so a flood
         // adds nothing per knock and cannot postpone them either).
-        let (deep_empty, deep_turn) = {
-            let mut s = stage.lock();
-            if chores_due || s.since_chores >= CHORES_EVERY {
-                let Stage { verifier, doors, deep, shed, .. } = &mut *s;
-                chores.run(&reloads, verifier, doors, deep, *shed);
-                (s.since_chores, chores_due) = (0, false);
-            }
-            // Deep walks get their turn when no knock waits for its cheap check, and
-            // at least once every DEEP_EVERY knocks, so a flood that keeps the channel
-            // busy cannot starve them.
-            (s.deep.is_empty(), !s.deep.is_empty() && s.since_deep >= DEEP_EVERY)
-        };
+        if chores_due || since_chores >= CHORES_EVERY {
+            chores.run(&reloads, &mut verifier, &mut doors, &mut deep, shed);
+            (since_chores, chores_due) = (0, false);
+        }
+        // Deep walks get their turn when no knock waits for its cheap check, and at
+        // least once every DEEP_EVERY knocks, so a flood that keeps the channel busy
+        // cannot starve them.
+        let deep_turn = !deep.is_empty() && since_deep >= DEEP_EVERY;
         let next = if deep_turn {
             None
-        } else if deep_empty {
+        } else if deep.is_empty() {
             match rx.recv_timeout(REFRESH_EVERY) {
                 Ok(k) => Some(k),
                 Err(false) => None,
@@ -422,30 +432,50 @@ fn verify_loop(stage: SharedStage, rx: IntakeReceiver, reloads: Receiver<reload:
                 Err(true) => return,
             }
         };
-        let mut s = stage.lock();
         match next {
             Some(knock) => {
+                since_deep += 1;
+                since_chores += 1;
                 tracing::trace!(queued_us = knock.received.elapsed().as_micros() as u64, "knock picked up");
-                s.take(knock);
+                match verifier.verify_quick(&knock) {
+                    Some(decision) => {
+                        doors.apply(&knock, &decision, verifier.store_mut());
+                        judge(&knock, &decision);
+                    }
+                    None => {
+                        let (src, form) = (knock.seen_from, knock.token.form());
+                        // A shed knock is no strike: shedding says the verifier is
+                        // busy (or the source's network is), not that the knock was bad.
+                        if let Err(why) = deep.push(src, form, knock, Instant::now()) {
+                            shed += 1;
+                            if shed.is_power_of_two() {
+                                tracing::debug!(%src, ?why, shed, "knock shed before its deep walk");
+                            }
+                        }
+                    }
+                }
             }
             None => {
-                s.since_deep = 0;
+                since_deep = 0;
                 chores_due = true;
-                match s.deep.pop() {
+                match deep.pop() {
                     // A knock that waited this long is stale: a bound one has expired
                     // anyway, and the user has long since knocked again.
-                    Some(knock) if knock.received.elapsed() > DEEP_MAX_WAIT => s.shed += 1,
-                    Some(knock) => s.deep_walk(&knock),
+                    Some(knock) if knock.received.elapsed() > DEEP_MAX_WAIT => shed += 1,
+                    Some(knock) => {
+                        let decision = verifier.verify(&knock);
+                        doors.apply(&knock, &decision, verifier.store_mut());
+                        judge(&knock, &decision);
+                    }
                     None => {
-                        if let Err(error) = s.verifier.refresh() {
+                        if let Err(error) = verifier.refresh() {
                             tracing::error!(%error, "cannot re-read the store");
                         }
                     }
                 }
             }
         }
-        if let Some(revoked) = s.verifier.take_changes() {
-            let Stage { verifier, doors, .. } = &mut *s;
+        if let Some(revoked) = verifier.take_changes() {
             doors.sync(&revoked, verifier.store_mut());
         }
     }

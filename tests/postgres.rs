@@ -134,6 +134,36 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
     assert!(matches!(s.delete_user("carol"), Err(StoreError::NoSuchUser(_))));
 }
 
+/// A revoke that commits while a knock is being spent must not leave the revoked
+/// user a door: the spend waits for the revoke's lock on the user's row and then
+/// spends and records nothing (found by review: under READ COMMITTED the door
+/// records went in after a revoke that had not seen them).
+#[test]
+fn a_revoke_during_a_spend_leaves_no_door() {
+    if !require_root("a_revoke_during_a_spend_leaves_no_door") {
+        return;
+    }
+    let pg = Postgres::start("revoke-race", None).unwrap_or_else(|e| panic!("{e:#}"));
+    let url = StoreUrl::new(pg.url());
+    let mut s = PgStore::open(&url, true).unwrap();
+    let id = s.add_user(&enrol("mallory", 1)).unwrap();
+    // The revoke, by hand and held open: the same row lock `user revoke` takes.
+    let mut admin = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let mut revoke = admin.transaction().unwrap();
+    revoke.query_one("SELECT revoked FROM users WHERE id = $1 FOR UPDATE", &[&id]).unwrap();
+    revoke.execute("UPDATE users SET revoked = 1 WHERE id = $1", &[&id]).unwrap();
+    let t = now();
+    let knock = std::thread::spawn(move || {
+        s.spend(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1, &[door("mallory", t)]).unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!knock.is_finished(), "the spend went ahead of an uncommitted revoke of the same user");
+    revoke.commit().unwrap();
+    assert!(!knock.join().unwrap(), "a user revoked meanwhile spent an element");
+    let doors = pg.psql("SELECT count(*) FROM doors WHERE user_name = 'mallory'").unwrap();
+    assert_eq!(doors, "0", "a user revoked meanwhile got a door record");
+}
+
 #[test]
 fn postgres_notifies_other_writers_and_survives_a_database_restart() {
     if !require_root("postgres_notifies_other_writers_and_survives_a_database_restart") {

@@ -199,14 +199,6 @@ pub type Housekeeping = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
 pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub trait Store: Send {
-    /// May the store be used from inside an async runtime's thread (the DNS
-    /// listeners, which take a knock themselves when the verifier is idle:
-    /// `src/stage.rs`)? PostgreSQL's synchronous client drives a runtime of its own,
-    /// which cannot start inside another; its knocks always go to the verifier's
-    /// own thread.
-    fn usable_in_async_threads(&self) -> bool {
-        true
-    }
     /// Move the store's own upkeep off the knock path: SQLite's WAL checkpoints would
     /// otherwise run inside whichever commit crosses the WAL's size limit — a
     /// knock's, several milliseconds long. The daemon runs the returned job on a

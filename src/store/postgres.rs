@@ -707,10 +707,6 @@ impl Store for PgStore {
             .map_err(|v: Vec<u8>| self.invalid(format!("zone_key has {} bytes, expected {ZONE_KEY_LEN}", v.len())))
     }
 
-    fn usable_in_async_threads(&self) -> bool {
-        false
-    }
-
     fn spend(
         &mut self,
         user: i64,
@@ -723,6 +719,15 @@ impl Store for PgStore {
         // One transaction, committed (synchronous_commit on) before this returns:
         // the advance and its door records together or not at all.
         self.write(None, |tx| {
+            // Share-lock the user's row first: a `revoke` (which locks it for update)
+            // then waits for this commit and closes the records it adds. Without it,
+            // under READ COMMITTED a revoke committing between this UPDATE and the
+            // door INSERTs would miss those records, and a revoked user would keep a
+            // door for its whole window.
+            let live = tx.query_opt("SELECT 1 FROM users WHERE id = $1 AND revoked = 0 FOR SHARE", &[&user])?;
+            if live.is_none() {
+                return Ok(false);
+            }
             let n = tx.execute(
                 "UPDATE chains SET verifier = $1, counter = $2, updated = $3
                  WHERE user_id = $4 AND form = $5 AND verifier = $6
