@@ -150,28 +150,24 @@ pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str
     let mut cred = Credential::load(credential)?;
     let elements = cred.take(credential, Form::Bound, count)?;
     let now = crate::clock::unix_now() as u32;
-    let sid = service.map(service_id).unwrap_or(0);
-    let (key, zone_key, zone) = (cred.mac_key(), cred.zone_key(), cred.zone_id());
     Ok(elements
         .into_iter()
-        .map(|element| {
-            let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip), service: sid, time: now, close: false };
-            format!("{}.{}", Token::Bound(Bound::sign(&key, &zone_key, &zone, knock)).to_label(), cred.zone)
-        })
+        .map(|element| bound_name(&cred, element, ip, service, now, false).trim_end_matches('.').to_owned())
         .collect())
 }
 
-/// The bound knock name of `element` for `ip`, stamped now.
+/// The bound knock name (absolute, with the final dot) of `element` for `ip`,
+/// stamped `time`.
 fn bound_name(
     cred: &Credential,
     element: crate::token::Element,
     ip: IpAddr,
     service: Option<&str>,
+    time: u32,
     close: bool,
 ) -> String {
-    let now = crate::clock::unix_now() as u32;
     let sid = service.map(service_id).unwrap_or(0);
-    let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip), service: sid, time: now, close };
+    let knock = BoundKnock { element, addr: BoundAddr::from_ip(ip), service: sid, time, close };
     let b = Bound::sign(&cred.mac_key(), &cred.zone_key(), &cred.zone_id(), knock);
     format!("{}.{}.", Token::Bound(b).to_label(), cred.zone)
 }
@@ -243,7 +239,9 @@ pub fn with_bound_name<R>(
 ) -> anyhow::Result<R> {
     let mut cred = Credential::load(credential)?;
     check_service(&cred, service)?;
-    cred.take_sending(credential, Form::Bound, |cred, element| send(&bound_name(cred, element, ip, service, close)))?
+    cred.take_sending(credential, Form::Bound, |cred, element| {
+        send(&bound_name(cred, element, ip, service, crate::clock::unix_now() as u32, close))
+    })?
 }
 
 /// Send knock `name` as `req` says, with its retries, and check the answer.
