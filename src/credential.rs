@@ -178,24 +178,22 @@ impl Credential {
         }
     }
 
+    fn pebble(&self, form: Form) -> Option<&Pebble> {
+        match form {
+            Form::Plain => self.pebble_plain.as_ref(),
+            Form::Bound => self.pebble_bound.as_ref(),
+        }
+    }
+
     /// Element `j` of `form`'s chain, from the pebble when it lies at or below `j`.
     fn element(&self, form: Form, j: u64) -> Element {
         let zone = self.zone_id();
-        let pebble = match form {
-            Form::Plain => &self.pebble_plain,
-            Form::Bound => &self.pebble_bound,
-        };
-        let from = pebble.as_ref().filter(|p| p.index <= j).and_then(|p| {
+        let from = self.pebble(form).filter(|p| p.index <= j).and_then(|p| {
             let e = HEXLOWER.decode(p.element.as_bytes()).ok()?;
             Some((p.index, Element::from_slice(&e)?))
         });
         match from {
-            Some((index, mut x)) => {
-                for _ in index..j {
-                    x = chain::step(&zone, form, &x);
-                }
-                x
-            }
+            Some((index, x)) => chain::walk(&zone, form, x, j - index),
             None => self.seed().element(&zone, form, j),
         }
     }
@@ -209,7 +207,7 @@ impl Credential {
             return;
         }
         let at = (self.chain_len - used - 1) / PEBBLE_STRIDE * PEBBLE_STRIDE;
-        if self.pebble_mut(form).as_ref().is_some_and(|p| p.index == at) {
+        if self.pebble(form).is_some_and(|p| p.index == at) {
             return;
         }
         let element = HEXLOWER.encode(self.element(form, at).as_bytes());

@@ -118,12 +118,16 @@ impl Seed {
     /// `x(j)` of the chain for `form`: `j` steps from `x0`. Costs `j` hashes; a
     /// client computes this once per knock.
     pub fn element(&self, zone: &ZoneId, form: Form, j: u64) -> Element {
-        let mut x = self.first(form);
-        for _ in 0..j {
-            x = step(zone, form, &x);
-        }
-        x
+        walk(zone, form, self.first(form), j)
     }
+}
+
+/// `n` steps down the chain from `x`: `x(j)` gives `x(j + n)`.
+pub fn walk(zone: &ZoneId, form: Form, mut x: Element, n: u64) -> Element {
+    for _ in 0..n {
+        x = step(zone, form, &x);
+    }
+    x
 }
 
 /// `x(j+1) = H(tag(form) ‖ zone ‖ x(j))`, truncated to [`ELEMENT_LEN`].
