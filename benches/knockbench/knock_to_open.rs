@@ -21,10 +21,11 @@ use crate::stats::summarize;
 use crate::users::otp;
 use crate::{BIN, Bench, CLIENT, PCAP_SEQUENCE_PORTS, PCAP_UDP_PORT, RESOLVER, SERVER, SSH_PORT};
 
-/// Timeout of each connect attempt of the knock-to-open loop (a dropped SYN costs this much).
-/// How long one connect attempt of the probe waits for an answer to its SYN: the
-/// resolution of the figure (a SYN dropped just before the door opened costs this).
+/// The probe's step before the knock has left: a new connect every 0.25 ms.
 const CONNECT_EACH: Duration = Duration::from_micros(250);
+/// The probe's step once the knock is on the wire (the sniffer has seen a packet
+/// of the client's): the resolution of the figure.
+const CONNECT_FINE: Duration = Duration::from_micros(50);
 
 impl Bench {
     pub(crate) fn latency(&mut self) -> Result<()> {
@@ -149,7 +150,7 @@ impl Bench {
                     c.args(["--via", "tcp"]);
                     c
                 }),
-                Probe::tcp_range(SERVER, sequence.range()),
+                Probe::tcp_range(SERVER, sequence.range()).of(sequence.len()),
                 &seq_how,
             ),
         ];
@@ -290,7 +291,13 @@ impl Bench {
                 c.arg(SERVER.to_string()).args(KNOCKD_PORTS.map(|p| p.to_string()));
                 c
             };
-            let v = self.trials(&sniffer, trials, &flush_kb, knock, Probe::tcp(SERVER, KNOCKD_PORTS[0]))?;
+            let v = self.trials(
+                &sniffer,
+                trials,
+                &flush_kb,
+                knock,
+                Probe::tcp(SERVER, KNOCKD_PORTS[0]).of(KNOCKD_PORTS.len()),
+            )?;
             eprintln!("  knockd: {}", brief(&v));
             rows.push(("knockd (3-port TCP sequence)".into(), v, "`knock 198.18.0.1 7000 8000 9000`".into()));
         }
@@ -303,7 +310,9 @@ impl Bench {
             "### 2. Knock-to-open latency ({trials} trials each)\n\n\
              From the knock's first packet leaving the client (kernel timestamp of the outgoing packet on the client's \
              interface) to the first TCP connect to port 22 that succeeds. From the moment the client command starts, \
-             connects are tried back to back, each with a 0.25 ms timeout (a dropped SYN), for up to 2 s. Between trials the \
+             a new connect starts every 0.25 ms until the knock's last packet is on the wire, then every 0.05 ms (the \
+             figure's resolution; it includes the handshake's round trip), for up to 2 s; attempts overlap, each waiting \
+             up to 2 ms for its SYN-ACK. Between trials the \
              door is removed (`nft flush set`, `iptables -F`), so every trial starts closed. \"from command start\" \
              adds the client program's own start-up.\n\n\
              | method | opened | p50 | p99 | mean | max | p50 from command start | p99 from command start | command |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
@@ -390,7 +399,9 @@ impl Bench {
             let t0 = now_ns();
             let mut c = cmd();
             let mut child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-            let ok = connect_until_open(target, CONNECT_EACH, Duration::from_secs(2));
+            let seen = sniffer.seen();
+            let knock_out = || sniffer.seen() >= seen + pkt.packets;
+            let ok = connect_until_open(target, CONNECT_EACH, CONNECT_FINE, Duration::from_secs(2), knock_out);
             let out = wait_bounded(&mut child, Duration::from_secs(10))?;
             let done = now_ns();
             if !out.status.success() {
@@ -434,45 +445,84 @@ pub(crate) fn brief(v: &[Trial]) -> String {
     )
 }
 
-/// Connect attempts with a short timeout until one succeeds (or `total` passes);
-/// returns when it succeeded (ns since the epoch).
-pub(crate) fn connect_until_open(target: SocketAddr, each: Duration, total: Duration) -> Option<i128> {
+/// Connect attempts until one succeeds (or `total` passes); returns when it
+/// succeeded (ns since the epoch). A new attempt starts every `each` while
+/// `knock_out()` is false (the knock's last packet has not left: the door
+/// cannot be open yet, and the client program should not share its CPU with a
+/// busy probe while it starts and sends), then every `fine`. Attempts overlap: each stays open for
+/// [`ATTEMPT_LIVES`] and any of them may be the one answered, so a SYN-ACK that
+/// is slow to arrive is not thrown away. The figure's resolution is thus `fine`
+/// plus the handshake's round trip, which it includes.
+pub(crate) fn connect_until_open(
+    target: SocketAddr,
+    each: Duration,
+    fine: Duration,
+    total: Duration,
+    knock_out: impl Fn() -> bool,
+) -> Option<i128> {
+    use std::os::fd::AsRawFd;
     let _rt = Realtime::now();
     let t0 = Instant::now();
+    let mut pending: Vec<(socket2::Socket, Instant)> = Vec::new();
     while t0.elapsed() < total {
-        match connect_within(target, each) {
-            Ok(true) => return Some(now_ns()),
-            Ok(false) => {}
-            Err(_) => std::thread::sleep(each),
+        pending.retain(|(_, at)| at.elapsed() < ATTEMPT_LIVES);
+        if pending.len() < MAX_PENDING {
+            match start_connect(target) {
+                Ok(Attempt::Connected) => return Some(now_ns()),
+                Ok(Attempt::Pending(s)) => pending.push((s, Instant::now())),
+                Err(_) => {}
+            }
+        }
+        let step = if knock_out() { fine } else { each };
+        let mut pfds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|(s, _)| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 })
+            .collect();
+        let ts = libc::timespec { tv_sec: 0, tv_nsec: step.as_nanos().min(999_999_999) as libc::c_long };
+        // SAFETY: `pfds` is a live array of valid pollfds, `ts` a valid timespec, no signal mask.
+        let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, &ts, std::ptr::null()) };
+        if n <= 0 {
+            continue; // no answer within the step (or interrupted): start another
+        }
+        let mut failed = Vec::new();
+        for (i, p) in pfds.iter().enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            match pending[i].0.take_error() {
+                Ok(None) => return Some(now_ns()),
+                _ => failed.push(i),
+            }
+        }
+        for i in failed.into_iter().rev() {
+            pending.swap_remove(i);
         }
     }
     None
 }
 
-/// One connect attempt that waits at most `each` for the handshake: `Ok(false)` when
-/// the SYN went unanswered (the door is shut). `TcpStream::connect_timeout` cannot
-/// do this: it waits in `poll(2)`, whose timeout is whole milliseconds, so a
-/// 0.25 ms attempt took 1 ms and the figure's resolution was 1 ms.
-fn connect_within(target: SocketAddr, each: Duration) -> std::io::Result<bool> {
+/// How long an attempt waits for its SYN-ACK before it is dropped: a SYN the
+/// door dropped is never answered, so this only bounds how many stay open.
+const ATTEMPT_LIVES: Duration = Duration::from_millis(2);
+/// At most this many attempts at once (2 ms at the finest step is 40).
+const MAX_PENDING: usize = 64;
+
+enum Attempt {
+    Connected,
+    Pending(socket2::Socket),
+}
+
+/// Starts a non-blocking connect (its SYN leaves now). `std`'s
+/// `TcpStream::connect_timeout` cannot serve here: it waits in `poll(2)`, whose
+/// timeout is whole milliseconds, so the figure's resolution would be 1 ms.
+fn start_connect(target: SocketAddr) -> std::io::Result<Attempt> {
     use socket2::{Domain, Socket, Type};
-    use std::os::fd::AsRawFd;
     let sock = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
     sock.set_nonblocking(true)?;
     match sock.connect(&target.into()) {
-        Ok(()) => return Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-    let ts = libc::timespec { tv_sec: 0, tv_nsec: each.as_nanos().min(999_999_999) as libc::c_long };
-    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
-    let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-    if n <= 0 {
-        return Ok(false); // no answer within `each` (or interrupted): try again
-    }
-    match sock.take_error()? {
-        None => Ok(true),
-        Some(e) => Err(e),
+        Ok(()) => Ok(Attempt::Connected),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(Attempt::Pending(sock)),
+        Err(e) => Err(e),
     }
 }
 

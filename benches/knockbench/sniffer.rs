@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,18 +26,24 @@ pub(crate) struct Probe {
     proto: u8,
     dst: Ipv4Addr,
     ports: (u16, u16),
+    /// How many packets the knock sends in all: its door cannot open before the last.
+    pub(crate) packets: u64,
 }
 
 impl Probe {
     pub(crate) fn udp(dst: Ipv4Addr, port: u16) -> Probe {
-        Probe { proto: 17, dst, ports: (port, port) }
+        Probe { proto: 17, dst, ports: (port, port), packets: 1 }
     }
     pub(crate) fn tcp(dst: Ipv4Addr, port: u16) -> Probe {
-        Probe { proto: 6, dst, ports: (port, port) }
+        Probe { proto: 6, dst, ports: (port, port), packets: 1 }
     }
     /// A TCP packet to any port in `lo..=hi` (the client sends only SYNs there).
     pub(crate) fn tcp_range(dst: Ipv4Addr, (lo, hi): (u16, u16)) -> Probe {
-        Probe { proto: 6, dst, ports: (lo, hi) }
+        Probe { proto: 6, dst, ports: (lo, hi), packets: 1 }
+    }
+    /// A knock of `n` packets (a port sequence).
+    pub(crate) fn of(self, n: usize) -> Probe {
+        Probe { packets: n as u64, ..self }
     }
     fn matches(&self, proto: u8, dst: Ipv4Addr, port: u16) -> bool {
         proto == self.proto && dst == self.dst && (self.ports.0..=self.ports.1).contains(&port)
@@ -47,6 +53,8 @@ impl Probe {
 /// Outgoing IPv4 packets on the client's `eth0`, with kernel timestamps (AF_PACKET, SO_TIMESTAMPNS).
 pub(crate) struct Sniffer {
     packets: Packets,
+    /// How many packets were captured so far: the probe steps finer once this moves.
+    seen: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -93,7 +101,7 @@ impl Sniffer {
                     std::mem::size_of::<libc::timeval>() as u32,
                 );
                 libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&buf as *const libc::c_int).cast(), 4);
-                // The connect loop's own SYNs (one every 0.25 ms) stay in the kernel:
+                // The connect loop's own SYNs (one every 0.05-0.25 ms) stay in the kernel:
                 // a sniffer woken for each would take CPU from what is measured.
                 let filter = not_the_probe();
                 let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
@@ -112,9 +120,15 @@ impl Sniffer {
         })??;
         let packets = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (packets.clone(), stop.clone());
-        let thread = std::thread::spawn(move || sniff(fd, p, s));
-        Ok(Sniffer { packets, stop, thread: Mutex::new(Some(thread)) })
+        let seen = Arc::new(AtomicU64::new(0));
+        let (p, n, s) = (packets.clone(), seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || sniff(fd, p, n, s));
+        Ok(Sniffer { packets, seen, stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Packets captured so far (any of the client's, the probe's own SYNs excepted).
+    pub(crate) fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
     }
 
     /// The first captured packet matching `probe` at or after `t0`, waiting up to `wait` for the capture thread.
@@ -170,7 +184,7 @@ fn not_the_probe() -> [libc::sock_filter; 7] {
     ]
 }
 
-fn sniff(fd: OwnedFd, packets: Packets, stop: Arc<AtomicBool>) {
+fn sniff(fd: OwnedFd, packets: Packets, seen: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     let mut buf = [0u8; 256];
     let mut ctrl = [0u64; 16];
     while !stop.load(Ordering::SeqCst) {
@@ -216,5 +230,6 @@ fn sniff(fd: OwnedFd, packets: Packets, stop: Arc<AtomicBool>) {
             continue; // the connect loop itself
         }
         packets.lock().unwrap().push((ts, proto, dst, dport));
+        seen.fetch_add(1, Ordering::Release);
     }
 }
