@@ -741,7 +741,9 @@ mod tests {
         {
             // What the verifier does: spend the element with the door's records, then open.
             let records = plan.records(user, door, &["ssh".into()], max_open, "dns/udp", now());
-            assert!(store.spend(id, Form::Plain, &Element([v; 12]), &Element([v + 50; 12]), 1, &records).unwrap());
+            assert!(
+                store.spend(id, Form::Plain, &Element([v; 12]), &Element([v + 50; 12]), 1, &records, None).unwrap()
+            );
             let open = Decision::Open { user: user.into(), door, records };
             doors.apply(&knock, &open, &mut store);
         }

@@ -109,15 +109,15 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
     let t = now();
     let carol = s.add_user(&enrol("carol", 2)).unwrap();
     // A spend commits the element and its door records together.
-    assert!(s.spend(id, Form::Bound, &Element([101; 12]), &Element([5; 12]), 1, &[door("alice", t)]).unwrap());
-    assert!(s.spend(carol, Form::Plain, &Element([2; 12]), &Element([3; 12]), 1, &[door("carol", t)]).unwrap());
+    assert!(s.spend(id, Form::Bound, &Element([101; 12]), &Element([5; 12]), 1, &[door("alice", t)], None).unwrap());
+    assert!(s.spend(carol, Form::Plain, &Element([2; 12]), &Element([3; 12]), 1, &[door("carol", t)], None).unwrap());
     assert_eq!(s.live_doors(t).unwrap().len(), 2);
     assert!(s.revoke("alice").unwrap());
     assert!(!s.revoke("alice").unwrap());
     assert!(matches!(s.revoke("nobody"), Err(StoreError::NoSuchUser(_))));
     assert_eq!(s.live_doors(t).unwrap(), vec![door("carol", t)], "revoke closes the user's door records");
     assert!(
-        !s.spend(id, Form::Bound, &Element([5; 12]), &Element([6; 12]), 2, &[door("alice", t)]).unwrap(),
+        !s.spend(id, Form::Bound, &Element([5; 12]), &Element([6; 12]), 2, &[door("alice", t)], None).unwrap(),
         "revoked: no advance, no door recorded"
     );
     assert_eq!(s.live_doors(t).unwrap(), vec![door("carol", t)]);
@@ -130,6 +130,15 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
     s.set_policy("carol", &[], &["198.18.0.0/24".into()], Some(60)).unwrap();
     let carol = s.list_users().unwrap().into_iter().find(|u| u.name == "carol").unwrap();
     assert_eq!((carol.services.len(), carol.from.clone(), carol.max_open), (0, vec!["198.18.0.0/24".into()], Some(60)));
+    // A spend on a revision the row has left (a policy changed since, even within
+    // the same second) writes nothing; on the current one it goes through.
+    let before = s.user(carol.id).unwrap().unwrap();
+    s.set_policy("carol", &[], &[], None).unwrap();
+    let after = s.user(carol.id).unwrap().unwrap();
+    assert!(after.revision > before.revision, "{} -> {}", before.revision, after.revision);
+    let v = after.chain(Form::Plain).verifier;
+    assert!(!s.spend(carol.id, Form::Plain, &v, &Element([90; 12]), 1, &[], Some(before.revision)).unwrap());
+    assert!(s.spend(carol.id, Form::Plain, &v, &Element([90; 12]), 1, &[], Some(after.revision)).unwrap());
     s.delete_user("carol").unwrap();
     assert!(matches!(s.delete_user("carol"), Err(StoreError::NoSuchUser(_))));
 }
@@ -154,7 +163,7 @@ fn a_revoke_during_a_spend_leaves_no_door() {
     revoke.execute("UPDATE users SET revoked = 1 WHERE id = $1", &[&id]).unwrap();
     let t = now();
     let knock = std::thread::spawn(move || {
-        s.spend(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1, &[door("mallory", t)]).unwrap()
+        s.spend(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1, &[door("mallory", t)], None).unwrap()
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(!knock.is_finished(), "the spend went ahead of an uncommitted revoke of the same user");

@@ -67,6 +67,12 @@ pub struct UserRecord {
     /// Longest a door of this user may stay open (seconds); `None`: the service default.
     pub max_open: Option<u64>,
     pub revoked: bool,
+    /// The user row's revision: its `updated` stamp, which every change to the row
+    /// (`user set`, rekey, revoke) raises by at least one. A decision taken on this
+    /// record is committed only if the row is still at this revision
+    /// ([`Store::spend`]), so a record kept in memory cannot open a door by a
+    /// policy that has changed meanwhile.
+    pub revision: i64,
 }
 
 impl UserRecord {
@@ -228,8 +234,11 @@ pub trait Store: Send {
     /// verifier is still `expected` and the user is not revoked, and record `doors`
     /// (the doors this knock opens), all in one durable transaction — one commit, one
     /// disk flush per knock, and never a spent element without its doors' records or
-    /// the reverse. `Ok(false)` means another writer won (or the user was revoked):
-    /// nothing was written and the caller must not open a door.
+    /// the reverse. With `revision`, also only if the user's row is still at that
+    /// [`UserRecord::revision`] (the one the decision was taken on). `Ok(false)`
+    /// means another writer won, the user was revoked or changed: nothing was
+    /// written and the caller must not open a door.
+    #[allow(clippy::too_many_arguments)]
     fn spend(
         &mut self,
         user: i64,
@@ -238,6 +247,7 @@ pub trait Store: Send {
         new: &Element,
         counter: u64,
         doors: &[DoorRecord],
+        revision: Option<i64>,
     ) -> Result<bool, StoreError>;
     /// [`Store::spend`] recording no door (a close knock).
     fn advance(
@@ -248,7 +258,7 @@ pub trait Store: Send {
         new: &Element,
         counter: u64,
     ) -> Result<bool, StoreError> {
-        self.spend(user, form, expected, new, counter, &[])
+        self.spend(user, form, expected, new, counter, &[], None)
     }
     /// Enrol a user; returns the user's id (written into the credential).
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError>;

@@ -454,7 +454,7 @@ impl PgStore {
                 c.build_transaction().read_only(true).isolation_level(IsolationLevel::RepeatableRead).start()?;
             let users = tx.query(
                 &format!(
-                    "SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open FROM users {users_where} ORDER BY name"
+                    "SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open, updated FROM users {users_where} ORDER BY name"
                 ),
                 params,
             )?;
@@ -480,6 +480,7 @@ impl PgStore {
                         from: split_list(r.get(5)),
                         revoked: r.get::<_, i64>(6) != 0,
                         max_open: r.get::<_, Option<i64>>(7).map(|v| v.max(1) as u64),
+                        revision: r.get(8),
                         chains: [unset; 2],
                     },
                     [false; 2],
@@ -715,6 +716,7 @@ impl Store for PgStore {
         new: &Element,
         counter: u64,
         doors: &[DoorRecord],
+        revision: Option<i64>,
     ) -> Result<bool, StoreError> {
         // One transaction, committed (synchronous_commit on) before this returns:
         // the advance and its door records together or not at all.
@@ -724,7 +726,11 @@ impl Store for PgStore {
             // under READ COMMITTED a revoke committing between this UPDATE and the
             // door INSERTs would miss those records, and a revoked user would keep a
             // door for its whole window.
-            let live = tx.query_opt("SELECT 1 FROM users WHERE id = $1 AND revoked = 0 FOR SHARE", &[&user])?;
+            // With `revision`: only if the row is as the decision saw it.
+            let live = tx.query_opt(
+                "SELECT 1 FROM users WHERE id = $1 AND revoked = 0 AND ($2::bigint IS NULL OR updated = $2) FOR SHARE",
+                &[&user, &revision],
+            )?;
             if live.is_none() {
                 return Ok(false);
             }
@@ -798,7 +804,10 @@ impl Store for PgStore {
             let changed = match revoked {
                 None => return Err(Failure::Store(StoreError::NoSuchUser(name.to_owned()))),
                 Some(0) => {
-                    tx.execute("UPDATE users SET revoked = 1, updated = $2 WHERE name = $1", &[&name, &now()])?;
+                    tx.execute(
+                        "UPDATE users SET revoked = 1, updated = GREATEST($2, updated + 1) WHERE name = $1",
+                        &[&name, &now()],
+                    )?;
                     true
                 }
                 Some(_) => false,
@@ -815,7 +824,7 @@ impl Store for PgStore {
             let Some(id) = id else { return Err(Failure::Store(StoreError::NoSuchUser(e.name.clone()))) };
             let now = now();
             tx.execute(
-                "UPDATE users SET chain_len = $2, mac_key = $3, revoked = 0, updated = $4 WHERE id = $1",
+                "UPDATE users SET chain_len = $2, mac_key = $3, revoked = 0, updated = GREATEST($4, updated + 1) WHERE id = $1",
                 &[&id, &(e.chain_len as i64), &e.mac_key, &now],
             )?;
             tx.execute("DELETE FROM chains WHERE user_id = $1", &[&id])?;
@@ -931,7 +940,7 @@ impl Store for PgStore {
         let n = self
             .client()?
             .execute(
-                "UPDATE users SET services = $2, src_nets = $3, max_open = $4, updated = $5 WHERE name = $1",
+                "UPDATE users SET services = $2, src_nets = $3, max_open = $4, updated = GREATEST($5, updated + 1) WHERE name = $1",
                 &[&name, &services.join(","), &from.join(","), &max_open.map(|v| v as i64), &now()],
             )
             .map_err(|e| pg(&url, e))?;

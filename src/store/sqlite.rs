@@ -187,7 +187,7 @@ impl SqliteStore {
             Which::Id(id) => ("WHERE id = ?1", "WHERE user_id = ?1", id),
         };
         let sql = format!(
-            "SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open FROM users {users_where} ORDER BY name"
+            "SELECT id, name, chain_len, mac_key, services, src_nets, revoked, max_open, updated FROM users {users_where} ORDER BY name"
         );
         let params: &[&dyn rusqlite::ToSql] = if matches!(which, Which::Id(_)) { &[&id] } else { &[] };
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
@@ -203,6 +203,7 @@ impl SqliteStore {
                     from: split_list(&r.get::<_, String>(5)?),
                     revoked: r.get::<_, i64>(6)? != 0,
                     max_open: r.get::<_, Option<i64>>(7)?.map(|v| v.max(1) as u64),
+                    revision: r.get(8)?,
                     chains: [unset; 2],
                 })
             })
@@ -549,6 +550,7 @@ impl Store for SqliteStore {
         new: &Element,
         counter: u64,
         doors: &[DoorRecord],
+        revision: Option<i64>,
     ) -> Result<bool, StoreError> {
         if let Some(d) = doors.iter().find(|d| !d.host.is_empty()) {
             return Err(
@@ -562,9 +564,11 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "UPDATE chains SET verifier = ?1, counter = ?2, updated = ?3
                  WHERE user_id = ?4 AND form = ?5 AND verifier = ?6
-                   AND EXISTS (SELECT 1 FROM users WHERE id = ?4 AND revoked = 0)",
+                   AND EXISTS (SELECT 1 FROM users WHERE id = ?4 AND revoked = 0 AND (?7 IS NULL OR updated = ?7))",
             )
-            .and_then(|mut s| s.execute(params![&new.0[..], counter as i64, now(), user, form as i64, &expected.0[..]]))
+            .and_then(|mut s| {
+                s.execute(params![&new.0[..], counter as i64, now(), user, form as i64, &expected.0[..], revision])
+            })
             .map_err(err)?;
         if n != 1 {
             // Dropping the transaction rolls it back: nothing was written.
@@ -615,8 +619,11 @@ impl Store for SqliteStore {
         let changed = match revoked {
             None => return Err(StoreError::NoSuchUser(name.to_owned())),
             Some(0) => {
-                tx.execute("UPDATE users SET revoked = 1, updated = ?2 WHERE name = ?1", params![name, now()])
-                    .map_err(err)?;
+                tx.execute(
+                    "UPDATE users SET revoked = 1, updated = max(?2, updated + 1) WHERE name = ?1",
+                    params![name, now()],
+                )
+                .map_err(err)?;
                 true
             }
             Some(_) => false,
@@ -637,7 +644,7 @@ impl Store for SqliteStore {
         let Some(id) = id else { return Err(StoreError::NoSuchUser(e.name.clone())) };
         let now = now();
         tx.execute(
-            "UPDATE users SET chain_len = ?2, mac_key = ?3, revoked = 0, updated = ?4 WHERE id = ?1",
+            "UPDATE users SET chain_len = ?2, mac_key = ?3, revoked = 0, updated = max(?4, updated + 1) WHERE id = ?1",
             params![id, e.chain_len as i64, e.mac_key, now],
         )
         .map_err(err)?;
@@ -749,7 +756,7 @@ impl Store for SqliteStore {
         let n = self
             .conn
             .execute(
-                "UPDATE users SET services = ?2, src_nets = ?3, max_open = ?4, updated = ?5 WHERE name = ?1",
+                "UPDATE users SET services = ?2, src_nets = ?3, max_open = ?4, updated = max(?5, updated + 1) WHERE name = ?1",
                 params![name, services.join(","), from.join(","), max_open.map(|v| v as i64), now()],
             )
             .map_err(|e| self.err(e))?;
@@ -875,7 +882,7 @@ mod tests {
         let mut verifier = Element([1; 12]);
         let mut spend = |from: u16, to: u16| {
             for j in from..to {
-                assert!(s.spend(id, Form::Plain, &verifier, &el(j), u64::from(j), &[]).unwrap());
+                assert!(s.spend(id, Form::Plain, &verifier, &el(j), u64::from(j), &[], None).unwrap());
                 verifier = el(j);
             }
         };
@@ -909,7 +916,7 @@ mod tests {
         let mut verifier = Element([1; 12]);
         for j in 1..=20u8 {
             let next = Element([j + 30; 12]);
-            assert!(s.spend(id, Form::Plain, &verifier, &next, u64::from(j), &[]).unwrap());
+            assert!(s.spend(id, Form::Plain, &verifier, &next, u64::from(j), &[], None).unwrap());
             verifier = next;
         }
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), long, "commits appended past the pre-written WAL");
@@ -922,6 +929,27 @@ mod tests {
         let u = recovered.user(id).unwrap().unwrap();
         assert_eq!((u.chain(Form::Plain).verifier, u.chain(Form::Plain).counter), (verifier, 20));
         assert_eq!(u.chain(Form::Bound).verifier, Element([101; 12]), "the other chain is untouched");
+    }
+
+    /// Every change to a user's row raises its revision, even twice in one second,
+    /// and a spend on a revision the row has left writes nothing.
+    #[test]
+    fn a_spend_on_an_old_revision_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let id = s.add_user(&enrol("alice", 1)).unwrap();
+        let r0 = s.user(id).unwrap().unwrap().revision;
+        s.set_policy("alice", &[], &[], None).unwrap();
+        s.set_policy("alice", &["ssh".into()], &[], None).unwrap();
+        let r2 = s.user(id).unwrap().unwrap().revision;
+        assert!(r2 >= r0 + 2, "{r0} -> {r2}");
+        assert!(!s.spend(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1, &[], Some(r0)).unwrap());
+        assert!(s.spend(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1, &[], Some(r2)).unwrap());
+        s.revoke("alice").unwrap();
+        let r3 = s.user(id).unwrap().unwrap().revision;
+        assert!(r3 > r2);
+        s.rekey(&enrol("alice", 3)).unwrap();
+        assert!(s.user(id).unwrap().unwrap().revision > r3);
     }
 
     #[test]
@@ -966,11 +994,11 @@ mod tests {
             expires_at: t + 30,
             host: String::new(),
         };
-        assert!(s.spend(id, Form::Plain, &Element([1; 12]), &Element([11; 12]), 1, &[door("bob")]).unwrap());
-        assert!(s.spend(carol, Form::Plain, &Element([2; 12]), &Element([12; 12]), 1, &[door("carol")]).unwrap());
+        assert!(s.spend(id, Form::Plain, &Element([1; 12]), &Element([11; 12]), 1, &[door("bob")], None).unwrap());
+        assert!(s.spend(carol, Form::Plain, &Element([2; 12]), &Element([12; 12]), 1, &[door("carol")], None).unwrap());
         assert!(s.revoke("bob").unwrap());
         assert!(
-            !s.spend(id, Form::Plain, &Element([11; 12]), &Element([21; 12]), 2, &[door("bob")]).unwrap(),
+            !s.spend(id, Form::Plain, &Element([11; 12]), &Element([21; 12]), 2, &[door("bob")], None).unwrap(),
             "a revoked user spends nothing and no door is recorded"
         );
         assert!(!s.revoke("bob").unwrap());
@@ -987,7 +1015,7 @@ mod tests {
         // Rekey brings bob back with fresh chains, same id.
         assert_eq!(s.rekey(&enrol("bob", 7)).unwrap(), id);
         // ... and a rekey closes the doors of the old credential.
-        assert!(s.spend(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1, &[door("bob")]).unwrap());
+        assert!(s.spend(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1, &[door("bob")], None).unwrap());
         s.rekey(&enrol("bob", 9)).unwrap();
         assert_eq!(s.live_doors(t).unwrap(), vec![door("carol")]);
     }
@@ -1135,9 +1163,10 @@ mod tests {
         let bobs = DoorRecord { user: "bob".into(), ..d.clone() };
         s.add_users(&[enrol("alice", 1), enrol("bob", 2)]).unwrap();
         let [alice, bob] = [0, 1].map(|i| s.active_users().unwrap()[i].id);
-        assert!(s.spend(alice, Form::Plain, &Element([1; 12]), &Element([3; 12]), 1, &[d.clone(), old]).unwrap());
+        assert!(s.spend(alice, Form::Plain, &Element([1; 12]), &Element([3; 12]), 1, &[d.clone(), old], None).unwrap());
         assert!(
-            s.spend(bob, Form::Plain, &Element([2; 12]), &Element([4; 12]), 1, std::slice::from_ref(&bobs)).unwrap()
+            s.spend(bob, Form::Plain, &Element([2; 12]), &Element([4; 12]), 1, std::slice::from_ref(&bobs), None)
+                .unwrap()
         );
         assert_eq!(s.live_doors(t).unwrap(), vec![bobs.clone(), d.clone()]);
         s.close_door("bob", &d.key()).unwrap();
