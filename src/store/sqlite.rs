@@ -796,7 +796,13 @@ impl SqliteStore {
         let io = |source| StoreError::Io { path: wal.clone(), source };
         // The write lock is held and the WAL open (SQLite opens it with the first read).
         let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(&wal).map_err(io)?;
-        let mut at = f.metadata().map_err(io)?.len();
+        let md = f.metadata().map_err(io)?;
+        let db = std::fs::metadata(&self.path).map_err(io)?;
+        if !md.is_file() || md.nlink() != 1 || md.uid() != db.uid() || (md.dev(), md.ino()) == (db.dev(), db.ino()) {
+            // Not SQLite's own WAL (a hard link, say): leave it alone.
+            return Err(io(std::io::Error::other("not a private WAL file (link count, owner or inode)")));
+        }
+        let mut at = md.len();
         if at >= target {
             return Ok(());
         }
