@@ -148,6 +148,9 @@ pub fn resolve_host(host: &str, port: u16) -> anyhow::Result<Vec<SocketAddr>> {
 /// through any resolver, but only within the server's `max_age_seconds`.
 pub fn otp_bound(credential: &Path, count: u64, ip: IpAddr, service: Option<&str>) -> anyhow::Result<Vec<String>> {
     let mut cred = Credential::load(credential)?;
+    // Refused before any element is taken: a name for a service the server will not
+    // open would only use one up.
+    check_service(&cred, service)?;
     let elements = cred.take(credential, Form::Bound, count)?;
     let now = crate::clock::unix_now() as u32;
     Ok(elements

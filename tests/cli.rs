@@ -111,6 +111,25 @@ fn otp_never_hands_out_a_name_twice_and_refuses_readable_credentials() {
     assert!(!out.status.success() && text(&out).contains("chmod 600"), "{}", text(&out));
 }
 
+/// `otp --ip … --service X` refuses a service the credential may not open, as
+/// `knock` does, before it takes an element: nothing is used up.
+#[test]
+fn otp_bound_refuses_a_service_the_credential_may_not_open_and_spends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), BackendKind::None, "");
+    let cred = dir.path().join("c");
+    let c = cred.to_str().unwrap();
+    assert!(nx(&["user", "add", "alice", "--out", c, "--config", &cfg, "--service", "ssh"]).status.success());
+    let before = std::fs::read(&cred).unwrap();
+    let out = nx(&["otp", "--credential", c, "--ip", "198.18.0.2", "--service", "web"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(text(&out).contains("\"web\"") && text(&out).contains("ssh"), "{}", text(&out));
+    assert_eq!(std::fs::read(&cred).unwrap(), before, "the credential moved on");
+    let ok = nx(&["otp", "--credential", c, "--ip", "198.18.0.2", "--service", "ssh"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert_ne!(std::fs::read(&cred).unwrap(), before);
+}
+
 #[test]
 fn knock_without_an_address_says_what_to_pass() {
     let dir = tempfile::tempdir().unwrap();
