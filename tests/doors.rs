@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -254,8 +255,17 @@ fn policy_refusals_open_nothing() {
     // The client refuses to ask for it (exit 5) ...
     let out = s.knock(&s.lab.client, &webonly, &["--ip", CLIENT, "--service", "ssh"]);
     assert_eq!(out.status.code(), Some(5), "{}", out_text(&out));
-    // ... and the server refuses a bound name that asks anyway (printed, sent with dig).
+    // ... and so does `otp`; the server refuses a bound name that asks anyway (made
+    // here from a copy of the credential whose list of services was edited: the
+    // list only informs the client), and spends nothing.
     let out = nx(&["otp", "--credential", webonly.to_str().unwrap(), "--ip", CLIENT, "--service", "ssh"], &[]);
+    assert_eq!(out.status.code(), Some(5), "{}", out_text(&out));
+    let edited = webonly.with_extension("edited");
+    let text = std::fs::read_to_string(&webonly).unwrap();
+    assert!(text.contains("services = [\"web\"]"), "{text}");
+    std::fs::write(&edited, text.replace("services = [\"web\"]", "services = []")).unwrap();
+    std::fs::set_permissions(&edited, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = nx(&["otp", "--credential", edited.to_str().unwrap(), "--ip", CLIENT, "--service", "ssh"], &[]);
     assert!(out.status.success(), "{}", out_text(&out));
     let name = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let d = dig(&s.lab.client, &[&format!("@{SERVER}"), "+norec", &name]);
