@@ -6,10 +6,50 @@
 //! gets the door's fields as `{placeholder}` substitutions in its arguments and
 //! as `NXKNOCK_*` environment variables, runs on its own thread with a timeout
 //! (then it is killed), and its failure is only logged: a hook can never close,
-//! open or delay a door.
+//! open or delay a door. At most [`MAX_RUNNING`] run at once; one more is skipped
+//! and logged, so a stream of knocks (an insider at their rate limit, many users
+//! at once) cannot pile up processes and threads without bound.
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// Hooks that may run at once.
+pub const MAX_RUNNING: usize = 32;
+
+/// Places for running hooks: taken when one starts, given back when it ends.
+pub struct Slots {
+    running: AtomicUsize,
+    max: usize,
+    /// Hooks skipped so far (logged at powers of two, so a stream is not a log flood).
+    skipped: AtomicU64,
+}
+
+impl Slots {
+    pub const fn new(max: usize) -> Slots {
+        Slots { running: AtomicUsize::new(0), max, skipped: AtomicU64::new(0) }
+    }
+
+    fn take(&'static self) -> Option<Slot> {
+        if self.running.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.running.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self))
+    }
+}
+
+/// One running hook's place; given back on drop (also if the hook's thread panics).
+struct Slot(&'static Slots);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The daemon's hooks.
+static HOOKS: Slots = Slots::new(MAX_RUNNING);
 
 /// The fields a hook receives.
 #[derive(Clone, Debug)]
@@ -41,10 +81,27 @@ impl HookEvent {
     }
 }
 
-/// Start `argv` for `ev` in the background; returns at once.
-pub fn spawn(argv: &[String], timeout: Duration, ev: HookEvent) {
+/// Start `argv` for `ev` in the background; returns at once, and whether it started.
+pub fn spawn(argv: &[String], timeout: Duration, ev: HookEvent) -> bool {
+    spawn_in(&HOOKS, argv, timeout, ev)
+}
+
+fn spawn_in(slots: &'static Slots, argv: &[String], timeout: Duration, ev: HookEvent) -> bool {
+    let Some(slot) = slots.take() else {
+        let n = slots.skipped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(service = %ev.service, running = slots.max, skipped = n, "hook skipped: too many running; doors unaffected");
+        }
+        return false;
+    };
     let argv = argv.to_vec();
-    let _ = std::thread::Builder::new().name("hook".into()).spawn(move || run(&argv, timeout, &ev));
+    std::thread::Builder::new()
+        .name("hook".into())
+        .spawn(move || {
+            let _slot = slot;
+            run(&argv, timeout, &ev)
+        })
+        .is_ok()
 }
 
 /// Run `argv` for `ev` and wait (bounded by `timeout`). Returns whether it succeeded.
@@ -127,6 +184,21 @@ mod tests {
         assert!(run(&argv, Duration::from_secs(5), &ev()));
         let got = std::fs::read_to_string(&out).unwrap();
         assert_eq!(got.trim(), "198.18.0.2/32 ssh;rm -rf / alice 22");
+    }
+
+    #[test]
+    fn no_more_than_the_cap_run_at_once_and_a_place_comes_back_when_one_ends() {
+        static TWO: Slots = Slots::new(2);
+        let sleep = |s: &str| vec!["/bin/sleep".to_owned(), s.to_owned()];
+        assert!(spawn_in(&TWO, &sleep("0.5"), Duration::from_secs(5), ev()));
+        assert!(spawn_in(&TWO, &sleep("0.5"), Duration::from_secs(5), ev()));
+        assert!(!spawn_in(&TWO, &sleep("0.5"), Duration::from_secs(5), ev()), "a third ran");
+        assert_eq!(TWO.skipped.load(Ordering::Relaxed), 1);
+        let t = Instant::now();
+        while TWO.running.load(Ordering::Acquire) > 0 && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(spawn_in(&TWO, &["/bin/true".to_owned()], Duration::from_secs(5), ev()), "no place came back");
     }
 
     #[test]
