@@ -704,6 +704,43 @@ fn another_users_close_knock_leaves_the_door_open() {
 // ---------------------------------------------------------------------------
 // 5. Revocation closes the user's doors in the running daemon.
 
+/// The daemon keeps a user's record from one knock to the next; a policy narrowed
+/// meanwhile (`user set`, another process) still binds the very next knock. A thief
+/// with a copy of alice's credential knocks for their own address right after alice
+/// is restricted to hers: nothing opens for the thief, and the refused element is
+/// not spent — alice's own next knock, with that same element, opens.
+#[test]
+fn a_narrowed_policy_binds_the_very_next_knock() {
+    if !require_root("a_narrowed_policy_binds_the_very_next_knock") {
+        return;
+    }
+    let s = Setup::new("atknarrow", "nftables", 30);
+    let _svc = echo_service(&s.lab.server, &format!("{SERVER}:22"));
+    let alice = s.add_user("alice", &[]);
+    let out = s.knock(&s.lab.client, &alice, &["--ip", CLIENT]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    connect_soon(&s.lab.client, ssh_addr()).expect("alice's door opens");
+
+    let thief = alice.with_extension("stolen");
+    std::fs::copy(&alice, &thief).unwrap();
+    let out = s.nx_server(&["user", "set", "alice", "--from", &format!("{CLIENT}/32")]);
+    assert!(out.status.success(), "user set: {}", out_text(&out));
+    let out = s.knock(&s.lab.attacker, &thief, &["--ip", ATTACKER]);
+    assert!(out.status.success(), "the knock is answered as always: {}", out_text(&out));
+    assert!(wait_log(&s, "outside the user's --from networks", Duration::from_secs(3)), "{}", s.daemon.log_text());
+    attacker_shut_out(&s, "after alice was restricted to her address");
+
+    // The refused element is alice's next one, unspent: her own knock with it opens.
+    let out = s.nx_server(&["doors", "close", "--user", "alice"]);
+    assert!(out.status.success(), "doors close: {}", out_text(&out));
+    assert!(wait_closed(&s.lab.client, ssh_addr(), Duration::from_secs(3)), "alice's door did not close");
+    let out = s.knock(&s.lab.client, &alice, &["--ip", CLIENT]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let mut conn = connect_soon(&s.lab.client, ssh_addr()).expect("alice's next knock opens");
+    assert!(echo_works(&mut conn));
+    attacker_shut_out(&s, "after alice's own knock");
+}
+
 #[test]
 fn revoke_closes_the_users_doors_at_once() {
     if !require_root("revoke_closes_the_users_doors_at_once") {
