@@ -14,9 +14,9 @@ CREATE TABLE users (
     revoked   INTEGER NOT NULL DEFAULT 0,
     created   INTEGER NOT NULL,
     -- Unix time of the last change, and the row's revision: every change raises it by
-    -- at least one (max(now, updated + 1)), so it may run ahead of the clock. A knock
-    -- decided on a record kept in memory commits only while it is unchanged; an edit
-    -- by hand that does not raise it takes effect at the daemon's next re-read.
+    -- at least one (max(now, updated + 1), and trigger users_revision for any other
+    -- writer), so it may run ahead of the clock. A knock decided on a record kept in
+    -- memory commits only while it is unchanged.
     updated   INTEGER NOT NULL
 );
 

@@ -26,6 +26,16 @@ const VERSION_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL);
 INSERT OR IGNORE INTO schema_version (version, applied) VALUES (2, CAST(strftime('%s', 'now') AS INTEGER));";
 const SCHEMA: &str = include_str!("schema.sql");
+/// Every change to a user's row raises its revision (`updated`) by at least one,
+/// whoever writes it — this nxknock does so itself, an older one or SQL by hand need
+/// not: a knock decided on a record kept in memory commits only while the row is at
+/// the revision it saw (ARCHITECTURE.md, "Verification"). Additive: files of schema 2
+/// get it when opened for writing, and older nxknock versions ignore it.
+const REVISION_TRIGGER: &str = "CREATE TRIGGER IF NOT EXISTS users_revision AFTER UPDATE ON users
+WHEN NEW.updated <= OLD.updated
+BEGIN
+    UPDATE users SET updated = OLD.updated + 1 WHERE id = NEW.id;
+END;";
 const DOORS: &str = include_str!("doors.sql");
 const UPGRADE_V1: &str = include_str!("upgrade_v1.sql");
 
@@ -149,23 +159,28 @@ impl SqliteStore {
                 tx.execute("INSERT INTO meta (key, value) VALUES ('zone_key', ?1)", [&random_zone_key()[..]])
                     .map_err(sq)?;
                 tx.execute_batch(VERSION_TABLE).map_err(sq)?;
+                tx.execute_batch(REVISION_TRIGGER).map_err(sq)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sq)?;
                 tx.commit().map_err(sq)
             }
             1 => Err(StoreError::OldSchema { path: self.path.clone() }),
             SCHEMA_VERSION => {
-                // Schema-2 files from before the table: record the version they are at.
-                let has: bool = self
-                    .conn
-                    .query_row(
-                        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
-                        [],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .map(|n| n > 0)
-                    .map_err(|e| self.err(e))?;
-                if !has {
+                // Schema-2 files from before the table or the trigger: add what is missing.
+                let has = |kind: &str, name: &str| -> Result<bool, StoreError> {
+                    self.conn
+                        .query_row(
+                            "SELECT count(*) FROM sqlite_master WHERE type = ?1 AND name = ?2",
+                            [kind, name],
+                            |r| r.get::<_, i64>(0),
+                        )
+                        .map(|n| n > 0)
+                        .map_err(|e| self.err(e))
+                };
+                if !has("table", "schema_version")? {
                     self.conn.execute_batch(VERSION_TABLE).map_err(|e| self.err(e))?;
+                }
+                if !has("trigger", "users_revision")? {
+                    self.conn.execute_batch(REVISION_TRIGGER).map_err(|e| self.err(e))?;
                 }
                 Ok(())
             }
@@ -955,7 +970,13 @@ mod tests {
         let r3 = s.user(id).unwrap().unwrap().revision;
         assert!(r3 > r2);
         s.rekey(&enrol("alice", 3)).unwrap();
-        assert!(s.user(id).unwrap().unwrap().revision > r3);
+        let r4 = s.user(id).unwrap().unwrap().revision;
+        assert!(r4 > r3);
+        // A writer that sets `updated` to the time, or leaves it (an older nxknock, SQL
+        // by hand), still moves the revision: the trigger raises it.
+        s.conn.execute("UPDATE users SET services = 'web', updated = ?2 WHERE id = ?1", params![id, r4]).unwrap();
+        s.conn.execute("UPDATE users SET src_nets = '198.18.0.0/15' WHERE id = ?1", [id]).unwrap();
+        assert_eq!(s.user(id).unwrap().unwrap().revision, r4 + 2);
     }
 
     #[test]
@@ -1122,6 +1143,21 @@ mod tests {
         Connection::open(&path).unwrap().execute_batch("DROP TABLE schema_version").unwrap();
         drop(SqliteStore::open(&path).unwrap());
         assert_eq!(recorded_versions(&path), vec![2]);
+        // And the revision trigger, in a file from before it.
+        let trigger = || -> i64 {
+            Connection::open(&path)
+                .unwrap()
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'users_revision'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(trigger(), 1, "a new database has the revision trigger");
+        Connection::open(&path).unwrap().execute_batch("DROP TRIGGER users_revision").unwrap();
+        drop(SqliteStore::open(&path).unwrap());
+        assert_eq!(trigger(), 1, "an older schema-2 file gets it on its next open");
     }
 
     #[test]
