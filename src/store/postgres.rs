@@ -645,6 +645,10 @@ fn now() -> i64 {
 /// records go in only if it moved (`$8`..`$18` are one array per column), and
 /// doors that expired a day ago are forgotten. The result is the number of
 /// chains moved: 1, or 0 when nothing was written.
+///
+/// `live` takes its lock only because `moved` reads it (a WITH query runs only as
+/// far as it is read): keep that reference, and `live` materialized.
+/// `tests/postgres.rs` `a_revoke_during_a_spend_leaves_no_door` guards it.
 const SPEND: &str = "
 WITH live AS (
     SELECT id FROM users
@@ -758,15 +762,6 @@ impl Store for PgStore {
         // (synchronous_commit on) before this returns: the advance and its door
         // records together or not at all, in one round trip (see SPEND).
         let url = self.url.clone();
-        self.client()?; // (re)connected first: a new connection drops the prepared statement
-        let statement = match self.spend.clone() {
-            Some(s) => s,
-            None => {
-                let s = self.client()?.prepare(SPEND).map_err(|e| pg(&url, e))?;
-                self.spend = Some(s.clone());
-                s
-            }
-        };
         let col = |f: fn(&DoorRecord) -> String| doors.iter().map(f).collect::<Vec<String>>();
         let num = |f: fn(&DoorRecord) -> i64| doors.iter().map(f).collect::<Vec<i64>>();
         let (users, services, addrs, protos, vias, hosts) = (
@@ -784,7 +779,14 @@ impl Store for PgStore {
             num(|d| d.opened_at as i64),
             num(|d| d.expires_at as i64),
         );
-        let c = self.client()?;
+        // Connected (or reconnected) once, then prepared on that very connection.
+        self.client()?; // a reconnection here clears `self.spend` (`adopt`)
+        let c = self.client.as_mut().expect("connected above");
+        let statement = match self.spend.clone() {
+            Some(s) => s,
+            None => c.prepare(SPEND).map_err(|e| pg(&url, e))?,
+        };
+        self.spend = Some(statement.clone());
         let moved: i64 = c
             .query_one(
                 &statement,
