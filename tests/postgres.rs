@@ -76,9 +76,9 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
     assert_eq!(s.list_users().unwrap().len(), 1);
 
     // Compare-and-advance: exactly once per chain, forms kept apart.
-    assert!(s.advance(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1).unwrap());
-    assert!(!s.advance(id, Form::Plain, &Element([1; 12]), &Element([3; 12]), 2).unwrap());
-    assert!(!s.advance(id, Form::Bound, &Element([2; 12]), &Element([4; 12]), 1).unwrap());
+    assert!(s.spend(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1, &[], None).unwrap());
+    assert!(!s.spend(id, Form::Plain, &Element([1; 12]), &Element([3; 12]), 2, &[], None).unwrap());
+    assert!(!s.spend(id, Form::Bound, &Element([2; 12]), &Element([4; 12]), 1, &[], None).unwrap());
     let u = s.user(id).unwrap().unwrap();
     assert_eq!((u.chain(Form::Plain).verifier, u.chain(Form::Plain).counter), (Element([2; 12]), 1));
     assert_eq!(u.chain(Form::Bound).verifier, Element([101; 12]));
@@ -96,7 +96,7 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
             std::thread::spawn(move || {
                 let mut s = PgStore::open(&url, false).unwrap();
                 barrier.wait();
-                s.advance(id, Form::Plain, &Element([2; 12]), &Element([50 + i as u8; 12]), 2).unwrap()
+                s.spend(id, Form::Plain, &Element([2; 12]), &Element([50 + i as u8; 12]), 2, &[], None).unwrap()
             })
         })
         .collect::<Vec<_>>()
@@ -124,7 +124,7 @@ fn postgres_store_keeps_the_contract_and_advances_exactly_once() {
     assert_eq!(s.revoked_users().unwrap(), vec!["alice".to_owned()]);
     assert_eq!(s.active_users().unwrap().len(), 1);
     assert_eq!(s.rekey(&enrol("alice", 7)).unwrap(), id);
-    assert!(s.advance(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1).unwrap());
+    assert!(s.spend(id, Form::Plain, &Element([7; 12]), &Element([8; 12]), 1, &[], None).unwrap());
     s.close_door("carol", &door("carol", t).key()).unwrap();
     assert!(s.live_doors(t).unwrap().is_empty());
     s.set_policy("carol", &[], &["198.18.0.0/24".into()], Some(60)).unwrap();
@@ -189,13 +189,13 @@ fn postgres_notifies_other_writers_and_survives_a_database_restart() {
     assert!(!a.changed_elsewhere().unwrap(), "a's own write does not count as another writer's");
     assert!(b.changed_elsewhere().unwrap(), "b hears a's user add");
     assert!(!b.changed_elsewhere().unwrap());
-    assert!(b.advance(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1).unwrap());
+    assert!(b.spend(id, Form::Plain, &Element([1; 12]), &Element([2; 12]), 1, &[], None).unwrap());
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(a.changed_elsewhere().unwrap(), "a hears b's advance");
 
     // The database goes away: every call fails (closed), nothing is accepted.
     pg.stop().unwrap();
-    assert!(a.advance(id, Form::Plain, &Element([2; 12]), &Element([3; 12]), 2).is_err());
+    assert!(a.spend(id, Form::Plain, &Element([2; 12]), &Element([3; 12]), 2, &[], None).is_err());
     assert!(a.active_users().is_err());
     pg.start_again().unwrap();
     // Back: the store connects again by itself (at most a second later) and asks
@@ -211,8 +211,8 @@ fn postgres_notifies_other_writers_and_survives_a_database_restart() {
     };
     assert!(changed, "a reconnect tells the caller to reload");
     // Nothing was lost and nothing is accepted twice across the restart.
-    assert!(!a.advance(id, Form::Plain, &Element([1; 12]), &Element([9; 12]), 1).unwrap());
-    assert!(a.advance(id, Form::Plain, &Element([2; 12]), &Element([3; 12]), 2).unwrap());
+    assert!(!a.spend(id, Form::Plain, &Element([1; 12]), &Element([9; 12]), 1, &[], None).unwrap());
+    assert!(a.spend(id, Form::Plain, &Element([2; 12]), &Element([3; 12]), 2, &[], None).unwrap());
     assert_eq!(a.user(id).unwrap().unwrap().chain(Form::Plain).counter, 2);
 }
 

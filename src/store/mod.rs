@@ -196,7 +196,6 @@ pub enum Change {
     Other,
 }
 
-/// Durable chain state. Implementations must make [`Store::advance`] atomic.
 /// Store upkeep for a thread of its own (see [`Store::housekeeping`]); call it
 /// every [`HOUSEKEEPING_EVERY`].
 pub type Housekeeping = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
@@ -204,6 +203,7 @@ pub type Housekeeping = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
 /// How often [`Housekeeping`] runs.
 pub const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Durable chain state. Implementations must make [`Store::spend`] atomic.
 pub trait Store: Send {
     /// Move the store's own upkeep off the knock path: SQLite's WAL checkpoints would
     /// otherwise run inside whichever commit crosses the WAL's size limit — a
@@ -249,17 +249,6 @@ pub trait Store: Send {
         doors: &[DoorRecord],
         revision: Option<i64>,
     ) -> Result<bool, StoreError>;
-    /// [`Store::spend`] recording no door (a close knock).
-    fn advance(
-        &mut self,
-        user: i64,
-        form: Form,
-        expected: &Element,
-        new: &Element,
-        counter: u64,
-    ) -> Result<bool, StoreError> {
-        self.spend(user, form, expected, new, counter, &[], None)
-    }
     /// Enrol a user; returns the user's id (written into the credential).
     fn add_user(&mut self, e: &Enrolment) -> Result<i64, StoreError>;
     /// Enrol many users at once, all or none (bulk enrolment: migrations, benchmarks).

@@ -456,8 +456,8 @@ impl Verifier {
         if let Some(d) = self.already_accepted(&element, form, now_unix, now) {
             return Some(d);
         }
-        // A hit needs no look at the store first: the user's record is read and the
-        // advance compared-and-set in the store itself. A miss may be a chain this
+        // A hit needs no look at the store first: the user's record is kept or read,
+        // and the advance compared-and-set in the store itself. A miss may be a chain this
         // index has not seen yet (a user added or re-keyed by another process), so it
         // looks (at most every REFRESH_GAP) and walks again if anything changed.
         let hit = match self.find(&element, form, depth) {
